@@ -1,0 +1,230 @@
+// llama2c.h: the one public C header of llama2c's engine (kernels, forward pass, sampler).
+//
+// Conventions (after llama2.c and ggml):
+//   - every public symbol is prefixed l2c_; everything else is static;
+//   - kernels take the output first, const/restrict inputs, int64_t sizes and offsets;
+//   - nothing here prints or exits: functions return L2C_OK (0) or a negative status code;
+//   - no mutable globals: a model, its per-session state and its sampler are separate objects,
+//     the kernel table is chosen per model, so two models (or sessions) live in one process.
+#ifndef LLAMA2C_H
+#define LLAMA2C_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// status codes
+#define L2C_OK 0
+#define L2C_ERR_ARG (-1)      // bad argument (size, null pointer, unsupported type)
+#define L2C_ERR_NOMEM (-2)    // allocation failed
+#define L2C_ERR_RANGE (-3)    // position / token id / length out of range
+#define L2C_ERR_TOKEN (-4)    // a token id outside [0, vocab_size)
+
+// ---------------------------------------------------------------------------------------------
+// int8 group quantization
+//
+// Layout (the same as llama2.c version 2 files, so those map without a copy): a quantized
+// (rows, cols) matrix is two separate arrays, q: int8 (rows, cols) row-major and
+// s: float32 (rows, cols / gs). Group g of row r covers q[r*cols + g*gs .. +gs) and
+// w ~= q * s[r*(cols/gs) + g]. Symmetric: q in [-127, 127], s = max|w| / 127 (0 for an
+// all-zero group). Activations are quantized the same way, per row, with the same gs.
+// gs must divide cols; kernels assume it (callers check and raise before calling).
+#define L2C_Q8_MAX 127.0f
+
+// weight element types
+#define L2C_F32 0
+#define L2C_Q8 1
+
+// A weight matrix W (rows, cols): out = W @ x.
+typedef struct {
+    int32_t type;        // L2C_F32 or L2C_Q8
+    int32_t group_size;  // L2C_Q8: values per scale
+    int64_t rows, cols;
+    const float *f;      // L2C_F32: (rows, cols)
+    const int8_t *q;     // L2C_Q8:  (rows, cols)
+    const float *s;      // L2C_Q8:  (rows, cols / group_size)
+} l2c_matrix;
+
+// ---------------------------------------------------------------------------------------------
+// kernels: one table per instruction set, each entry a scalar ("generic") twin in the generic
+// table. Chosen at run time from the CPU's features (see l2c_kernels_get).
+#define L2C_ISA_GENERIC 0
+#define L2C_ISA_AVX2 1      // AVX2 + FMA
+#define L2C_ISA_AVX512 2    // AVX-512 F/BW/VL + VNNI (Ice Lake, Zen 4 and later)
+#define L2C_ISA_COUNT 3
+
+typedef struct l2c_kernels {
+    const char *name;
+    int isa;
+    // out (d,) = W (d, n) @ x (n,)                                     [parallel over rows]
+    void (*matvec_f32)(float *restrict out, const float *restrict x, const float *restrict w,
+                       int64_t n, int64_t d, int n_threads);
+    // out (T, d) = X (T, n) @ W (d, n)^T                                [parallel over row blocks]
+    void (*matmul_f32)(float *restrict out, const float *restrict x, const float *restrict w,
+                       int64_t T, int64_t n, int64_t d, int n_threads);
+    // quantize X (T, n) row-wise into groups of gs: xq (T, n), xs (T, n/gs)
+    void (*quantize_q8)(int8_t *restrict xq, float *restrict xs, const float *restrict x,
+                        int64_t T, int64_t n, int64_t gs, int n_threads);
+    // out (T, d) = Xq (T, n) @ Wq (d, n)^T with int32 accumulation per group, scaled per group
+    // (T == 1 is the decode matrix-vector product)
+    void (*matmul_q8)(float *restrict out, const int8_t *restrict xq, const float *restrict xs,
+                      const int8_t *restrict wq, const float *restrict ws,
+                      int64_t T, int64_t n, int64_t d, int64_t gs, int n_threads);
+    // o (T, n) = x * w / sqrt(mean(x^2) + eps), row-wise                [parallel over rows]
+    void (*rmsnorm)(float *restrict o, const float *restrict x, const float *restrict w,
+                    int64_t T, int64_t n, float eps, int n_threads);
+    // in-place softmax of x (n,)
+    void (*softmax)(float *x, int64_t n);
+    // in-place rotary embedding of x (T, n_heads*head_size) at positions pos[T], using the
+    // interleaved-pair convention: pairs (x[2i], x[2i+1]) of each head rotated by
+    // angle pos * freq[i]; cos/sin come from tables (max_pos, head_size/2).
+    void (*rope)(float *restrict x, const int64_t *restrict pos, const float *restrict cos_t,
+                 const float *restrict sin_t, int64_t T, int64_t n_heads, int64_t head_size,
+                 int n_threads);
+    // hb (T*n) = silu(hb) * hb2, elementwise                              [parallel over chunks]
+    void (*swiglu)(float *restrict hb, const float *restrict hb2, int64_t n, int n_threads);
+    // x += y, elementwise (residual)
+    void (*add)(float *restrict x, const float *restrict y, int64_t n, int n_threads);
+    // causal grouped-query attention for T query rows at positions pos0..pos0+T-1:
+    //   q (T, n_heads*hs), keys/values of this layer kc/vc (max_pos, n_kv_heads*hs) already
+    //   hold positions 0..pos0+T-1; out (T, n_heads*hs); att scratch (T*n_heads, att_stride)
+    //   with att_stride >= pos0+T.                                  [parallel over (t, head)]
+    void (*attention)(float *restrict out, float *restrict att, const float *restrict q,
+                      const float *restrict kc, const float *restrict vc, int64_t T, int64_t pos0,
+                      int64_t n_heads, int64_t n_kv_heads, int64_t hs, int64_t att_stride,
+                      int n_threads);
+} l2c_kernels;
+
+// The best table this CPU supports, capped at max_isa (use L2C_ISA_COUNT for no cap).
+const l2c_kernels *l2c_kernels_get(int max_isa);
+// The table for exactly this isa, or NULL if the CPU (or the build) cannot run it.
+const l2c_kernels *l2c_kernels_exact(int isa);
+// 1 if the CPU supports isa (and the build has it), else 0.
+int l2c_cpu_supports(int isa);
+// 1 if the CPU has AVX-512 VNNI (used by the int8 kernels of the AVX-512 table).
+int l2c_cpu_has_vnni(void);
+// 1 if built with OpenMP; number of processors OpenMP would use by default.
+int l2c_openmp_enabled(void);
+int l2c_omp_max_threads(void);
+
+// ---------------------------------------------------------------------------------------------
+// model
+
+typedef struct {
+    int64_t dim;          // transformer width
+    int64_t hidden_dim;   // FFN width
+    int64_t n_layers;
+    int64_t n_heads;
+    int64_t n_kv_heads;   // < n_heads: grouped-query attention
+    int64_t head_size;
+    int64_t vocab_size;
+    int64_t seq_len;      // positions the state holds (context)
+    float rope_theta;     // RoPE base
+    float rope_factor;    // linear position interpolation: angle uses pos / rope_factor
+    float norm_eps;       // RMSNorm epsilon
+    int32_t group_size;   // > 0: activations are int8-quantized with this group size for
+                          //       L2C_Q8 matrices; 0: fp32 model
+} l2c_config;
+
+typedef struct {
+    const float *rms_att;   // (dim,)
+    const float *rms_ffn;   // (dim,)
+    l2c_matrix wq;          // (n_heads*hs, dim)
+    l2c_matrix wk;          // (n_kv_heads*hs, dim)
+    l2c_matrix wv;          // (n_kv_heads*hs, dim)
+    l2c_matrix wo;          // (dim, n_heads*hs)
+    l2c_matrix w1;          // (hidden_dim, dim)
+    l2c_matrix w2;          // (dim, hidden_dim)
+    l2c_matrix w3;          // (hidden_dim, dim)
+} l2c_layer;
+
+typedef struct {
+    l2c_config cfg;
+    l2c_matrix tok_embeddings;  // (vocab_size, dim), fp32 or int8
+    const l2c_layer *layers;    // (n_layers,) owned by the caller
+    const float *rms_final;     // (dim,)
+    l2c_matrix wcls;            // (vocab_size, dim): the classifier (may alias tok_embeddings)
+    const float *rope_cos;      // (seq_len, head_size/2), from l2c_rope_tables
+    const float *rope_sin;      // (seq_len, head_size/2)
+    const l2c_kernels *k;       // kernel table
+} l2c_model;
+
+// Fill RoPE tables (seq_len, head_size/2) for cfg: angle(p, i) = p / rope_factor *
+// rope_theta^(-2i/head_size), computed in double, stored as float.
+void l2c_rope_tables(float *cos_t, float *sin_t, const l2c_config *cfg);
+
+// Check shapes, types and pointers of a filled-in model. L2C_OK or L2C_ERR_ARG.
+int l2c_model_check(const l2c_model *m);
+
+// Mutable per-session buffers: activations for up to max_batch tokens and the KV cache.
+typedef struct {
+    int64_t max_batch;   // tokens per forward chunk (prefill)
+    int64_t seq_len;     // positions the KV cache holds
+    int64_t dim, hidden_dim, q_dim, kv_dim, vocab_size, n_layers, n_heads;
+    int n_threads;
+    float *x;            // (max_batch, dim)   residual stream
+    float *xb;           // (max_batch, max(dim, q_dim))
+    float *xb2;          // (max_batch, dim)
+    float *hb;           // (max_batch, hidden_dim)
+    float *hb2;          // (max_batch, hidden_dim)
+    float *q;            // (max_batch, q_dim)
+    float *att;          // (max_batch * n_heads, seq_len)
+    float *logits;       // (vocab_size,)      logits of the last token of the last forward
+    float *key_cache;    // (n_layers, seq_len, kv_dim)
+    float *value_cache;  // (n_layers, seq_len, kv_dim)
+    int8_t *xq;          // (max_batch, max(dim, hidden_dim, q_dim)) quantized activations
+    float *xs;           // (max_batch, max(...) / group_size)
+    int64_t *pos;        // (max_batch,)
+    float *tmp;          // (max_batch, dim) scratch (dequantized embedding rows etc.)
+} l2c_state;
+
+int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int64_t seq_len,
+                   int n_threads);
+void l2c_state_free(l2c_state *s);
+
+// Run the transformer on tokens[0..n) at positions pos0..pos0+n-1, filling the KV cache.
+// n == 1 uses the matrix-vector kernels; n > 1 runs chunks of up to max_batch tokens through
+// the batched (matrix-matrix) kernels. If logits_all != NULL it receives (n, vocab_size) logits;
+// the last token's logits are always left in s->logits.
+int l2c_forward(const l2c_model *m, l2c_state *s, const int32_t *tokens, int64_t n,
+                int64_t pos0, float *logits_all);
+
+// ---------------------------------------------------------------------------------------------
+// sampler
+
+typedef struct {
+    int64_t vocab_size;
+    float temperature;   // 0 = greedy (argmax)
+    float top_p;         // nucleus; >= 1 or <= 0 disables
+    int64_t top_k;       // <= 0 or >= vocab disables
+    uint64_t rng_state;  // xorshift64* state, never 0
+    float *probs;        // (vocab_size,) scratch
+    int32_t *idx;        // (vocab_size,) scratch
+} l2c_sampler;
+
+int l2c_sampler_init(l2c_sampler *sp, int64_t vocab_size, float temperature, float top_p,
+                     int64_t top_k, uint64_t seed);
+void l2c_sampler_free(l2c_sampler *sp);
+// Pick the next token from logits (vocab_size,); logits are not modified.
+int32_t l2c_sample(l2c_sampler *sp, const float *logits);
+float l2c_random_f32(uint64_t *state);
+
+// Run prompt (prefill, if n_prompt > 0) then sample up to max_new tokens, each fed back,
+// stopping after a token in stop[0..n_stop). out receives the generated ids, *n_out their
+// count. pos0 is the position of prompt[0] (the KV cache before it is kept: multi-turn).
+// If n_prompt == 0 the first token is sampled from s->logits (a previous forward).
+int l2c_generate(const l2c_model *m, l2c_state *s, l2c_sampler *sp, const int32_t *prompt,
+                 int64_t n_prompt, int64_t pos0, int32_t *out, int64_t max_new,
+                 const int32_t *stop, int64_t n_stop, int64_t *n_out);
+
+// Memory bandwidth probe: read `bytes` bytes `reps` times with n_threads; returns GB/s.
+double l2c_read_bandwidth(int64_t bytes, int reps, int n_threads);
+
+#ifdef __cplusplus
+}
+#endif
+#endif  // LLAMA2C_H

@@ -1,0 +1,248 @@
+"""The NumPy oracle: llama2.c's run.c / runq.c forward pass in plain float32 NumPy.
+
+Function names match the C kernels (csrc/, llama2c.h) so tests pair them 1:1: rmsnorm, matmul,
+quantize_q8, rope, softmax, swiglu, attention. Every matrix is (out, in) and y = W @ x.
+The int8 path follows runq.c: activations are quantized per row in groups of the weight's
+group size, each group's product is an exact integer dot, and the scales are applied in
+float32 group by group. float32 everywhere except the RoPE angles (float64, then cast).
+
+ReferenceModel is also the NumPy speed baseline for the benchmarks, so its one-token `forward`
+uses matrix-vector BLAS on contiguous weights and a preallocated KV cache.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import Config
+from .errors import ContextLengthError
+from .weights import QTensor, quantize_q8 as _quantize_matrix, validate_weights
+
+F32 = np.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x (..., n), w (n,) -> (..., n): w * x / sqrt(mean(x^2) + eps)."""
+    # PyTorch: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+    ss = np.mean(x * x, axis=-1, keepdims=True, dtype=F32) + F32(eps)
+    return w * (x * (F32(1.0) / np.sqrt(ss)))
+
+
+def quantize_q8(x: np.ndarray, group_size: int) -> tuple:
+    """x (T, n) or (n,) -> (xq int8 same shape, xs float32 (T, n/gs) or (n/gs,)).
+
+    Per row, each group of `group_size` values gets scale = max|x| / 127 and q = round(x / scale),
+    exactly as llama2c.weights.quantize_q8 (round half to even, 0 scale for an all-zero group).
+    """
+    x2 = np.atleast_2d(np.asarray(x, dtype=F32))
+    qt = _quantize_matrix(x2, group_size, "activation")
+    if np.ndim(x) == 1:
+        return qt.q[0], qt.s[0]
+    return qt.q, qt.s
+
+
+def matmul_q8(xq: np.ndarray, xs: np.ndarray, w: QTensor) -> np.ndarray:
+    """xq int8 (T, n), xs (T, n/gs), w QTensor (d, n) -> float32 (T, d).
+
+    out[t, i] = sum over groups g of float(int_dot(xq[t, g], wq[i, g])) * ws[i, g] * xs[t, g],
+    the integer dots exact and the sum over g in float32, in order
+    (runq.c: `val += ((float) ival) * w->s[(in + j) / GS] * x->s[j / GS];`).
+    """
+    gs = w.group_size
+    T, n = xq.shape
+    # Integer-valued floats add exactly while every partial sum stays below 2**24 (float32)
+    # or 2**53 (float64): |partial sum| <= gs * 127 * 127, so float32 is exact for gs <= 1040.
+    acc = F32 if gs * 127 * 127 < 2 ** 24 else np.float64
+    out = np.zeros((T, w.q.shape[0]), dtype=F32)
+    for g in range(n // gs):
+        cols = slice(g * gs, (g + 1) * gs)
+        ival = xq[:, cols].astype(acc) @ w.q[:, cols].astype(acc).T    # (T, d) exact integers
+        out += (ival.astype(F32) * w.s[:, g]) * xs[:, g, None]
+    return out
+
+
+def matmul(x: np.ndarray, w) -> np.ndarray:
+    """x (T, n) or (n,), w (d, n) float32 ndarray or QTensor -> (T, d) or (d,) = x @ w.T."""
+    if isinstance(w, QTensor):
+        x2 = np.atleast_2d(x)
+        out = matmul_q8(*quantize_q8(x2, w.group_size), w)
+        return out[0] if x.ndim == 1 else out
+    if x.ndim == 1:
+        return w @ x                         # W (d,n) @ x (n,) -> (d,): BLAS gemv
+    if x.shape[0] == 1:
+        return (w @ x[0])[None]
+    return x @ w.T                           # (T,n) @ (n,d): BLAS gemm, no copy of W
+
+
+def rope(x: np.ndarray, pos, theta: float, head_size: int, factor: float = 1.0) -> np.ndarray:
+    """x (T, n_heads*head_size) or (n,), pos int or (T,) ints -> rotated copy, same shape.
+
+    Interleaved pairs (x[2i], x[2i+1]) of each head are rotated by angle
+    pos / factor * theta ** (-2i / head_size); angles in float64, cos/sin cast to float32.
+    """
+    x2 = np.atleast_2d(x)
+    T, n = x2.shape
+    pos = np.broadcast_to(np.asarray(pos, dtype=np.float64), (T,))
+    freq = 1.0 / theta ** (np.arange(0, head_size, 2, dtype=np.float64) / head_size)   # (hs/2,)
+    angle = (pos / factor)[:, None] * freq[None, :]                                        # (T, hs/2)
+    cos = np.cos(angle).astype(F32)[:, None, :]                                            # (T, 1, hs/2)
+    sin = np.sin(angle).astype(F32)[:, None, :]
+    pairs = x2.reshape(T, n // head_size, head_size // 2, 2)                               # (T, H, hs/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = np.empty_like(pairs)
+    out[..., 0] = x0 * cos - x1 * sin
+    out[..., 1] = x0 * sin + x1 * cos
+    return out.reshape(x.shape)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """x (..., n) -> (..., n), softmax over the last axis (max subtracted first)."""
+    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+def swiglu(h1: np.ndarray, h3: np.ndarray) -> np.ndarray:
+    """h1, h3 (..., hidden) -> silu(h1) * h3, same shape."""
+    # PyTorch: F.silu(self.w1(x)) * self.w3(x); silu(x) = x * sigmoid(x)
+    with np.errstate(over="ignore"):         # exp(-h1) -> inf for very negative h1 gives 0
+        return h1 * (F32(1.0) / (F32(1.0) + np.exp(-h1))) * h3
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int,
+              n_heads: int, n_kv_heads: int) -> np.ndarray:
+    """q (T, n_heads*hs) at positions pos..pos+T-1; k_cache, v_cache (>= pos+T, n_kv_heads*hs)
+    holding positions 0..pos+T-1 -> (T, n_heads*hs). Causal, grouped-query: query head h
+    reads kv head h // (n_heads // n_kv_heads)."""
+    T = q.shape[0]
+    P = pos + T                                            # positions attended to
+    hs = q.shape[1] // n_heads
+    rep = n_heads // n_kv_heads
+    # (T, n_kv, rep, hs) -> (n_kv, rep*T, hs): rows of one kv group are its rep heads x T queries
+    qg = q.reshape(T, n_kv_heads, rep, hs).transpose(1, 2, 0, 3).reshape(n_kv_heads, rep * T, hs)
+    k = k_cache[:P].reshape(P, n_kv_heads, hs).transpose(1, 2, 0)      # (n_kv, hs, P)
+    v = v_cache[:P].reshape(P, n_kv_heads, hs).transpose(1, 0, 2)      # (n_kv, P, hs)
+    scores = (qg @ k) / np.sqrt(F32(hs))                               # (n_kv, rep*T, P)
+    if T > 1:
+        # query t (at position pos+t) may attend to positions <= pos+t
+        t = np.tile(np.arange(T), rep)[:, None]
+        scores = np.where(np.arange(P)[None, :] > pos + t, F32(-np.inf), scores)
+    out = softmax(scores) @ v                                          # (n_kv, rep*T, hs)
+    return out.reshape(n_kv_heads, rep, T, hs).transpose(2, 0, 1, 3).reshape(T, n_heads * hs)
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+class ReferenceModel:
+    """A Llama-architecture transformer in NumPy: batched `logits`, one-step `forward` with a
+    KV cache held on the object, greedy `generate`. Weights: the llama2c.weights dict."""
+
+    def __init__(self, config: Config, weights: dict):
+        validate_weights(config, weights, "ReferenceModel")
+        self.config = config
+        self.weights = weights
+        self.wcls = weights["tok_embeddings"] if config.shared_classifier else weights["output"]
+        shape = (config.n_layers, config.seq_len, config.kv_dim)
+        self.key_cache = np.zeros(shape, dtype=F32)       # (n_layers, seq_len, kv_dim)
+        self.value_cache = np.zeros(shape, dtype=F32)     # (n_layers, seq_len, kv_dim)
+
+    @classmethod
+    def load(cls, path, dtype: str | None = None) -> "ReferenceModel":
+        """Load any supported model file (GGUF, Hugging Face, llama2.c .bin)."""
+        try:
+            from .loaders import load_any
+        except ImportError:
+            from .loaders.llama2c_bin import load_llama2c_bin as load_any
+        config, weights, _ = load_any(path, dtype=dtype)
+        return cls(config, weights)
+
+    def reset(self) -> None:
+        """Forget the KV cache (zero it)."""
+        self.key_cache[:] = 0
+        self.value_cache[:] = 0
+
+    def _embed(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens (T,) -> float32 (T, dim) rows of the token embedding (dequantized if int8)."""
+        emb = self.weights["tok_embeddings"]
+        if isinstance(emb, QTensor):
+            T, gs = len(tokens), emb.group_size
+            rows = emb.q[tokens].astype(F32).reshape(T, -1, gs) * emb.s[tokens][:, :, None]
+            return rows.reshape(T, -1)
+        return emb[tokens].astype(F32)
+
+    def _run(self, tokens, pos0: int, key_cache: np.ndarray, value_cache: np.ndarray) -> np.ndarray:
+        """tokens (T,) at positions pos0..pos0+T-1, filling the caches -> logits (T, vocab)."""
+        c, w = self.config, self.weights
+        tokens = np.asarray(tokens, dtype=np.int64)
+        T = len(tokens)
+        if T == 0:
+            raise ValueError("no tokens to run")
+        if pos0 < 0 or pos0 + T > key_cache.shape[1]:
+            raise ContextLengthError(f"positions {pos0}..{pos0 + T - 1} do not fit in the context "
+                                     f"of {key_cache.shape[1]} positions")
+        if tokens.min() < 0 or tokens.max() >= c.vocab_size:
+            raise ValueError(f"token ids must be in [0, {c.vocab_size}), got {tokens.tolist()}")
+        positions = np.arange(pos0, pos0 + T)
+        x = self._embed(tokens)                                         # (T, dim) residual stream
+        for l in range(c.n_layers):
+            p = f"layers.{l}."
+            # attention rmsnorm, then q, k, v projections for these positions
+            xb = rmsnorm(x, w[p + "attention_norm"], c.norm_eps)
+            q = rope(matmul(xb, w[p + "wq"]), positions, c.rope_theta, c.head_size, c.rope_factor)
+            k = rope(matmul(xb, w[p + "wk"]), positions, c.rope_theta, c.head_size, c.rope_factor)
+            # save key, value at these time steps to the kv cache
+            key_cache[l, pos0:pos0 + T] = k
+            value_cache[l, pos0:pos0 + T] = matmul(xb, w[p + "wv"])
+            att = attention(q, key_cache[l], value_cache[l], pos0, c.n_heads, c.n_kv_heads)
+            # residual connection: x = x + self.attention.forward(self.attention_norm(x), ...)
+            x = x + matmul(att, w[p + "wo"])
+            # FFN in PyTorch: self.w2(F.silu(self.w1(x)) * self.w3(x))
+            xb = rmsnorm(x, w[p + "ffn_norm"], c.norm_eps)
+            x = x + matmul(swiglu(matmul(xb, w[p + "w1"]), matmul(xb, w[p + "w3"])), w[p + "w2"])
+        # final rmsnorm and classifier into logits
+        return matmul(rmsnorm(x, w["norm"], c.norm_eps), self.wcls)
+
+    def logits(self, token_ids) -> np.ndarray:
+        """token_ids (T,) from position 0, fresh cache (not the object's) -> float32 (T, vocab)."""
+        c = self.config
+        shape = (c.n_layers, len(token_ids), c.kv_dim)
+        if len(token_ids) > c.seq_len:
+            raise ContextLengthError(f"{len(token_ids)} tokens do not fit in the context of {c.seq_len}")
+        return self._run(token_ids, 0, np.zeros(shape, F32), np.zeros(shape, F32))
+
+    def forward(self, token: int, pos: int) -> np.ndarray:
+        """One token at position pos, using and extending the object's KV cache -> (vocab,)."""
+        return self._run([token], pos, self.key_cache, self.value_cache)[0]
+
+    def generate(self, ids, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list:
+        """Run the prompt `ids` (from position 0, cache reset) then produce max_new_tokens ids.
+
+        temperature 0 is greedy (argmax, as run.c `-t 0`); otherwise sample from
+        softmax(logits / temperature) with a NumPy generator seeded by `seed`.
+        Returns the new ids only (the prompt is not included).
+        """
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise ValueError("generate needs at least one prompt token (e.g. BOS)")
+        if len(ids) + max_new_tokens - 1 > self.config.seq_len:
+            raise ContextLengthError(f"{len(ids)} prompt tokens + {max_new_tokens} new tokens "
+                                     f"exceed the context of {self.config.seq_len}")
+        rng = np.random.default_rng(seed)
+        self.reset()
+        # prefill: the whole prompt in one batch; keep the last position's logits
+        logits = self._run(ids, 0, self.key_cache, self.value_cache)[-1]
+        out, pos = [], len(ids)
+        while len(out) < max_new_tokens:
+            # pick the next token: argmax, or a draw from the temperature-scaled distribution
+            if temperature == 0.0:
+                nxt = int(np.argmax(logits))
+            else:
+                nxt = int(rng.choice(len(logits), p=softmax(logits.astype(np.float64) / temperature)))
+            out.append(nxt)
+            # feed it back, unless it was the last one asked for
+            if len(out) < max_new_tokens:
+                logits = self.forward(nxt, pos)
+                pos += 1
+        return out

@@ -1,0 +1,140 @@
+"""In-memory weights: a flat dict of named tensors, fp32 ndarrays or int8 group-quantized QTensors.
+
+Names follow llama2.c / Meta's checkpoint naming:
+    tok_embeddings            (vocab_size, dim)
+    layers.{i}.attention_norm (dim,)
+    layers.{i}.wq             (n_heads*head_size, dim)
+    layers.{i}.wk, .wv        (n_kv_heads*head_size, dim)
+    layers.{i}.wo             (dim, n_heads*head_size)
+    layers.{i}.ffn_norm       (dim,)
+    layers.{i}.w1, .w3        (hidden_dim, dim)
+    layers.{i}.w2             (dim, hidden_dim)
+    norm                      (dim,)
+    output                    (vocab_size, dim)   only when the classifier is not shared
+Every matrix is (out_features, in_features), row-major, so y = W @ x. Q and K rows use the
+interleaved-pair RoPE convention of llama2.c and GGUF.
+
+int8 format (QTensor): symmetric per-group quantization along the input dimension, as in
+llama2.c's runq.c and ggml's Q8_0: for each row, each run of `group_size` consecutive values
+shares one float32 scale s = max|w| / 127 and q = round(w / s) in [-127, 127]; w ~= q * s.
+`q` is (rows, cols) int8 and `s` is (rows, cols // group_size) float32: the same two separate
+arrays llama2.c version 2 files store, so those files map without a copy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ModelFormatError
+
+MATRIX_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+NORM_NAMES = ("attention_norm", "ffn_norm")
+
+
+@dataclass
+class QTensor:
+    q: np.ndarray          # int8, (rows, cols)
+    s: np.ndarray          # float32, (rows, cols // group_size)
+    group_size: int
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+    def dequantize(self) -> np.ndarray:
+        rows, cols = self.q.shape
+        gs = self.group_size
+        w = self.q.reshape(rows, cols // gs, gs).astype(np.float32) * self.s.reshape(rows, cols // gs, 1)
+        return w.reshape(rows, cols)
+
+
+def check_group_size(group_size: int, cols: int, name: str = "tensor") -> None:
+    if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool) or group_size <= 0:
+        raise ValueError(f"group size must be a positive integer, got {group_size!r}")
+    if cols % group_size != 0:
+        raise ValueError(
+            f"group size {group_size} does not divide the input dimension {cols} of {name}; "
+            f"pick a group size that divides every matrix's input dimension")
+
+
+def quantize_q8(w: np.ndarray, group_size: int = 64, name: str = "tensor") -> QTensor:
+    """Quantize a 2-D float matrix to int8 with one scale per `group_size` inputs (reference)."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D matrix, got shape {w.shape}")
+    rows, cols = w.shape
+    check_group_size(group_size, cols, name)
+    g = w.reshape(rows, cols // group_size, group_size)
+    wmax = np.abs(g).max(axis=2)
+    scale = (wmax / np.float32(127.0)).astype(np.float32)
+    inv = np.divide(np.float32(1.0), scale, out=np.zeros_like(scale), where=scale != 0)
+    q = np.rint(g * inv[:, :, None]).astype(np.int8)
+    return QTensor(q.reshape(rows, cols), scale, int(group_size))
+
+
+def as_fp32(t) -> np.ndarray:
+    return t.dequantize() if isinstance(t, QTensor) else t
+
+
+def expected_shapes(cfg) -> dict:
+    """name -> shape for every tensor the config calls for."""
+    d, h, hs = cfg.dim, cfg.hidden_dim, cfg.head_size
+    shapes = {"tok_embeddings": (cfg.vocab_size, d), "norm": (d,)}
+    if not cfg.shared_classifier:
+        shapes["output"] = (cfg.vocab_size, d)
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attention_norm"] = (d,)
+        shapes[p + "ffn_norm"] = (d,)
+        shapes[p + "wq"] = (cfg.n_heads * hs, d)
+        shapes[p + "wk"] = (cfg.n_kv_heads * hs, d)
+        shapes[p + "wv"] = (cfg.n_kv_heads * hs, d)
+        shapes[p + "wo"] = (d, cfg.n_heads * hs)
+        shapes[p + "w1"] = (h, d)
+        shapes[p + "w2"] = (d, h)
+        shapes[p + "w3"] = (h, d)
+    return shapes
+
+
+def validate_weights(cfg, weights: dict, source: str = "model") -> None:
+    """Check that every tensor is present with the right shape, dtype and finite scales."""
+    for name, shape in expected_shapes(cfg).items():
+        if name not in weights:
+            raise ModelFormatError(f"{source}: missing tensor {name!r} (expected shape {shape})")
+        t = weights[name]
+        if isinstance(t, QTensor):
+            if t.q.shape != shape or t.q.dtype != np.int8:
+                raise ModelFormatError(
+                    f"{source}: tensor {name!r} has shape {t.q.shape} {t.q.dtype}, expected {shape} int8")
+            if t.s.shape != (shape[0], shape[1] // t.group_size) or t.s.dtype != np.float32:
+                raise ModelFormatError(f"{source}: tensor {name!r} has scales of shape {t.s.shape}, "
+                                       f"expected {(shape[0], shape[1] // t.group_size)}")
+            if not np.isfinite(t.s).all():
+                raise ModelFormatError(f"{source}: tensor {name!r} has a NaN or infinite scale")
+        else:
+            if tuple(t.shape) != shape:
+                raise ModelFormatError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+            if t.dtype != np.float32:
+                raise ModelFormatError(f"{source}: tensor {name!r} has dtype {t.dtype}, expected float32")
+
+
+def quantize_weights(cfg, weights: dict, group_size: int = 64, progress=None) -> dict:
+    """Return a new dict with every matrix (embedding and classifier included) int8-quantized;
+    norms stay fp32. Raises ValueError if group_size does not divide an input dimension."""
+    out = {}
+    items = list(weights.items())
+    for name, t in items:
+        if isinstance(t, QTensor) and t.group_size == group_size:
+            out[name] = t
+        elif np.ndim(t if not isinstance(t, QTensor) else t.q) == 2:
+            out[name] = quantize_q8(as_fp32(t), group_size, name)
+        else:
+            out[name] = t
+        if progress is not None:
+            progress(name, t, out[name])
+    return out
+
+
+def dequantize_weights(weights: dict) -> dict:
+    return {k: as_fp32(v) for k, v in weights.items()}

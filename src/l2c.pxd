@@ -1,0 +1,120 @@
+# l2c.pxd: the C API of csrc/llama2c.h, declared nogil (the kernels never touch Python).
+from libc.stdint cimport int8_t, int32_t, int64_t, uint64_t
+
+ctypedef const float[::1] const_float1d
+ctypedef const float[:, ::1] const_float2d
+ctypedef float[::1] float1d
+ctypedef float[:, ::1] float2d
+ctypedef const int8_t[:, ::1] const_int8_2d
+
+cdef extern from "llama2c.h" nogil:
+    int L2C_OK
+    int L2C_ERR_ARG
+    int L2C_ERR_NOMEM
+    int L2C_ERR_RANGE
+    int L2C_ERR_TOKEN
+    int L2C_F32
+    int L2C_Q8
+    int L2C_ISA_GENERIC
+    int L2C_ISA_AVX2
+    int L2C_ISA_AVX512
+    int L2C_ISA_COUNT
+
+    ctypedef struct l2c_matrix:
+        int32_t type
+        int32_t group_size
+        int64_t rows
+        int64_t cols
+        const float *f
+        const int8_t *q
+        const float *s
+
+    ctypedef struct l2c_kernels:
+        const char *name
+        int isa
+        void (*matvec_f32)(float *out, const float *x, const float *w, int64_t n, int64_t d, int n_threads) noexcept nogil
+        void (*matmul_f32)(float *out, const float *x, const float *w, int64_t T, int64_t n, int64_t d, int n_threads) noexcept nogil
+        void (*quantize_q8)(int8_t *xq, float *xs, const float *x, int64_t T, int64_t n, int64_t gs, int n_threads) noexcept nogil
+        void (*matmul_q8)(float *out, const int8_t *xq, const float *xs, const int8_t *wq, const float *ws,
+                          int64_t T, int64_t n, int64_t d, int64_t gs, int n_threads) noexcept nogil
+        void (*rmsnorm)(float *o, const float *x, const float *w, int64_t T, int64_t n, float eps, int n_threads) noexcept nogil
+        void (*softmax)(float *x, int64_t n) noexcept nogil
+        void (*rope)(float *x, const int64_t *pos, const float *cos_t, const float *sin_t, int64_t T,
+                     int64_t n_heads, int64_t head_size, int n_threads) noexcept nogil
+        void (*swiglu)(float *hb, const float *hb2, int64_t n, int n_threads) noexcept nogil
+        void (*add)(float *x, const float *y, int64_t n, int n_threads) noexcept nogil
+        void (*attention)(float *out, float *att, const float *q, const float *kc, const float *vc,
+                          int64_t T, int64_t pos0, int64_t n_heads, int64_t n_kv_heads, int64_t hs,
+                          int64_t att_stride, int n_threads) noexcept nogil
+
+    const l2c_kernels *l2c_kernels_get(int max_isa)
+    const l2c_kernels *l2c_kernels_exact(int isa)
+    int l2c_cpu_supports(int isa)
+    int l2c_cpu_has_vnni()
+    int l2c_openmp_enabled()
+    int l2c_omp_max_threads()
+
+    ctypedef struct l2c_config:
+        int64_t dim
+        int64_t hidden_dim
+        int64_t n_layers
+        int64_t n_heads
+        int64_t n_kv_heads
+        int64_t head_size
+        int64_t vocab_size
+        int64_t seq_len
+        float rope_theta
+        float rope_factor
+        float norm_eps
+        int32_t group_size
+
+    ctypedef struct l2c_layer:
+        const float *rms_att
+        const float *rms_ffn
+        l2c_matrix wq
+        l2c_matrix wk
+        l2c_matrix wv
+        l2c_matrix wo
+        l2c_matrix w1
+        l2c_matrix w2
+        l2c_matrix w3
+
+    ctypedef struct l2c_model:
+        l2c_config cfg
+        l2c_matrix tok_embeddings
+        const l2c_layer *layers
+        const float *rms_final
+        l2c_matrix wcls
+        const float *rope_cos
+        const float *rope_sin
+        const l2c_kernels *k
+
+    void l2c_rope_tables(float *cos_t, float *sin_t, const l2c_config *cfg)
+    int l2c_model_check(const l2c_model *m)
+
+    ctypedef struct l2c_state:
+        int64_t max_batch
+        int64_t seq_len
+        int n_threads
+        float *logits
+
+    int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int64_t seq_len, int n_threads)
+    void l2c_state_free(l2c_state *s)
+    int l2c_forward(const l2c_model *m, l2c_state *s, const int32_t *tokens, int64_t n, int64_t pos0,
+                    float *logits_all)
+
+    ctypedef struct l2c_sampler:
+        int64_t vocab_size
+        float temperature
+        float top_p
+        int64_t top_k
+        uint64_t rng_state
+
+    int l2c_sampler_init(l2c_sampler *sp, int64_t vocab_size, float temperature, float top_p,
+                         int64_t top_k, uint64_t seed)
+    void l2c_sampler_free(l2c_sampler *sp)
+    int32_t l2c_sample(l2c_sampler *sp, const float *logits)
+    int l2c_generate(const l2c_model *m, l2c_state *s, l2c_sampler *sp, const int32_t *prompt,
+                     int64_t n_prompt, int64_t pos0, int32_t *out, int64_t max_new,
+                     const int32_t *stop, int64_t n_stop, int64_t *n_out)
+    double l2c_read_bandwidth(int64_t bytes, int reps, int n_threads)
