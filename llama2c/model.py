@@ -129,7 +129,7 @@ class Model:
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = Tokenizer.load(tokenizer)
         elif tokenizer is None:
-            tokenizer = _tokenizer_from_model(path, metadata)
+            tokenizer = _tokenizer_from_model(path, metadata, config.vocab_size)
         model = cls(config, weights, tokenizer, n_threads=n_threads, context_length=context_length,
                     simd=simd, metadata=metadata)
         model.path = str(path)
@@ -329,8 +329,9 @@ def _fit_group_size(config: Config, gs: int) -> int:
     return gs
 
 
-def _tokenizer_from_model(path, metadata):
-    """The tokenizer a model file carries, or a tokenizer.bin beside a llama2.c checkpoint."""
+def _tokenizer_from_model(path, metadata, vocab_size):
+    """The tokenizer a model file carries, or a tokenizer.bin beside a llama2.c checkpoint
+    (used only when its vocabulary size matches; run.c would read it anyway)."""
     from .tokenizer import Tokenizer
     p = Path(path)
     if metadata.get("gguf_metadata") is not None and "tokenizer.ggml.tokens" in metadata["gguf_metadata"]:
@@ -338,5 +339,7 @@ def _tokenizer_from_model(path, metadata):
     if p.is_dir() and (p / "tokenizer.json").is_file():
         return Tokenizer.load(p)
     if p.is_file() and (p.parent / "tokenizer.bin").is_file():
-        return Tokenizer.load(p.parent / "tokenizer.bin")
+        tok = Tokenizer.load(p.parent / "tokenizer.bin")
+        if tok.vocab_size == vocab_size:
+            return tok
     return None

@@ -154,12 +154,17 @@ def special_token_splitter(specials: dict):
 # ------------------------------------------------------------------------------------------
 # Hugging Face tokenizer.json normalizers and pre-tokenizers
 
-def _field(spec: dict, key: str, types, source: str, where: str):
-    if not isinstance(spec, dict) or key not in spec:
-        raise TokenizerError(f"{source}: {where}: missing field {key!r}")
-    value = spec[key]
-    if not isinstance(value, types):
-        names = types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
+def json_field(obj, key: str, types, source, where: str, default=None, required=True):
+    """obj[key] checked against types (a tuple); TokenizerError names the file and field."""
+    if not isinstance(obj, dict):
+        raise TokenizerError(f"{source}: {where}: expected an object, got {type(obj).__name__}")
+    if key not in obj or obj[key] is None:
+        if required:
+            raise TokenizerError(f"{source}: {where}: missing field {key!r}")
+        return default
+    value = obj[key]
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        names = "/".join(t.__name__ for t in types)
         raise TokenizerError(f"{source}: {where}.{key}: expected {names}, "
                              f"got {type(value).__name__}")
     return value
@@ -167,11 +172,11 @@ def _field(spec: dict, key: str, types, source: str, where: str):
 
 def _hf_pattern(spec: dict, source: str, where: str):
     """Compile a {"String": s} or {"Regex": r} pattern object."""
-    pattern = _field(spec, "pattern", dict, source, where)
+    pattern = json_field(spec, "pattern", (dict,), source, where)
     if "Regex" in pattern:
-        return _compile(_field(pattern, "Regex", str, source, where + ".pattern"), source)
+        return _compile(json_field(pattern, "Regex", (str,), source, where + ".pattern"), source)
     if "String" in pattern:
-        return regex.compile(regex.escape(_field(pattern, "String", str, source,
+        return regex.compile(regex.escape(json_field(pattern, "String", (str,), source,
                                                  where + ".pattern")))
     raise TokenizerError(f"{source}: {where}.pattern: expected a 'String' or 'Regex' key, "
                          f"got {sorted(pattern)}")
@@ -181,10 +186,10 @@ def hf_normalizer(spec, source: str, where: str = "normalizer") -> Normalizer:
     """Build the normalizer a tokenizer.json "normalizer" object describes."""
     if spec is None:
         return lambda text: text
-    kind = _field(spec, "type", str, source, where)
+    kind = json_field(spec, "type", (str,), source, where)
     if kind == "Sequence":
         steps = [hf_normalizer(s, source, f"{where}.normalizers[{i}]")
-                 for i, s in enumerate(_field(spec, "normalizers", list, source, where))]
+                 for i, s in enumerate(json_field(spec, "normalizers", (list,), source, where))]
 
         def sequence(text: str) -> str:
             for step in steps:
@@ -196,11 +201,11 @@ def hf_normalizer(spec, source: str, where: str = "normalizer") -> Normalizer:
     if kind == "Lowercase":
         return str.lower
     if kind == "Prepend":
-        prefix = _field(spec, "prepend", str, source, where)
+        prefix = json_field(spec, "prepend", (str,), source, where)
         return lambda text: prefix + text if text else text
     if kind == "Replace":
         pattern = _hf_pattern(spec, source, where)
-        content = _field(spec, "content", str, source, where)
+        content = json_field(spec, "content", (str,), source, where)
         return lambda text: pattern.sub(lambda m: content, text)
     if kind == "Strip":
         left, right = spec.get("strip_left", True), spec.get("strip_right", True)
@@ -240,10 +245,10 @@ _SPLIT_BEHAVIORS = ("Isolated", "Removed", "MergedWithPrevious", "MergedWithNext
 
 def _hf_pre_step(spec, source: str, where: str):
     """One pre-tokenizer as a function (pieces, at_start) -> pieces."""
-    kind = _field(spec, "type", str, source, where)
+    kind = json_field(spec, "type", (str,), source, where)
     if kind == "Sequence":
         steps = [_hf_pre_step(s, source, f"{where}.pretokenizers[{i}]")
-                 for i, s in enumerate(_field(spec, "pretokenizers", list, source, where))]
+                 for i, s in enumerate(json_field(spec, "pretokenizers", (list,), source, where))]
 
         def sequence(pieces, at_start):
             for step in steps:
@@ -257,7 +262,7 @@ def _hf_pre_step(spec, source: str, where: str):
         return lambda pieces, at_start: split_isolated(pieces, pattern)
     if kind == "Split":
         pattern = _hf_pattern(spec, source, where)
-        behavior = _field(spec, "behavior", str, source, where)
+        behavior = json_field(spec, "behavior", (str,), source, where)
         if behavior not in _SPLIT_BEHAVIORS or spec.get("invert"):
             raise TokenizerError(f"{source}: {where}: expected behavior in {_SPLIT_BEHAVIORS} "
                                  f"and invert false, got {behavior!r}, invert "
@@ -325,6 +330,7 @@ def hf_spec_has_type(spec, kind: str) -> bool:
     if isinstance(spec, dict):
         if spec.get("type") == kind:
             return True
-        return any(hf_spec_has_type(s, kind) for key in ("normalizers", "pretokenizers")
+        return any(hf_spec_has_type(s, kind)
+                   for key in ("normalizers", "pretokenizers", "decoders")
                    for s in (spec.get(key) or []))
     return False

@@ -31,7 +31,8 @@ import regex
 from .bpe import WordEncoder, rank_cost, score_cost
 from .errors import TokenizerError
 from .pretokenize import (BYTE_DECODER, LLAMA3_FAMILY, gguf_pre_tokenizer, hf_normalizer,
-                          hf_pre_tokenizer, hf_spec_has_type, special_token_splitter)
+                          hf_pre_tokenizer, hf_spec_has_type, json_field,
+                          special_token_splitter)
 
 SPM_SPACE = "▁"                      # sentencepiece's visible space, U+2581
 _BYTE_TOKEN = regex.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -504,36 +505,21 @@ def _read_json(path: Path, required: bool):
                              f"column {exc.colno}: {exc.msg}") from None
 
 
-def _json_field(obj, key: str, types, source, where: str, default=None, required=True):
-    if not isinstance(obj, dict):
-        raise TokenizerError(f"{source}: {where}: expected an object, got {type(obj).__name__}")
-    if key not in obj or obj[key] is None:
-        if required:
-            raise TokenizerError(f"{source}: {where}: missing field {key!r}")
-        return default
-    value = obj[key]
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        names = "/".join(t.__name__ for t in types)
-        raise TokenizerError(f"{source}: {where}.{key}: expected {names}, "
-                             f"got {type(value).__name__}")
-    return value
-
-
 def _hf_vocab(spec: dict, source: Path):
     """tokens list (None for ids nobody uses), model vocab dict and added-token entries."""
-    model = _json_field(spec, "model", (dict,), source, "tokenizer.json")
-    kind = _json_field(model, "type", (str,), source, "model", default="BPE", required=False)
+    model = json_field(spec, "model", (dict,), source, "tokenizer.json")
+    kind = json_field(model, "type", (str,), source, "model", default="BPE", required=False)
     if kind != "BPE":
         raise TokenizerError(f"{source}: model.type: expected 'BPE', got {kind!r}")
     for key in ("continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
             raise TokenizerError(f"{source}: model.{key}: expected empty, got {model[key]!r}")
-    vocab = _json_field(model, "vocab", (dict,), source, "model")
-    added = _json_field(spec, "added_tokens", (list,), source, "tokenizer.json", [], False)
+    vocab = json_field(model, "vocab", (dict,), source, "model")
+    added = json_field(spec, "added_tokens", (list,), source, "tokenizer.json", [], False)
     entries = list(vocab.items())
     for i, tok in enumerate(added):
-        entries.append((_json_field(tok, "content", (str,), source, f"added_tokens[{i}]"),
-                        _json_field(tok, "id", (int,), source, f"added_tokens[{i}]")))
+        entries.append((json_field(tok, "content", (str,), source, f"added_tokens[{i}]"),
+                        json_field(tok, "id", (int,), source, f"added_tokens[{i}]")))
     for text, token_id in entries:
         if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
             raise TokenizerError(f"{source}: id of token {text!r}: expected an int >= 0, "
@@ -553,9 +539,9 @@ def _from_hf_json(path: Path) -> Tokenizer:
     if not isinstance(spec, dict):
         raise TokenizerError(f"{path}: expected a JSON object, got {type(spec).__name__}")
     tokens, model, vocab, added = _hf_vocab(spec, path)
-    ranks = _merge_ranks(_json_field(model, "merges", (list,), path, "model", [], False),
+    ranks = _merge_ranks(json_field(model, "merges", (list,), path, "model", [], False),
                          "model.merges", path)
-    unk_name = _json_field(model, "unk_token", (str,), path, "model", None, False)
+    unk_name = json_field(model, "unk_token", (str,), path, "model", None, False)
     unk_id = vocab.get(unk_name) if unk_name is not None else None
     byte_fallback = bool(model.get("byte_fallback", False))
     words = WordEncoder(vocab, rank_cost(ranks),
@@ -609,9 +595,10 @@ def _hf_settings(folder: Path, spec: dict, tokens: list, source: Path) -> dict:
         return token_ids.get(name) if isinstance(name, str) else None
 
     bos_id = named_id("bos_token")
+    if bos_id is None and template_bos is not None:
+        bos_id = token_ids.get(template_bos)
     if bos_id is None:
-        bos_id = token_ids.get(template_bos) if template_bos else _config_id(model_config,
-                                                                             "bos_token_id")
+        bos_id = _config_id(model_config, "bos_token_id")
     eos_id = named_id("eos_token")
     if eos_id is None:
         eos_id = _config_id(model_config, "eos_token_id")

@@ -1,0 +1,222 @@
+"""The C engine end to end against the NumPy reference and against llama2.c's own output."""
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import llama2c
+from llama2c import _engine as E
+from llama2c.config import Config
+from llama2c.reference import ReferenceModel
+from llama2c.testing import make_random_model
+from llama2c.weights import quantize_weights
+
+SIMD = E.available_simd()
+
+CONFIGS = {
+    "mha-shared": Config(dim=64, hidden_dim=172, n_layers=2, n_heads=4, n_kv_heads=4,
+                         vocab_size=97, seq_len=96),
+    "gqa-unshared": Config(dim=96, hidden_dim=200, n_layers=3, n_heads=6, n_kv_heads=2,
+                           vocab_size=300, seq_len=128, rope_theta=100000.0, norm_eps=1e-6,
+                           shared_classifier=False),
+    "mqa-odd": Config(dim=36, hidden_dim=50, n_layers=2, n_heads=3, n_kv_heads=1,
+                      vocab_size=51, seq_len=80, rope_scaling={"type": "linear", "factor": 2.0}),
+}
+
+
+def model_pair(name, seed=0, **kw):
+    cfg = CONFIGS[name]
+    w = make_random_model(cfg, seed)
+    return llama2c.Model(cfg, w, **kw), ReferenceModel(cfg, w)
+
+
+def assert_logits_close(got, want, rel=1e-4):
+    # the issue's budget: max abs difference <= 1e-4 x max |logit|
+    assert np.abs(got - want).max() <= rel * np.abs(want).max()
+
+
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logits_match_reference(name, simd):
+    model, ref = model_pair(name, simd=simd)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, model.vocab_size, 40).tolist()
+    assert_logits_close(model.logits(ids), ref.logits(ids))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_prefill_equals_single_steps(name):
+    """Prefill of N tokens (batched kernels, chunks) = N one-token forward steps."""
+    model, _ = model_pair(name)
+    ids = np.random.default_rng(5).integers(0, model.vocab_size, 150 % model.context_length)
+    ids = ids[: min(len(ids), model.context_length)].astype(np.int32)
+    batched = model.logits(ids)
+    sess = E.Session(model._engine, model.context_length, 64, 2)
+    steps = np.stack([sess.forward(ids[i:i + 1], i) for i in range(len(ids))])
+    assert_logits_close(batched, steps, rel=1e-5)
+
+
+def test_prefill_chunk_sizes_agree():
+    model, _ = model_pair("gqa-unshared")
+    ids = np.arange(100, dtype=np.int32) % model.vocab_size
+    outs = []
+    for chunk in (1, 7, 64, 128):
+        sess = E.Session(model._engine, 128, chunk, 2)
+        la = np.empty((100, model.vocab_size), np.float32)
+        sess.forward(ids, 0, la)
+        outs.append(la)
+    for o in outs[1:]:
+        assert_logits_close(o, outs[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_int8_logits_match_int8_reference(name):
+    cfg = CONFIGS[name]
+    gs = 2 if name == "mqa-odd" else 4
+    w = quantize_weights(cfg, make_random_model(cfg, 1), gs)
+    model, ref = llama2c.Model(cfg, w), ReferenceModel(cfg, w)
+    assert model.dtype == "int8"
+    ids = list(range(1, 20))
+    # single tokens (decode path): the reference quantizes exactly as the kernels do
+    sess = E.Session(model._engine, model.context_length, 64, 1)
+    for pos, t in enumerate(ids):
+        assert_logits_close(sess.forward(np.array([t], np.int32), pos), ref.forward(t, pos), rel=1e-3)
+
+
+def test_greedy_generation_matches_reference():
+    model, ref = model_pair("gqa-unshared")
+    prompt = [5, 17, 33]
+    got = model.generate(prompt, max_new_tokens=30, temperature=0, stop_token_ids=[]).token_ids
+    assert got == ref.generate(prompt, 30)
+
+
+@pytest.fixture(scope="module")
+def tiny260k(shared_dir):
+    path = shared_dir / "models" / "tiny260K.bin"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    golden = json.loads((shared_dir / "golden" / "tiny260K_greedy.json").read_text())
+    return path, golden["greedy_ids"]
+
+
+@pytest.mark.parametrize("simd", SIMD)
+def test_tiny260k_greedy_matches_llama2c(tiny260k, simd):
+    """200 greedy steps from BOS give exactly llama2.c run.c's token ids."""
+    path, golden = tiny260k
+    model = llama2c.Model.load(path, simd=simd)
+    assert model.tokenizer is None and model.dtype == "fp32"
+    out = model.generate([1], max_new_tokens=len(golden), temperature=0, stop_token_ids=[])
+    assert out.token_ids == golden
+
+
+def test_tiny260k_greedy_reference(tiny260k):
+    path, golden = tiny260k
+    assert ReferenceModel.load(path).generate([1], len(golden)) == golden
+
+
+def test_tiny260k_int8_stays_close(tiny260k):
+    path, golden = tiny260k
+    model = llama2c.Model.load(path, dtype="int8", group_size=4)   # hidden_dim 172: gs 4
+    out = model.generate([1], max_new_tokens=len(golden), temperature=0, stop_token_ids=[]).token_ids
+    # free-running: the first tokens agree exactly (measured: 19 of 200 before a first split)
+    prefix = next((i for i, (a, b) in enumerate(zip(out, golden)) if a != b), len(golden))
+    assert prefix >= 16, f"int8 greedy agrees with fp32 for only {prefix} tokens"
+    # teacher-forced along the fp32 sequence: int8 picks the same next token almost always
+    # (measured: 96.5%)
+    top1 = (model.logits([1] + golden[:-1]).argmax(axis=1) == np.array(golden)).mean()
+    assert top1 >= 0.93, top1
+
+
+# ---- sampling -------------------------------------------------------------------------------
+
+def test_seeded_sampling_is_reproducible():
+    model, _ = model_pair("mha-shared")
+    kw = dict(max_new_tokens=40, temperature=1.0, top_p=0.9, seed=1234, stop_token_ids=[])
+    a = model.generate([1, 2, 3], **kw).token_ids
+    b = model.generate([1, 2, 3], **kw).token_ids
+    c = model.generate([1, 2, 3], **{**kw, "seed": 99}).token_ids
+    assert a == b and a != c
+
+
+def test_sampler_distribution_and_truncation():
+    V = 10
+    logits = np.log(np.array([0.4, 0.3, 0.1, 0.1, 0.05, 0.05, 0, 0, 0, 0], np.float64) + 1e-12).astype(np.float32)
+    s = E.Sampler(V, 1.0, 1.0, 0, 7)
+    counts = np.bincount([s.sample(logits) for _ in range(20000)], minlength=V) / 20000
+    np.testing.assert_allclose(counts[:6], [0.4, 0.3, 0.1, 0.1, 0.05, 0.05], atol=0.015)
+    top_k = E.Sampler(V, 1.0, 1.0, 2, 7)
+    assert {top_k.sample(logits) for _ in range(2000)} == {0, 1}
+    top_p = E.Sampler(V, 1.0, 0.75, 0, 7)       # nucleus: 0.4 + 0.3 < 0.75 <= 0.8
+    assert {top_p.sample(logits) for _ in range(2000)} == {0, 1, 2}
+    greedy = E.Sampler(V, 0.0, 1.0, 0, 7)
+    assert greedy.sample(logits) == 0
+    cold = E.Sampler(V, 0.05, 1.0, 0, 7)       # low temperature concentrates on the argmax
+    assert np.mean([cold.sample(logits) == 0 for _ in range(500)]) > 0.99
+
+
+def test_streaming_yields_same_tokens_as_blocking():
+    model, _ = model_pair("gqa-unshared")
+    kw = dict(max_new_tokens=25, temperature=0.8, top_k=40, seed=5, stop_token_ids=[])
+    blocking = model.generate([3, 4, 5], **kw).token_ids
+    assert list(model.generate([3, 4, 5], stream=True, **kw)) == blocking
+
+
+def test_generation_stops_at_stop_token_and_context():
+    model, _ = model_pair("mha-shared")
+    free = model.generate([1], max_new_tokens=20, temperature=0, stop_token_ids=[]).token_ids
+    stop = free[5]
+    out = model.generate([1], max_new_tokens=20, temperature=0, stop_token_ids=[stop])
+    assert out.token_ids == free[: free.index(stop) + 1] and out.finish_reason == "stop"
+    short = llama2c.Model(model.config, model.weights, context_length=10)
+    out = short.generate([1, 2, 3], max_new_tokens=100, temperature=0, stop_token_ids=[])
+    assert out.finish_reason == "length" and len(out.token_ids) == 10 - 3 + 1
+
+
+# ---- threads --------------------------------------------------------------------------------
+
+def test_gil_is_released_during_generation():
+    cfg = Config(dim=256, hidden_dim=768, n_layers=6, n_heads=8, n_kv_heads=4, vocab_size=4000,
+                 seq_len=512)
+    model = llama2c.Model(cfg, make_random_model(cfg, 0), n_threads=1)
+    model.generate([1], max_new_tokens=4, temperature=0)
+    ticks = [0]
+    done = threading.Event()
+
+    def count():
+        while not done.is_set():
+            ticks[0] += 1
+
+    t0 = time.perf_counter()
+    model.generate([1], max_new_tokens=10, temperature=0, stop_token_ids=[])
+    solo = time.perf_counter() - t0
+    th = threading.Thread(target=count)
+    th.start()
+    t0 = time.perf_counter()
+    model.generate([1], max_new_tokens=300, temperature=0, stop_token_ids=[])
+    elapsed = time.perf_counter() - t0
+    done.set()
+    th.join()
+    # a Python thread spins ~1e6+ times per second when it holds the GIL most of the time
+    assert ticks[0] > 50_000 * elapsed, (ticks[0], elapsed)
+    assert elapsed < 300 / 10 * solo * 5
+
+
+def test_two_models_in_one_process():
+    a, ra = model_pair("mha-shared", seed=1)
+    b, rb = model_pair("gqa-unshared", seed=2)
+    ids = [1, 2, 3, 4]
+    assert_logits_close(a.logits(ids), ra.logits(ids))
+    assert_logits_close(b.logits(ids), rb.logits(ids))
+    assert_logits_close(a.logits(ids), ra.logits(ids))
+
+
+def test_kernel_info_and_simd_switch(monkeypatch):
+    info = llama2c.kernel_info()
+    assert set(info) >= {"simd", "available", "openmp", "n_threads"}
+    assert info["openmp"] is True
+    model, _ = model_pair("mha-shared", simd="generic")
+    assert model.simd == "generic"
+    with pytest.raises(ValueError, match="unknown SIMD"):
+        model_pair("mha-shared", simd="mmx")
