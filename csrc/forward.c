@@ -19,12 +19,44 @@
 // ---------------------------------------------------------------------------------------------
 // model checks
 
-static int matrix_ok(const l2c_matrix *w, int64_t rows, int64_t cols) {
+// a matrix the matmul kernels take (packed: L2C_Q8P) or, for the embedding, a row lookup (L2C_Q8)
+static int matrix_ok(const l2c_matrix *w, int64_t rows, int64_t cols, int q8_type) {
     if (w->rows != rows || w->cols != cols) return 0;
     if (w->type == L2C_F32) return w->f != NULL;
-    if (w->type == L2C_Q8)
-        return w->q != NULL && w->s != NULL && w->group_size > 0 && cols % w->group_size == 0;
+    if (w->type == q8_type)
+        return w->q != NULL && w->s != NULL && w->group_size > 0 && w->group_size % 4 == 0 &&
+               cols % w->group_size == 0;
     return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// packing of int8 matrices (layout in llama2c.h)
+
+int64_t l2c_q8p_q_size(int64_t rows, int64_t cols) {
+    return (rows + L2C_Q8_ROWS - 1) / L2C_Q8_ROWS * L2C_Q8_ROWS * cols;
+}
+
+int64_t l2c_q8p_s_size(int64_t rows, int64_t cols, int64_t gs) {
+    return (rows + L2C_Q8_ROWS - 1) / L2C_Q8_ROWS * L2C_Q8_ROWS * (cols / gs);
+}
+
+int l2c_pack_q8(int8_t *restrict qp, float *restrict sp, const int8_t *restrict q,
+                const float *restrict s, int64_t rows, int64_t cols, int64_t gs) {
+    if (rows < 0 || cols <= 0 || gs <= 0 || gs % 4 != 0 || cols % gs != 0) return L2C_ERR_ARG;
+    const int64_t R = L2C_Q8_ROWS, ng = cols / gs, steps = gs / 4;
+    const int64_t n_blocks = (rows + R - 1) / R;
+    for (int64_t b = 0; b < n_blocks; b++)
+        for (int64_t g = 0; g < ng; g++) {
+            for (int64_t r = 0; r < R; r++) {
+                const int64_t row = b * R + r;
+                sp[(b * ng + g) * R + r] = row < rows ? s[row * ng + g] : 0.0f;
+                for (int64_t j = 0; j < steps; j++)
+                    for (int64_t c = 0; c < 4; c++)
+                        qp[((b * ng + g) * steps + j) * 4 * R + r * 4 + c] =
+                            row < rows ? q[row * cols + g * gs + 4 * j + c] : 0;
+            }
+        }
+    return L2C_OK;
 }
 
 int l2c_model_check(const l2c_model *m) {
@@ -37,14 +69,15 @@ int l2c_model_check(const l2c_model *m) {
     if (!(c->rope_theta > 0.0f) || !(c->rope_factor > 0.0f) || !(c->norm_eps >= 0.0f)) return L2C_ERR_ARG;
     const int64_t d = c->dim, h = c->hidden_dim, qd = c->n_heads * c->head_size,
                   kvd = c->n_kv_heads * c->head_size;
-    if (!matrix_ok(&m->tok_embeddings, c->vocab_size, d)) return L2C_ERR_ARG;
-    if (!matrix_ok(&m->wcls, c->vocab_size, d)) return L2C_ERR_ARG;
+    if (!matrix_ok(&m->tok_embeddings, c->vocab_size, d, L2C_Q8)) return L2C_ERR_ARG;
+    if (!matrix_ok(&m->wcls, c->vocab_size, d, L2C_Q8P)) return L2C_ERR_ARG;
     for (int64_t l = 0; l < c->n_layers; l++) {
         const l2c_layer *L = &m->layers[l];
         if (!L->rms_att || !L->rms_ffn) return L2C_ERR_ARG;
-        if (!matrix_ok(&L->wq, qd, d) || !matrix_ok(&L->wk, kvd, d) || !matrix_ok(&L->wv, kvd, d) ||
-            !matrix_ok(&L->wo, d, qd) || !matrix_ok(&L->w1, h, d) || !matrix_ok(&L->w2, d, h) ||
-            !matrix_ok(&L->w3, h, d))
+        if (!matrix_ok(&L->wq, qd, d, L2C_Q8P) || !matrix_ok(&L->wk, kvd, d, L2C_Q8P) ||
+            !matrix_ok(&L->wv, kvd, d, L2C_Q8P) || !matrix_ok(&L->wo, d, qd, L2C_Q8P) ||
+            !matrix_ok(&L->w1, h, d, L2C_Q8P) || !matrix_ok(&L->w2, d, h, L2C_Q8P) ||
+            !matrix_ok(&L->w3, h, d, L2C_Q8P))
             return L2C_ERR_ARG;
     }
     return L2C_OK;
@@ -58,7 +91,7 @@ static int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 // smallest group size of any quantized matrix (activation scale buffers are sized for it)
 static int64_t min_group_size(const l2c_model *m) {
     int64_t gs = 0;
-#define TAKE(w) if ((w).type == L2C_Q8 && (gs == 0 || (w).group_size < gs)) gs = (w).group_size
+#define TAKE(w) if ((w).type == L2C_Q8P && (gs == 0 || (w).group_size < gs)) gs = (w).group_size
     TAKE(m->wcls);
     for (int64_t l = 0; l < m->cfg.n_layers; l++) {
         const l2c_layer *L = &m->layers[l];

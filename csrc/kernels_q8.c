@@ -1,16 +1,11 @@
 // kernels_q8.c: int8 group quantization and int8 x int8 matmul (included by kernels.c).
 //
-// Format (see llama2c.h): a quantized row of n values is n int8 q plus n/gs float scales;
-// group g of the row is q[g*gs .. g*gs+gs) with value q * s[g]. An output element is
-//     out[t, i] = sum_g (sum_{k in g} xq[t,k] * wq[i,k]) * xs[t,g] * ws[i,g]
-// with the inner sum an exact int32 (|q| <= 127, so gs up to 2^17 cannot overflow), and the
-// outer sum a float32 in group order. The SIMD paths compute the same int32 group sums and
-// differ from the scalar twin only in how the float group terms are added up.
-//
-// SIMD: AVX-512 VNNI `vpdpbusd` (u8 x s8 -> s32, 64 bytes per instruction) and AVX2
-// `vpmaddubsw` + `vpmaddwd`; both need one unsigned operand, so |x| is paired with w carrying
-// x's sign (`vpsignb` on AVX2, a masked negate on AVX-512). Values stay within [-127, 127] so
-// 2 * 127 * 127 fits the int16 pairs of maddubs.
+// Formats: see llama2c.h (L2C_Q8 row-major, L2C_Q8P packed in blocks of 16 rows). An output
+// element is
+//     out[t, i] = sum_g (sum_{k in g} xq[t,k] * wq[i,k]) * (ws[i,g] * xs[t,g])
+// with the inner sum an exact int32 (|q| <= 127, so gs up to 2^17 cannot overflow) and the
+// outer sum a float32 in group order, in every build: the SIMD lanes are weight rows, so each
+// row adds its group terms in the same order as the scalar twin.
 
 // ---- quantize: xq (T, n), xs (T, n/gs) from x (T, n) ----------------------------------------
 
@@ -64,80 +59,92 @@ static void quantize_q8(int8_t *restrict xq, float *restrict xs, const float *re
     for (int64_t g = 0; g < groups; g++) quantize_group(xq + g * gs, xs + g, x + g * gs, gs);
 }
 
-// ---- dot product of one quantized row with one quantized activation row ---------------------
+// ---- out (T, d) = Xq (T, n) @ Wq (d, n)^T, Wq packed (L2C_Q8P, see llama2c.h) -----------------
+//
+// For one block of 16 weight rows and one activation row, each step j of a group takes the 4
+// activation bytes x[4j..4j+3], broadcasts them to all 16 lanes and multiplies them with the
+// 64 packed bytes (16 rows x 4 inputs): lane r accumulates sum_c x[4j+c] * w[r][4j+c]. The dot
+// instructions take one unsigned operand, so |x| goes in as unsigned and w takes x's sign
+// (vpsignb on AVX2, a masked negate on AVX-512); |x| <= 127 keeps AVX2's int16 pair sums in
+// range. At the end of a group, the 16 int32 sums are scaled by ws[16 rows] * xs[g] at once.
+// The weights of a block stay in L1 while it meets every activation row (prefill), so the
+// matrix streams from memory once per call; the parallel loop runs over blocks.
 
-static inline float dot_q8(const int8_t *restrict w, const float *restrict ws,
-                           const int8_t *restrict x, const float *restrict xs, int64_t n,
-                           int64_t gs) {
-    const int64_t ng = n / gs;
-    int64_t g = 0;
-    float sum = 0.0f;
+#define Q8R L2C_Q8_ROWS
+
+static void block_q8(float *restrict out16, const int8_t *restrict wb, const float *restrict sb,
+                     const int8_t *restrict x, const float *restrict xs, int64_t ng, int64_t gs) {
+    const int64_t steps = gs / 4;
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (gs % 64 == 0) {
-        __m512 acc = _mm512_setzero_ps();
-        for (; g < ng; g++) {
-            __m512i isum = _mm512_setzero_si512();
-            for (int64_t k = g * gs; k < g * gs + gs; k += 64) {
-                const __m512i xv = _mm512_loadu_si512((const void *)(x + k));
-                const __m512i wv = _mm512_loadu_si512((const void *)(w + k));
-                const __mmask64 neg = _mm512_movepi8_mask(xv);  // lanes where x < 0
-                const __m512i sw = _mm512_mask_sub_epi8(wv, neg, _mm512_setzero_si512(), wv);
-                isum = _mm512_dpbusd_epi32(isum, _mm512_abs_epi8(xv), sw);
-            }
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(ws[g] * xs[g]), acc);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m512i isum = _mm512_setzero_si512();
+        const int8_t *xg = x + g * gs;
+        for (int64_t j = 0; j < steps; j++) {
+            int32_t x4;
+            memcpy(&x4, xg + 4 * j, 4);
+            const __m512i xb = _mm512_set1_epi32(x4);
+            const __mmask64 neg = _mm512_movepi8_mask(xb);  // bytes where x < 0
+            const __m512i wv = _mm512_loadu_si512((const void *)(wb + j * 64));
+            const __m512i sw = _mm512_mask_sub_epi8(wv, neg, _mm512_setzero_si512(), wv);
+            isum = _mm512_dpbusd_epi32(isum, _mm512_abs_epi8(xb), sw);
         }
-        sum = _mm512_reduce_add_ps(acc);
-    } else if (gs % 32 == 0) {
-        __m256 acc = _mm256_setzero_ps();
-        for (; g < ng; g++) {
-            __m256i isum = _mm256_setzero_si256();
-            for (int64_t k = g * gs; k < g * gs + gs; k += 32) {
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + k));
-                const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k));
-                isum = _mm256_dpbusd_epi32(isum, _mm256_abs_epi8(xv), _mm256_sign_epi8(wv, xv));
-            }
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(ws[g] * xs[g]), acc);
-        }
-        __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-        sum = _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
+        wb += steps * 64;
+        const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(sb + g * Q8R), _mm512_set1_ps(xs[g]));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc);
     }
+    _mm512_storeu_ps(out16, acc);
 #elif defined(__AVX2__)
-    if (gs % 32 == 0) {
-        const __m256i ones = _mm256_set1_epi16(1);
-        __m256 acc = _mm256_setzero_ps();
-        for (; g < ng; g++) {
-            __m256i isum = _mm256_setzero_si256();
-            for (int64_t k = g * gs; k < g * gs + gs; k += 32) {
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + k));
-                const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k));
-                const __m256i p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(xv), _mm256_sign_epi8(wv, xv));
-                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p16, ones));
-            }
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(ws[g] * xs[g]), acc);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+        const int8_t *xg = x + g * gs;
+        for (int64_t j = 0; j < steps; j++) {
+            int32_t x4;
+            memcpy(&x4, xg + 4 * j, 4);
+            const __m256i xb = _mm256_set1_epi32(x4);
+            const __m256i xa = _mm256_abs_epi8(xb);
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(wb + j * 64));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wb + j * 64 + 32));
+            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(w0, xb)), ones));
+            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(w1, xb)), ones));
         }
-        sum = hsum256(acc);
+        wb += steps * 64;
+        const __m256 xsv = _mm256_set1_ps(xs[g]);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(_mm256_loadu_ps(sb + g * Q8R), xsv), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(_mm256_loadu_ps(sb + g * Q8R + 8), xsv), acc1);
     }
+    _mm256_storeu_ps(out16, acc0);
+    _mm256_storeu_ps(out16 + 8, acc1);
+#else
+    float acc[Q8R] = {0};
+    for (int64_t g = 0; g < ng; g++) {
+        int32_t isum[Q8R] = {0};
+        const int8_t *xg = x + g * gs;
+        for (int64_t j = 0; j < steps; j++, wb += 4 * Q8R)
+            for (int r = 0; r < Q8R; r++)
+                for (int c = 0; c < 4; c++) isum[r] += (int32_t)xg[4 * j + c] * (int32_t)wb[4 * r + c];
+        for (int r = 0; r < Q8R; r++) acc[r] += (float)isum[r] * (sb[g * Q8R + r] * xs[g]);
+    }
+    memcpy(out16, acc, sizeof(acc));
 #endif
-    for (; g < ng; g++) {  // scalar twin (and group sizes the SIMD paths do not take)
-        int32_t isum = 0;
-        for (int64_t k = g * gs; k < g * gs + gs; k++) isum += (int32_t)x[k] * (int32_t)w[k];
-        sum += (float)isum * (ws[g] * xs[g]);
-    }
-    return sum;
 }
-
-// ---- out (T, d) = Xq (T, n) @ Wq (d, n)^T ---------------------------------------------------
-// Parallel over weight rows; for T > 1 each row (n bytes, in L1) meets every token before the
-// next row is read, so the weights stream from memory once per call.
 
 static void matmul_q8(float *restrict out, const int8_t *restrict xq, const float *restrict xs,
                       const int8_t *restrict wq, const float *restrict ws, int64_t T, int64_t n,
                       int64_t d, int64_t gs, int n_threads) {
-    const int64_t ng = n / gs;
+    const int64_t ng = n / gs, n_blocks = (d + Q8R - 1) / Q8R;
     int nth = threads_for(T * n * d, n_threads);
     L2C_PRAGMA(omp parallel for num_threads(nth) schedule(static) if(nth > 1))
-    for (int64_t i = 0; i < d; i++)
-        for (int64_t t = 0; t < T; t++)
-            out[t * d + i] = dot_q8(wq + i * n, ws + i * ng, xq + t * n, xs + t * ng, n, gs);
+    for (int64_t b = 0; b < n_blocks; b++) {
+        const int8_t *wb = wq + b * Q8R * n;
+        const float *sb = ws + b * Q8R * ng;
+        const int64_t rows = d - b * Q8R < Q8R ? d - b * Q8R : Q8R;
+        float o16[Q8R];
+        for (int64_t t = 0; t < T; t++) {
+            block_q8(o16, wb, sb, xq + t * n, xs + t * ng, ng, gs);
+            memcpy(out + t * d + b * Q8R, o16, (size_t)rows * sizeof(float));
+        }
+    }
 }

@@ -27,27 +27,49 @@ extern "C" {
 // ---------------------------------------------------------------------------------------------
 // int8 group quantization
 //
-// Layout (the same as llama2.c version 2 files, so those map without a copy): a quantized
-// (rows, cols) matrix is two separate arrays, q: int8 (rows, cols) row-major and
-// s: float32 (rows, cols / gs). Group g of row r covers q[r*cols + g*gs .. +gs) and
-// w ~= q * s[r*(cols/gs) + g]. Symmetric: q in [-127, 127], s = max|w| / 127 (0 for an
-// all-zero group). Activations are quantized the same way, per row, with the same gs.
-// gs must divide cols; kernels assume it (callers check and raise before calling).
+// Values: symmetric per-group int8 along the input dimension (llama2.c runq.c, ggml Q8_0): each
+// run of gs consecutive inputs of a row shares one float scale s = max|w| / 127 (0 for an
+// all-zero group) and q = round(w / s) in [-127, 127]; w ~= q * s. gs is a parameter (a
+// multiple of 4 that divides the input dimension; callers check and raise before calling).
+// Activations are quantized the same way, per row, with the weight's gs.
+//
+// Two layouts:
+//   L2C_Q8 (row-major, as llama2.c version 2 files store it, so those map without a copy):
+//     q int8 (rows, cols), s float (rows, cols/gs). Used for the token embedding (a row lookup).
+//   L2C_Q8P (packed for the matmul kernels; l2c_pack_q8 makes it from L2C_Q8): rows in blocks
+//     of 16 (the last block zero-padded), and within a block, for each group g and each run of 4
+//     inputs j, the 4 bytes of each of the 16 rows side by side:
+//       qp[((b*ng + g)*(gs/4) + j)*64 + r*4 + c] = q[(16b + r)*cols + g*gs + 4j + c]
+//       sp[(b*ng + g)*16 + r]                    = s[(16b + r)*ng + g]      (ng = cols/gs)
+//     so one 64-byte load feeds a 16-lane int8 dot-product instruction (AVX-512 VNNI vpdpbusd:
+//     16 rows x 4 inputs) with the 4 activation bytes broadcast, the group's int32 sums of 16
+//     rows come out in one register, and one multiply-add applies the 16 row scales. A block
+//     streams from memory as one contiguous run.
 #define L2C_Q8_MAX 127.0f
+#define L2C_Q8_ROWS 16
 
 // weight element types
 #define L2C_F32 0
 #define L2C_Q8 1
+#define L2C_Q8P 2
 
 // A weight matrix W (rows, cols): out = W @ x.
 typedef struct {
-    int32_t type;        // L2C_F32 or L2C_Q8
-    int32_t group_size;  // L2C_Q8: values per scale
+    int32_t type;        // L2C_F32, L2C_Q8 or L2C_Q8P
+    int32_t group_size;  // L2C_Q8/L2C_Q8P: values per scale
     int64_t rows, cols;
     const float *f;      // L2C_F32: (rows, cols)
-    const int8_t *q;     // L2C_Q8:  (rows, cols)
-    const float *s;      // L2C_Q8:  (rows, cols / group_size)
+    const int8_t *q;     // L2C_Q8: (rows, cols); L2C_Q8P: (ceil(rows/16)*16 * cols) packed
+    const float *s;      // L2C_Q8: (rows, cols/gs); L2C_Q8P: (ceil(rows/16)*16 * cols/gs) packed
 } l2c_matrix;
+
+// Bytes of the packed arrays for a (rows, cols) matrix: q and s element counts.
+int64_t l2c_q8p_q_size(int64_t rows, int64_t cols);
+int64_t l2c_q8p_s_size(int64_t rows, int64_t cols, int64_t gs);
+// Pack row-major q (rows, cols), s (rows, cols/gs) into qp, sp (sizes above). L2C_OK or
+// L2C_ERR_ARG (gs not a positive multiple of 4 dividing cols).
+int l2c_pack_q8(int8_t *restrict qp, float *restrict sp, const int8_t *restrict q,
+                const float *restrict s, int64_t rows, int64_t cols, int64_t gs);
 
 // ---------------------------------------------------------------------------------------------
 // kernels: one table per instruction set, each entry a scalar ("generic") twin in the generic
@@ -69,8 +91,8 @@ typedef struct l2c_kernels {
     // quantize X (T, n) row-wise into groups of gs: xq (T, n), xs (T, n/gs)
     void (*quantize_q8)(int8_t *restrict xq, float *restrict xs, const float *restrict x,
                         int64_t T, int64_t n, int64_t gs, int n_threads);
-    // out (T, d) = Xq (T, n) @ Wq (d, n)^T with int32 accumulation per group, scaled per group
-    // (T == 1 is the decode matrix-vector product)
+    // out (T, d) = Xq (T, n) @ Wq (d, n)^T with int32 accumulation per group, scaled per group;
+    // wq, ws in the packed L2C_Q8P layout (T == 1 is the decode matrix-vector product)
     void (*matmul_q8)(float *restrict out, const int8_t *restrict xq, const float *restrict xs,
                       const int8_t *restrict wq, const float *restrict ws,
                       int64_t T, int64_t n, int64_t d, int64_t gs, int n_threads);
@@ -126,10 +148,10 @@ typedef struct {
     float rope_theta;     // RoPE base
     float rope_factor;    // linear position interpolation: angle uses pos / rope_factor
     float norm_eps;       // RMSNorm epsilon
-    int32_t group_size;   // > 0: activations are int8-quantized with this group size for
-                          //       L2C_Q8 matrices; 0: fp32 model
+    int32_t group_size;   // informational: group size of the int8 matrices, 0 for fp32
 } l2c_config;
 
+// layer matrices are L2C_F32 or L2C_Q8P
 typedef struct {
     const float *rms_att;   // (dim,)
     const float *rms_ffn;   // (dim,)
@@ -144,10 +166,10 @@ typedef struct {
 
 typedef struct {
     l2c_config cfg;
-    l2c_matrix tok_embeddings;  // (vocab_size, dim), fp32 or int8
+    l2c_matrix tok_embeddings;  // (vocab_size, dim), L2C_F32 or L2C_Q8 (row lookups)
     const l2c_layer *layers;    // (n_layers,) owned by the caller
     const float *rms_final;     // (dim,)
-    l2c_matrix wcls;            // (vocab_size, dim): the classifier (may alias tok_embeddings)
+    l2c_matrix wcls;            // (vocab_size, dim): the classifier, L2C_F32 or L2C_Q8P
     const float *rope_cos;      // (seq_len, head_size/2), from l2c_rope_tables
     const float *rope_sin;      // (seq_len, head_size/2)
     const l2c_kernels *k;       // kernel table

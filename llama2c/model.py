@@ -308,6 +308,23 @@ class Model:
         finally:
             self._checkin(sess)
 
+    # ---- chat ---------------------------------------------------------------------------------
+
+    def chat(self, messages, max_new_tokens: int = 256, temperature: float = 1.0,
+             top_p: float = 0.9, top_k: int = 0, seed: int | None = None, stream: bool = False):
+        """Answer a conversation: `messages` ([{"role": ..., "content": ...}, ...]) rendered with
+        the model's chat template (add_generation_prompt=True), generation stopping at the
+        end-of-turn token. Sampling arguments and the result are those of generate().
+        For a multi-turn conversation that keeps the KV cache, use new_chat()."""
+        from .chat import chat
+        return chat(self, messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_p=top_p, top_k=top_k, seed=seed, stream=stream)
+
+    def new_chat(self, system: str | None = None, **sampling):
+        """A llama2c.chat.ChatSession: a conversation that keeps its KV cache between turns."""
+        from .chat import ChatSession
+        return ChatSession(self, system=system, **sampling)
+
     def __repr__(self) -> str:
         c = self.config
         return (f"Model(dim={c.dim}, n_layers={c.n_layers}, n_heads={c.n_heads}, "
@@ -317,12 +334,16 @@ class Model:
 
 def _fit_group_size(config: Config, gs: int) -> int:
     """Largest group size <= gs dividing every matrix input dimension (halving, as llama2.c's
-    export does), with a warning when it had to back off."""
+    export does, down to 4: the kernels take 4 inputs per step), with a warning when it had to
+    back off."""
     import warnings
     want = gs
     dims = {config.dim, config.hidden_dim, config.n_heads * config.head_size}
-    while gs > 1 and any(d % gs for d in dims):
+    while gs > 4 and any(d % gs for d in dims):
         gs //= 2
+    if gs % 4 or any(d % gs for d in dims):
+        raise ValueError(f"no group size that is a multiple of 4 divides the model's dimensions "
+                         f"{sorted(dims)}; use dtype='fp32'")
     if gs != want:
         warnings.warn(f"group size {want} does not divide the model's dimensions {sorted(dims)}; "
                       f"using {gs}")

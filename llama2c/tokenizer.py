@@ -109,8 +109,12 @@ class Tokenizer:
                                      f"found none")
             tok = _from_hf_json(json_path)
         else:
-            with open(path, "rb") as f:
-                head = f.read(64)
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(64)
+            except OSError as exc:
+                raise TokenizerError(f"{path}: cannot open tokenizer file "
+                                     f"({exc.strerror or exc})") from None
             if head[:4] == _GGUF_MAGIC:
                 tok = _from_gguf_file(path)
             elif path.suffix == ".json" or head.lstrip()[:1] == b"{":
@@ -243,15 +247,16 @@ class Tokenizer:
         if text is None or token_id in self._hidden:
             return b""
         if token_id in self._literal:
-            return text.encode("utf-8")
+            return text.encode("utf-8", "surrogateescape")
         if self._kind == "bpe":
             # chars outside the byte alphabet can only come from a hand-made vocabulary
-            return b"".join(bytes([BYTE_DECODER[c]]) if c in BYTE_DECODER else c.encode("utf-8")
+            return b"".join(bytes([BYTE_DECODER[c]]) if c in BYTE_DECODER else c.encode("utf-8", "surrogateescape")
                             for c in text)
         m = _BYTE_TOKEN.fullmatch(text)
         if m:
             return bytes([int(m.group(1), 16)])
-        return text.replace(self._space_symbol, " ").encode("utf-8")
+        # GGUF strings keep invalid UTF-8 (partial characters) as surrogate escapes
+        return text.replace(self._space_symbol, " ").encode("utf-8", "surrogateescape")
 
 
 class StreamDecoder:

@@ -160,33 +160,63 @@ def quantize_q8(int8_t[:, ::1] xq, float[:, ::1] xs, const float[:, ::1] x, int6
     return xq, xs
 
 
-def matmul_q8(float[:, ::1] out, const int8_t[:, ::1] xq, const float[:, ::1] xs,
-              const int8_t[:, ::1] wq, const float[:, ::1] ws, int64_t group_size, simd=None,
-              int n_threads=1):
-    """out (T, d) = dequant(xq, xs) (T, n) @ dequant(wq, ws) (d, n)^T with int32 group sums."""
+def pack_q8(const int8_t[:, ::1] wq, const float[:, ::1] ws, int64_t group_size):
+    """Pack a row-major int8 matrix wq (d, n) with scales ws (d, n/gs) into the kernels'
+    16-row block layout (see csrc/llama2c.h); returns (qp int8 1-D, sp float32 1-D)."""
+    cdef int64_t d = wq.shape[0], n = wq.shape[1]
+    if group_size <= 0 or group_size % 4 or n % group_size:
+        raise ValueError(f"group size {group_size} must be a positive multiple of 4 dividing {n}")
+    if ws.shape[0] != d or ws.shape[1] != n // group_size:
+        raise _shape_error("ws", (ws.shape[0], ws.shape[1]), (d, n // group_size))
+    qp = np.zeros(l2c_q8p_q_size(d, n), dtype=np.int8)
+    sp = np.zeros(l2c_q8p_s_size(d, n, group_size), dtype=np.float32)
+    cdef int8_t[::1] qv = qp
+    cdef float[::1] sv = sp
+    cdef int rc
+    if d == 0:
+        return qp, sp
+    with nogil:
+        rc = l2c_pack_q8(&qv[0], &sv[0], &wq[0, 0], &ws[0, 0], d, n, group_size)
+    _check(rc, "pack_q8")
+    return qp, sp
+
+
+def matmul_q8_packed(float[:, ::1] out, const int8_t[:, ::1] xq, const float[:, ::1] xs,
+                     const int8_t[::1] qp, const float[::1] sp, int64_t group_size, simd=None,
+                     int n_threads=1):
+    """out (T, d) = dequant(xq, xs) (T, n) @ W^T with W packed by pack_q8 (d = out.shape[1])."""
     cdef const l2c_kernels *k = _table(simd)
-    cdef int64_t T = xq.shape[0], n = xq.shape[1], d = wq.shape[0]
-    if group_size <= 0 or n % group_size != 0:
-        raise ValueError(f"group size {group_size} must be positive and divide {n}")
+    cdef int64_t T = xq.shape[0], n = xq.shape[1], d = out.shape[1]
+    if group_size <= 0 or group_size % 4 or n % group_size:
+        raise ValueError(f"group size {group_size} must be a positive multiple of 4 dividing {n}")
     cdef int64_t ng = n // group_size
-    if wq.shape[1] != n:
-        raise _shape_error("wq", (wq.shape[0], wq.shape[1]), (d, n))
     if xs.shape[0] != T or xs.shape[1] != ng:
         raise _shape_error("xs", (xs.shape[0], xs.shape[1]), (T, ng))
-    if ws.shape[0] != d or ws.shape[1] != ng:
-        raise _shape_error("ws", (ws.shape[0], ws.shape[1]), (d, ng))
-    if out.shape[0] != T or out.shape[1] != d:
+    if out.shape[0] != T:
         raise _shape_error("out", (out.shape[0], out.shape[1]), (T, d))
+    if qp.shape[0] != l2c_q8p_q_size(d, n) or sp.shape[0] != l2c_q8p_s_size(d, n, group_size):
+        raise ValueError(f"packed weights do not hold a ({d}, {n}) matrix with group size {group_size}")
     n_threads = _nt(n_threads)
     if T == 0 or d == 0:
         return out
-    if n == 0:
-        out[:, :] = 0
-        return out
     with nogil:
-        k.matmul_q8(&out[0, 0], &xq[0, 0], &xs[0, 0], &wq[0, 0], &ws[0, 0], T, n, d, group_size,
+        k.matmul_q8(&out[0, 0], &xq[0, 0], &xs[0, 0], &qp[0], &sp[0], T, n, d, group_size,
                     n_threads)
     return out
+
+
+def matmul_q8(float[:, ::1] out, const int8_t[:, ::1] xq, const float[:, ::1] xs,
+              const int8_t[:, ::1] wq, const float[:, ::1] ws, int64_t group_size, simd=None,
+              int n_threads=1):
+    """out (T, d) = dequant(xq, xs) (T, n) @ dequant(wq, ws) (d, n)^T with int32 group sums
+    (wq row-major; packs it first: for tests. The model packs once at load)."""
+    cdef int64_t d = wq.shape[0], n = xq.shape[1]
+    if wq.shape[1] != n:
+        raise _shape_error("wq", (wq.shape[0], wq.shape[1]), (d, n))
+    if out.shape[1] != d:
+        raise _shape_error("out", (out.shape[0], out.shape[1]), (xq.shape[0], d))
+    qp, sp = pack_q8(wq, ws, group_size)
+    return matmul_q8_packed(out, xq, xs, qp, sp, group_size, simd, n_threads)
 
 
 def rmsnorm(float[:, ::1] out, const float[:, ::1] x, const float[::1] w, float eps, simd=None,
@@ -319,8 +349,10 @@ def attention(float[:, ::1] out, const float[:, ::1] q, const float[:, ::1] k_ca
 # model, session, sampler
 
 
-cdef object _fill_matrix(l2c_matrix *m, object t, tuple shape, str name, list keep):
-    """Point m at tensor t (float32 ndarray or QTensor) without copying; check everything."""
+cdef object _fill_matrix(l2c_matrix *m, object t, tuple shape, str name, list keep,
+                         bint packed=True):
+    """Point m at tensor t (float32 ndarray, used in place; or QTensor, packed into the kernels'
+    16-row layout when `packed`, else used in place for row lookups); check everything."""
     cdef const float[:, ::1] f
     cdef const int8_t[:, ::1] q
     cdef const float[:, ::1] s
@@ -336,15 +368,24 @@ cdef object _fill_matrix(l2c_matrix *m, object t, tuple shape, str name, list ke
             raise ValueError(f"{name}: group size {gs} does not divide {shape[1]}")
         if tuple(t.s.shape) != (shape[0], shape[1] // gs):
             raise _shape_error(name + " scales", t.s.shape, (shape[0], shape[1] // gs))
-        q = t.q
-        s = t.s
-        m.type = L2C_Q8
+        if gs % 4:
+            raise ValueError(f"{name}: group size {gs} is not a multiple of 4")
         m.group_size = gs
-        m.q = &q[0, 0]
-        m.s = &s[0, 0]
         m.f = NULL
-        keep.append(t.q)
-        keep.append(t.s)
+        if packed:
+            qp, sp = pack_q8(t.q, t.s, gs)
+            _point_q8(m, qp, sp)
+            m.type = L2C_Q8P
+            keep.append(qp)
+            keep.append(sp)
+        else:
+            q = t.q
+            s = t.s
+            m.type = L2C_Q8
+            m.q = &q[0, 0]
+            m.s = &s[0, 0]
+            keep.append(t.q)
+            keep.append(t.s)
     else:
         if not isinstance(t, np.ndarray) or t.dtype != np.float32 or not t.flags.c_contiguous:
             raise ValueError(f"{name}: expected a C-contiguous float32 array, got "
@@ -360,6 +401,11 @@ cdef object _fill_matrix(l2c_matrix *m, object t, tuple shape, str name, list ke
         keep.append(t)
     m.rows = shape[0]
     m.cols = shape[1]
+
+
+cdef object _point_q8(l2c_matrix *m, const int8_t[::1] qp, const float[::1] sp):
+    m.q = &qp[0]
+    m.s = &sp[0]
 
 
 cdef const float *_vector(object t, int64_t n, str name, list keep) except NULL:
@@ -425,10 +471,11 @@ cdef class Engine:
             _fill_matrix(&self.layers[i].w1, get(p + "w1"), (h, d), p + "w1", keep)
             _fill_matrix(&self.layers[i].w2, get(p + "w2"), (d, h), p + "w2", keep)
             _fill_matrix(&self.layers[i].w3, get(p + "w3"), (h, d), p + "w3", keep)
-            if self.layers[i].wq.type == L2C_Q8 and self.m.cfg.group_size == 0:
+            if self.layers[i].wq.type == L2C_Q8P and self.m.cfg.group_size == 0:
                 self.m.cfg.group_size = self.layers[i].wq.group_size
         self.m.layers = self.layers
-        _fill_matrix(&self.m.tok_embeddings, get("tok_embeddings"), (c.vocab_size, d), "tok_embeddings", keep)
+        _fill_matrix(&self.m.tok_embeddings, get("tok_embeddings"), (c.vocab_size, d),
+                     "tok_embeddings", keep, packed=False)
         self.m.rms_final = _vector(get("norm"), d, "norm", keep)
         cls = get("tok_embeddings") if c.shared_classifier else get("output")
         _fill_matrix(&self.m.wcls, cls, (c.vocab_size, d), "output", keep)

@@ -15,6 +15,8 @@ cdef extern from "llama2c.h" nogil:
     int L2C_ERR_TOKEN
     int L2C_F32
     int L2C_Q8
+    int L2C_Q8P
+    int L2C_Q8_ROWS
     int L2C_ISA_GENERIC
     int L2C_ISA_AVX2
     int L2C_ISA_AVX512
@@ -46,6 +48,11 @@ cdef extern from "llama2c.h" nogil:
         void (*attention)(float *out, float *att, const float *q, const float *kc, const float *vc,
                           int64_t T, int64_t pos0, int64_t n_heads, int64_t n_kv_heads, int64_t hs,
                           int64_t att_stride, int n_threads) noexcept nogil
+
+    int64_t l2c_q8p_q_size(int64_t rows, int64_t cols)
+    int64_t l2c_q8p_s_size(int64_t rows, int64_t cols, int64_t gs)
+    int l2c_pack_q8(int8_t *qp, float *sp, const int8_t *q, const float *s, int64_t rows,
+                    int64_t cols, int64_t gs)
 
     const l2c_kernels *l2c_kernels_get(int max_isa)
     const l2c_kernels *l2c_kernels_exact(int isa)

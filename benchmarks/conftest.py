@@ -1,0 +1,1 @@
+# benchmarks are run explicitly: pytest benchmarks/ --benchmark-only

@@ -1,0 +1,83 @@
+"""pytest-benchmark suite: kernels, decode and prefill on the benchmark shapes.
+
+    pytest benchmarks/ --benchmark-only            (benchmarks/report.py prints the summary table)
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import llama2c  # noqa: E402
+from llama2c import _engine as E  # noqa: E402
+from llama2c.reference import ReferenceModel  # noqa: E402
+from llama2c.testing import make_random_model  # noqa: E402
+from llama2c.weights import quantize_q8, quantize_weights  # noqa: E402
+from shapes import SHAPES  # noqa: E402
+
+THREADS = int(os.environ.get("LLAMA2C_BENCH_THREADS", "2"))
+rng = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("simd", E.available_simd())
+@pytest.mark.parametrize("T", [1, 64])
+def test_matmul_f32(benchmark, simd, T):
+    x = rng.standard_normal((T, 576)).astype(np.float32)
+    w = rng.standard_normal((1536, 576)).astype(np.float32)
+    out = np.empty((T, 1536), np.float32)
+    benchmark(E.matmul, out, x, w, simd=simd, n_threads=THREADS)
+
+
+@pytest.mark.parametrize("simd", E.available_simd())
+@pytest.mark.parametrize("T", [1, 64])
+def test_matmul_q8(benchmark, simd, T):
+    w = quantize_q8(rng.standard_normal((1536, 576)).astype(np.float32), 64)
+    xq = rng.integers(-127, 128, (T, 576)).astype(np.int8)
+    xs = np.ones((T, 9), np.float32)
+    out = np.empty((T, 1536), np.float32)
+    benchmark(E.matmul_q8, out, xq, xs, w.q, w.s, 64, simd=simd, n_threads=THREADS)
+
+
+@pytest.mark.parametrize("simd", E.available_simd())
+def test_attention_1k(benchmark, simd):
+    q = rng.standard_normal((1, 576)).astype(np.float32)
+    kc = rng.standard_normal((1024, 192)).astype(np.float32)
+    vc = rng.standard_normal((1024, 192)).astype(np.float32)
+    out = np.empty_like(q)
+    benchmark(E.attention, out, q, kc, vc, 1023, 9, 3, simd=simd, n_threads=THREADS)
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def shape(request):
+    cfg = SHAPES[request.param]
+    return request.param, cfg, make_random_model(cfg, 0)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_decode_32_tokens(benchmark, shape, dtype):
+    name, cfg, w = shape
+    if dtype == "int8":
+        w = quantize_weights(cfg, w, 64)
+    model = llama2c.Model(cfg, w, n_threads=THREADS)
+    benchmark.extra_info["tokens"] = 32
+    benchmark.pedantic(model.generate, args=([1],), kwargs=dict(
+        max_new_tokens=32, temperature=0, stop_token_ids=[]), rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_prefill_128(benchmark, shape, dtype):
+    name, cfg, w = shape
+    if dtype == "int8":
+        w = quantize_weights(cfg, w, 64)
+    model = llama2c.Model(cfg, w, n_threads=THREADS)
+    prompt = list(range(1, 129))
+    benchmark.pedantic(model.generate, args=(prompt,), kwargs=dict(max_new_tokens=1, temperature=0),
+                       rounds=3, warmup_rounds=1)
+
+
+def test_reference_decode_16_tokens(benchmark, shape):
+    name, cfg, w = shape
+    ref = ReferenceModel(cfg, w)
+    benchmark.pedantic(ref.generate, args=([1], 16), rounds=2, warmup_rounds=1)

@@ -1,0 +1,681 @@
+"""The `llama2c` command line (also `python -m llama2c`).
+
+    llama2c run model.bin -z tokenizer.bin -i "Once upon a time" -n 256   generate, like llama2.c's run
+    llama2c chat [MODEL] --system "You are terse."                      interactive chat
+    llama2c pull [NAME]                                                  download a model
+    llama2c quantize IN OUT [--group-size N]                             -> llama2.c v2 int8 file
+    llama2c convert IN OUT --dtype fp32|int8 [--format v1|v2|hf]         between formats
+    llama2c perplexity MODEL FILE [--compare]                            perplexity of a text
+    llama2c bench [MODEL]                                                speed vs memory bandwidth
+    llama2c info MODEL                                                   what a model file holds
+
+Every command returns an exit code: 0 on success, 2 for a bad command line or parameter,
+1 when the work itself fails (missing or malformed file, ...). Such failures are reported
+as `llama2c: error: ...` on stderr, never as a traceback; warnings as `llama2c: warning: ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .errors import Llama2cError, TokenizerError
+
+PROG = "llama2c"
+LLAMA2C_BOS_ID = 1        # llama2.c's BOS, the prompt of `run` without a tokenizer or text
+DEFAULT_GROUP_SIZE = 64
+BENCH_PREFILL_TOKENS = 128
+
+
+class UsageError(Exception):
+    """A bad command line or parameter: reported with exit code 2."""
+
+    def __init__(self, message: str, usage: str = ""):
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises UsageError instead of printing and exiting, so that
+    main() returns the exit code (and formats the message) itself."""
+
+    def error(self, message):
+        raise UsageError(message, self.format_usage())
+
+
+# ---- argument types ----------------------------------------------------------------------------
+
+def _ranged(convert, what: str, lo=None, hi=None, note: str = ""):
+    """An argparse type: `convert` the text, then check lo <= value <= hi (finite)."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value) or (
+                lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f">= {lo:g}" if hi is None else f"in [{lo:g}, {hi:g}]"
+            raise argparse.ArgumentTypeError(f"must be {bounds}{note}, got {text}")
+        return value
+    return parse
+
+
+TEMPERATURE = _ranged(float, "a number", 0.0, note=" (0 is greedy decoding)")
+TOP_P = _ranged(float, "a number", 0.0, 1.0)
+COUNT = _ranged(int, "an integer", 0)
+POSITIVE = _ranged(int, "an integer", 1)
+SEED = _ranged(int, "an integer", 0, 2**64 - 1)
+
+
+# ---- parser ------------------------------------------------------------------------------------
+
+def _add_model(p, optional: bool) -> None:
+    """The MODEL positional, optional where a default model exists."""
+    if optional:
+        p.add_argument("model", nargs="?", metavar="MODEL",
+                       help="model file or directory (default: the default model, downloaded "
+                            "on first use)")
+    else:
+        p.add_argument("model", metavar="MODEL",
+                       help="model file: llama2.c .bin (v0/v1/v2), GGUF, or a Hugging Face directory")
+
+
+def _add_load_options(p, tokenizer: bool = True) -> None:
+    """Options passed to Model.load."""
+    if tokenizer:
+        p.add_argument("-z", "--tokenizer", metavar="TOKENIZER",
+                       help="tokenizer (tokenizer.bin, tokenizer.json or a directory); default: "
+                            "the model's own, or a matching tokenizer.bin beside it")
+    p.add_argument("--threads", type=POSITIVE, metavar="N",
+                   help="threads for the kernels (default: OMP_NUM_THREADS or the available cores)")
+    p.add_argument("--dtype", choices=("fp32", "int8"),
+                   help="weight type (default: as stored; int8 quantizes fp32 weights at load)")
+    p.add_argument("--simd", choices=("auto", "generic", "avx2", "avx512"),
+                   help="kernel table (default: LLAMA2C_SIMD or the best the CPU supports)")
+
+
+def _add_sampling(p, defaults: bool) -> None:
+    """Sampling flags: run.c's defaults, or (chat) none, leaving unset ones to the callee."""
+    def default(value, text):
+        return (value, f" (default {text})") if defaults else (None, "")
+    value, note = default(1.0, "1.0")
+    p.add_argument("-t", "--temperature", type=TEMPERATURE, default=value, metavar="TEMP",
+                   help="sampling temperature, 0 = greedy" + note)
+    value, note = default(0.9, "0.9")
+    p.add_argument("-p", "--top-p", type=TOP_P, default=value, metavar="TOPP",
+                   help="nucleus sampling threshold in [0, 1], 1 = off" + note)
+    value, note = default(0, "0")
+    p.add_argument("-k", "--top-k", type=COUNT, default=value, metavar="TOPK",
+                   help="sample from the K most likely tokens only, 0 = off" + note)
+    p.add_argument("-s", "--seed", type=SEED, metavar="SEED",
+                   help="random seed (default: time-based)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    parser = _Parser(prog=PROG, description="Fast CPU inference of Llama-architecture models.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="generate text from a prompt (llama2.c's run)",
+                       description="Generate text from a prompt, streaming it to stdout; speed "
+                                   "statistics go to stderr. Flags follow llama2.c's run.")
+    _add_model(p, optional=True)
+    p.add_argument("-i", "--prompt", metavar="PROMPT",
+                   help="input prompt (with --ids: space-separated token ids)")
+    _add_sampling(p, defaults=True)
+    p.add_argument("-n", "--steps", type=COUNT, default=256, metavar="STEPS",
+                   help="total positions, prompt included, as in run.c; 0 = the context length "
+                        "(default 256)")
+    p.add_argument("--ids", action="store_true",
+                   help="the prompt is token ids; without a tokenizer the output is ids too")
+    _add_load_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="chat interactively with an instruction-tuned model",
+                       description="Chat with a model that has a chat template.")
+    _add_model(p, optional=True)
+    p.add_argument("--system", metavar="TEXT", help="system prompt")
+    _add_sampling(p, defaults=False)
+    p.add_argument("-n", "--max-new-tokens", type=POSITIVE, metavar="N",
+                   help="longest reply in tokens")
+    _add_load_options(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("pull", help="download a model into the cache and print its path",
+                       description="Download a model (once) and print the path of its file.")
+    p.add_argument("name", nargs="?", default="smollm2", metavar="NAME",
+                   help="model name (default: smollm2)")
+    p.add_argument("--cache-dir", metavar="DIR", help="download directory (default: the user cache)")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("quantize", help="convert a model to a llama2.c v2 int8 file",
+                       description="Quantize any loadable model to int8 (one scale per group "
+                                   "of inputs) as a llama2.c version 2 file, reporting the "
+                                   "quantization error of every tensor on stderr.")
+    p.add_argument("input", metavar="IN", help="model to quantize (any supported format)")
+    p.add_argument("output", metavar="OUT", help="llama2.c v2 file to write")
+    p.add_argument("--group-size", type=POSITIVE, metavar="N",
+                   help=f"inputs per scale; must divide the model's widths (default "
+                        f"{DEFAULT_GROUP_SIZE}, halved until it does)")
+    p.add_argument("--format", choices=("v2",), default="v2", help="output format (default v2)")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("convert", help="convert a model between formats",
+                       description="Convert any supported model to a llama2.c v1 (fp32) or v2 "
+                                   "(int8) file or a Hugging Face directory (fp32 safetensors).")
+    p.add_argument("input", metavar="IN", help="model to convert (any supported format)")
+    p.add_argument("output", metavar="OUT", help="file (v1, v2) or directory (hf) to write")
+    p.add_argument("--dtype", choices=("fp32", "int8"),
+                   help="weight type (default: int8 for v2, else fp32)")
+    p.add_argument("--format", choices=("v1", "v2", "hf"),
+                   help="output format (default: v2 for --dtype int8, else v1)")
+    p.add_argument("--group-size", type=POSITIVE, metavar="N",
+                   help="int8 group size (default: the input's, or 64, halved until it fits)")
+    p.add_argument("--tokenizer-dir", metavar="DIR",
+                   help="hf: copy tokenizer files from DIR (default: IN when it is a directory)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("perplexity", help="perplexity of a model on a text file",
+                       description="Token-level perplexity of a text file (windows of up to "
+                                   "--context tokens, see llama2c.evaluate).")
+    _add_model(p, optional=False)
+    p.add_argument("file", metavar="FILE", help="UTF-8 text file")
+    p.add_argument("--context", type=_ranged(int, "an integer", 2), metavar="N",
+                   help="tokens per window (default: min(context length, 512))")
+    p.add_argument("--compare", action="store_true",
+                   help="load the model as fp32 and as int8; report both perplexities, top-1 "
+                        "agreement and mean KL(fp32 || int8)")
+    _add_load_options(p)
+    p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("bench", help="measure decode and prefill speed against memory bandwidth",
+                       description="Measure memory read bandwidth, decode and prefill speed. "
+                                   "Without MODEL: random weights of SmolLM2-135M's shape.")
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="model to benchmark (default: random weights, SmolLM2-135M shape)")
+    p.add_argument("--tokens", type=POSITIVE, default=64, metavar="N",
+                   help="tokens to decode (default 64)")
+    p.add_argument("--probe-mb", type=POSITIVE, default=1024, metavar="MB",
+                   help="size of the bandwidth probe buffer in MiB (default 1024)")
+    p.add_argument("--shape", choices=tuple(BENCH_SHAPES), default="smollm2", help=argparse.SUPPRESS)
+    _add_load_options(p, tokenizer=False)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("info", help="describe a model file",
+                       description="Print a model's config, weight type, tensor count, file "
+                                   "format, tokenizer and the kernels that would run it.")
+    _add_model(p, optional=False)
+    p.add_argument("-z", "--tokenizer", metavar="TOKENIZER", help="tokenizer to load with it")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+# ---- shared helpers ----------------------------------------------------------------------------
+
+def _note(message: str) -> None:
+    """A `llama2c: ...` line on stderr."""
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+def _model_path(args) -> str:
+    """MODEL, or the default model (downloaded on first use)."""
+    if args.model is not None:
+        return args.model
+    from .hub import default_model_path
+    return str(default_model_path(pull=True))
+
+
+def _load(args, path: str, dtype: str | None = None):
+    """Model.load with the command's load options (dtype overrides --dtype)."""
+    from .model import Model
+    return Model.load(path, tokenizer=getattr(args, "tokenizer", None),
+                      dtype=dtype or getattr(args, "dtype", None),
+                      n_threads=getattr(args, "threads", None), simd=getattr(args, "simd", None))
+
+
+def _size(nbytes: float) -> str:
+    """A byte count in decimal units: "538.1 MB"."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+
+
+def _same_file(a, b) -> bool:
+    """Whether path b exists and is the same file as a."""
+    return os.path.exists(b) and Path(a).resolve() == Path(b).resolve()
+
+
+# ---- run ---------------------------------------------------------------------------------------
+
+def _parse_ids(text: str) -> list:
+    """--ids prompt: integers separated by spaces or commas."""
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise UsageError(f"argument -i/--prompt: with --ids the prompt must be integers, got {text!r}") from None
+    if not ids:
+        raise UsageError("argument -i/--prompt: with --ids give at least one token id")
+    return ids
+
+
+def _prompt_ids(model, args) -> list:
+    """The prompt as token ids: --ids, text through the tokenizer, or just BOS."""
+    tok = model.tokenizer
+    if args.ids and args.prompt is not None:
+        return _parse_ids(args.prompt)
+    if tok is None:
+        if args.prompt:
+            raise UsageError("argument -i/--prompt: the model has no tokenizer; give one with "
+                             "-z TOKENIZER, or pass token ids with --ids")
+        return [LLAMA2C_BOS_ID]
+    ids = list(tok.encode(args.prompt or "", bos=True))
+    if not ids and tok.bos_id is None:
+        raise UsageError("argument -i/--prompt: this model needs a prompt (its tokenizer adds no BOS)")
+    return ids or [int(tok.bos_id)]
+
+
+def _max_new_tokens(steps: int, n_prompt: int, context: int) -> int:
+    """run.c's budget: `steps` positions in all (0 or too many = the context), the prompt's
+    among them, each position after the prompt's first producing one token."""
+    if steps == 0 or steps > context:
+        steps = context
+    return max(steps - n_prompt + 1, 0)
+
+
+def _token_stream(model, ids, args):
+    """Generated token ids, one at a time: model.generate(stream=True) on a tokenizer-less
+    view of the model (sharing its engine and weights), so each item is exactly one token."""
+    view = copy.copy(model)
+    view.tokenizer = None
+    seed = args.seed if args.seed is not None else time.time_ns() % 2**64
+    return view.generate(ids, max_new_tokens=_max_new_tokens(args.steps, len(ids), model.context_length),
+                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                         seed=seed, stream=True, stop_token_ids=model.stop_ids())
+
+
+def _write(text: str) -> None:
+    """Write to stdout at once (streaming output)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def cmd_run(args) -> int:
+    """Generate from a prompt like run.c: prompt then continuation on stdout, speed on stderr."""
+    model = _load(args, _model_path(args))
+    ids = _prompt_ids(model, args)
+    tok = model.tokenizer
+    decoder = tok.decode_stream() if tok is not None else None
+    stream = _token_stream(model, ids, args)
+    if decoder is None:
+        _write(" ".join(map(str, ids)))
+    else:
+        _write(args.prompt if args.prompt is not None and not args.ids else tok.decode(ids))
+    t0 = time.perf_counter()
+    t_first, n = t0, 0
+    for token in stream:
+        if n == 0:
+            t_first = time.perf_counter()
+        n += 1
+        _write(f" {token}" if decoder is None else decoder.push(token))
+    t_end = time.perf_counter()
+    _write(("" if decoder is None else decoder.flush()) + "\n")
+    _report_speed(len(ids), n, t_first - t0, t_end - t_first)
+    return 0
+
+
+def _report_speed(n_prompt: int, n_new: int, first_seconds: float, decode_seconds: float) -> None:
+    """run.c's `achieved tok/s` (decode, after the first token) and the prompt's statistics."""
+    if n_new:
+        _note(f"prompt: {n_prompt} tokens, first token after {first_seconds * 1000:.1f} ms "
+              f"({n_prompt / first_seconds:.1f} tok/s prefill)")
+    rate = (n_new - 1) / decode_seconds if n_new > 1 and decode_seconds > 0 else 0.0
+    print(f"achieved tok/s: {rate:.2f} ({n_new} tokens generated)", file=sys.stderr)
+
+
+# ---- chat, pull --------------------------------------------------------------------------------
+
+def cmd_chat(args) -> int:
+    """Interactive chat (llama2c.chat.run_chat_cli); only the sampling flags given are passed."""
+    from .chat import run_chat_cli
+    model = _load(args, _model_path(args))
+    sampling = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "seed", "max_new_tokens")
+                if getattr(args, k) is not None}
+    return run_chat_cli(model, system=args.system, **sampling) or 0
+
+
+def cmd_pull(args) -> int:
+    """Download a model (llama2c.hub.pull) and print its path."""
+    from .hub import pull
+    print(pull(args.name, cache_dir=args.cache_dir))
+    return 0
+
+
+# ---- quantize, convert -------------------------------------------------------------------------
+
+def _matrix_widths(cfg) -> list:
+    """Input widths of the model's matrices: an int8 group size must divide each."""
+    return sorted({cfg.dim, cfg.hidden_dim, cfg.q_dim})
+
+
+def _group_size(cfg, requested: int | None, default: int = DEFAULT_GROUP_SIZE) -> int:
+    """An explicit --group-size must fit; the default is halved until it does (with a note)."""
+    widths = _matrix_widths(cfg)
+    if requested is not None:
+        if any(w % requested for w in widths):
+            raise UsageError(f"argument --group-size: {requested} does not divide the model's "
+                             f"matrix widths {widths}")
+        return requested
+    gs = default
+    while gs > 1 and any(w % gs for w in widths):
+        gs //= 2
+    if gs != default:
+        _note(f"note: group size {default} does not divide the model's matrix widths {widths}; "
+              f"using {gs}")
+    return gs
+
+
+def _peek_config(path):
+    """The config of a model, read without loading its weights; None if that fails (the
+    full load then reports the problem)."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            from .loaders.hf import hf_config
+            return hf_config(json.loads((p / "config.json").read_text()), str(p))
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF":
+            from .loaders.gguf import gguf_config, read_gguf
+            return gguf_config(read_gguf(p))
+        from .loaders.llama2c_bin import load_llama2c_bin
+        return load_llama2c_bin(p)[0]
+    except (OSError, ValueError):
+        return None
+
+
+def weights_nbytes(cfg, dtype: str, group_size: int = DEFAULT_GROUP_SIZE) -> int:
+    """Bytes of a model's weights in memory: fp32, or int8 matrices (+ one float32 scale per
+    group) with fp32 norms."""
+    import numpy as np
+    from .weights import expected_shapes
+    total = 0
+    for shape in expected_shapes(cfg).values():
+        n = int(np.prod(shape))
+        total += n + 4 * (n // group_size) if dtype == "int8" and len(shape) == 2 else 4 * n
+    return total
+
+
+def _load_weights(path, dtype: str, group_size: int | None = None):
+    """load_any, after printing how much memory the weights will take."""
+    from .loaders import load_any
+    cfg = _peek_config(path)
+    if cfg is not None:
+        gs = group_size or DEFAULT_GROUP_SIZE
+        _note(f"loading {path}: about {_size(weights_nbytes(cfg, dtype, gs))} of {dtype} weights")
+    return load_any(path, dtype=None)
+
+
+def _error_row(name: str, original, quantized) -> tuple:
+    """(name, shape, max |w - deq|, max |w - deq| / scale) of one quantized tensor."""
+    import numpy as np
+    from .weights import as_fp32
+    w = as_fp32(original)
+    rows, cols = w.shape
+    err = np.abs(w - quantized.dequantize()).reshape(rows, cols // quantized.group_size, -1)
+    s = quantized.s[:, :, None]
+    rel = np.divide(err, s, out=np.zeros_like(err), where=s > 0)
+    return name, "x".join(map(str, w.shape)), float(err.max()), float(rel.max())
+
+
+def _print_error_table(rows: list) -> None:
+    width = max([len(r[0]) for r in rows] + [6])
+    print(f"{'tensor':<{width}}  {'shape':>12}  {'max error':>10}  {'/ scale':>7}", file=sys.stderr)
+    for name, shape, err, rel in rows:
+        print(f"{name:<{width}}  {shape:>12}  {err:>10.3e}  {rel:>7.3f}", file=sys.stderr)
+    worst = max((r[3] for r in rows), default=0.0)
+    print(f"worst error: {worst:.3f} of a scale step (rounding bounds it by 0.5)", file=sys.stderr)
+
+
+def _quantize(cfg, weights: dict, group_size: int) -> dict:
+    """quantize_weights with a progress bar and the per-tensor error table on stderr."""
+    from tqdm import tqdm
+    from .weights import QTensor, quantize_weights
+    rows = []
+    with tqdm(total=len(weights), desc="quantizing", unit="tensor", file=sys.stderr) as bar:
+        def progress(name, original, quantized):
+            if isinstance(quantized, QTensor):
+                rows.append(_error_row(name, original, quantized))
+            bar.update()
+        out = quantize_weights(cfg, weights, group_size, progress=progress)
+    _print_error_table(rows)
+    return out
+
+
+def cmd_quantize(args) -> int:
+    """Any model -> llama2.c v2 int8 file, with the per-tensor error report."""
+    from .loaders.llama2c_bin import write_llama2c_bin
+    if _same_file(args.input, args.output):
+        raise UsageError("OUT must differ from IN (IN is memory-mapped while OUT is written)")
+    cfg, weights, _ = _load_weights(args.input, "int8", args.group_size)
+    gs = _group_size(cfg, args.group_size)
+    write_llama2c_bin(args.output, cfg, _quantize(cfg, weights, gs), version=2, group_size=gs)
+    _note(f"wrote {args.output} (llama2.c v2, int8, group size {gs})")
+    return 0
+
+
+_FORMAT_DTYPE = {"v1": "fp32", "v2": "int8", "hf": "fp32"}
+
+
+def _convert_target(fmt: str | None, dtype: str | None) -> tuple:
+    """(format, dtype) from --format/--dtype: one implies the other; they must agree."""
+    if fmt is None and dtype is None:
+        raise UsageError("give --dtype fp32|int8 and/or --format v1|v2|hf")
+    fmt = fmt or ("v2" if dtype == "int8" else "v1")
+    if dtype is not None and dtype != _FORMAT_DTYPE[fmt]:
+        raise UsageError(f"argument --dtype: format {fmt} stores {_FORMAT_DTYPE[fmt]} weights, "
+                         f"not {dtype}")
+    return fmt, _FORMAT_DTYPE[fmt]
+
+
+def cmd_convert(args) -> int:
+    """Any model -> llama2.c v1 / v2 file or Hugging Face directory."""
+    from .loaders.hf import write_hf_dir
+    from .loaders.llama2c_bin import write_llama2c_bin
+    fmt, dtype = _convert_target(args.format, args.dtype)
+    if _same_file(args.input, args.output):
+        raise UsageError("OUT must differ from IN (IN is memory-mapped while OUT is written)")
+    cfg, weights, meta = _load_weights(args.input, dtype, args.group_size)
+    if fmt == "hf":
+        tok_dir = args.tokenizer_dir or (args.input if Path(args.input).is_dir() else None)
+        if tok_dir is None:
+            _note("note: no tokenizer files written (give --tokenizer-dir DIR to copy them)")
+        write_hf_dir(cfg, weights, args.output, tok_dir)
+    elif fmt == "v1":
+        write_llama2c_bin(args.output, cfg, weights, version=1)
+    else:
+        gs = _group_size(cfg, args.group_size, meta.get("group_size") or DEFAULT_GROUP_SIZE)
+        write_llama2c_bin(args.output, cfg, weights, version=2, group_size=gs)
+    _note(f"wrote {args.output} ({fmt}, {dtype})")
+    return 0
+
+
+# ---- perplexity --------------------------------------------------------------------------------
+
+def _read_text(path: str) -> str:
+    """A UTF-8 text file, with a clear error for other encodings."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _require_tokenizer(model) -> None:
+    """Text commands need a tokenizer: fail early with the flag that supplies one."""
+    if model.tokenizer is None:
+        raise TokenizerError("the model has no tokenizer: give one with -z TOKENIZER")
+
+
+def cmd_perplexity(args) -> int:
+    """Perplexity of a text file, or (--compare) fp32 vs int8 on it."""
+    from .evaluate import compare_int8, perplexity
+    text = _read_text(args.file)
+    if args.compare:
+        if args.dtype is not None:
+            raise UsageError("argument --dtype: not allowed with --compare (it loads both)")
+        fp32 = _load(args, args.model, "fp32")
+        _require_tokenizer(fp32)
+        int8 = _load(args, args.model, "int8")
+        r = compare_int8(fp32, int8, text, context=args.context)
+        print(f"tokens: {r['n_tokens']}")
+        print(f"perplexity fp32: {r['ppl_fp32']:.4f}")
+        print(f"perplexity int8: {r['ppl_int8']:.4f}")
+        print(f"top-1 agreement: {r['top1_agreement']:.4f}")
+        print(f"mean KL(fp32 || int8): {r['mean_kl']:.6f} nats")
+        return 0
+    model = _load(args, args.model)
+    _require_tokenizer(model)
+    r = perplexity(model, text, context=args.context)
+    print(f"tokens: {r['n_tokens']}")
+    print(f"mean NLL: {r['nll']:.4f} nats/token")
+    print(f"perplexity ({model.dtype}): {r['perplexity']:.4f}")
+    return 0
+
+
+# ---- bench -------------------------------------------------------------------------------------
+
+BENCH_SHAPES = {
+    "smollm2": dict(dim=576, hidden_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3,
+                    vocab_size=49152, seq_len=1024, rope_theta=100000.0),
+    "tiny": dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                 vocab_size=256, seq_len=256),
+}
+
+
+def _random_model(shape: str, args):
+    """A random-weight model of a named shape (int8 with --dtype int8, group size 64)."""
+    from .config import Config
+    from .model import Model
+    from .testing import make_random_model
+    from .weights import quantize_weights
+    cfg = Config(**BENCH_SHAPES[shape])
+    weights = make_random_model(cfg)
+    if args.dtype == "int8":
+        weights = quantize_weights(cfg, weights, DEFAULT_GROUP_SIZE)
+    return Model(cfg, weights, n_threads=args.threads, simd=args.simd)
+
+
+def _decode_speed(model, n_tokens: int) -> tuple:
+    """(tokens, tok/s) of greedy decoding from a one-token prompt, after a warm-up; with a
+    one-token prompt every token costs exactly one forward pass."""
+    prompt = [LLAMA2C_BOS_ID % model.vocab_size]
+    model.generate(prompt, max_new_tokens=min(8, n_tokens), temperature=0, stop_token_ids=[])
+    r = model.generate(prompt, max_new_tokens=n_tokens, temperature=0, stop_token_ids=[])
+    return len(r.token_ids), len(r.token_ids) / r.generate_seconds
+
+
+def _prefill_speed(model, n_tokens: int) -> tuple:
+    """(tokens, tok/s) of model.logits on a random prompt, best of 3."""
+    import numpy as np
+    n = min(n_tokens, model.context_length)
+    ids = np.random.default_rng(0).integers(model.vocab_size, size=n)
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        model.logits(ids)
+        best = min(best, time.perf_counter() - t0)
+    return n, n / best
+
+
+def _kernel_line(info: dict) -> str:
+    """kernel_info() as one `key=value, ...` line."""
+    return ", ".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in info.items())
+
+
+def cmd_bench(args) -> int:
+    """Read bandwidth, decode and prefill speed, and how much of the bandwidth decoding uses."""
+    from . import _engine
+    if args.model is None:
+        model, what = _random_model(args.shape, args), f"random weights, {args.shape} shape"
+    else:
+        model, what = _load(args, args.model), args.model
+    bandwidth = _engine.read_bandwidth(args.probe_mb << 20, 5, model.n_threads)
+    n_dec, decode = _decode_speed(model, args.tokens)
+    n_pre, prefill = _prefill_speed(model, BENCH_PREFILL_TOKENS)
+    nbytes = model.weight_bytes()
+    effective = nbytes * decode / 1e9
+    print(f"model: {what} ({model.dtype}, simd {model.simd}, {model.n_threads} threads)")
+    print(f"read bandwidth: {bandwidth:.2f} GB/s")
+    print(f"decode: {decode:.2f} tok/s ({n_dec} tokens, greedy)")
+    print(f"prefill: {prefill:.2f} tok/s ({n_pre}-token prompt, best of 3)")
+    print(f"weight bytes/token: {nbytes} ({_size(nbytes)})")
+    print(f"effective bandwidth: {effective:.2f} GB/s ({100 * effective / bandwidth:.1f}% of read bandwidth)")
+    print(f"kernel_info: {_kernel_line(_engine.kernel_info())}")
+    return 0
+
+
+# ---- info --------------------------------------------------------------------------------------
+
+def cmd_info(args) -> int:
+    """What a model file holds and which kernels would run it."""
+    from . import _engine
+    model = _load(args, args.model)
+    meta, tok = model.metadata, model.tokenizer
+    print(f"model: {args.model}")
+    print(f"format: {meta.get('format', 'unknown')}")
+    print(f"dtype: {model.dtype}" + (f" (group size {meta['group_size']})" if model.dtype == "int8"
+                                     and meta.get("group_size") else ""))
+    print(f"tensors: {len(model.weights)}")
+    print(f"weight bytes/token: {model.weight_bytes()} ({_size(model.weight_bytes())})")
+    print("config:")
+    for key, value in model.config.to_dict().items():
+        print(f"  {key}: {value}")
+    print(f"tokenizer: {f'{tok.kind} ({tok.vocab_size} tokens)' if tok is not None else 'none'}")
+    print(f"kernel_info: {_kernel_line(_engine.kernel_info())}")
+    return 0
+
+
+# ---- entry point -------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _warnings_as_notes():
+    """Show warnings as `llama2c: warning: ...` lines instead of Python's file:line form."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *rest, **kw: _note(f"warning: {message}")
+        yield
+
+
+def main(argv=None) -> int:
+    """Run the command line `argv` (default: sys.argv[1:]); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        sys.stderr.write(e.usage)
+        _note(f"error: {e}")
+        return 2
+    except SystemExit as e:      # --help, --version
+        return e.code if isinstance(e.code, int) else 0
+    try:
+        with _warnings_as_notes():
+            return args.func(args)
+    except UsageError as e:
+        _note(f"error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:      # e.g. `llama2c run ... | head`: stop quietly
+        sys.stdout = open(os.devnull, "w")
+        return 1
+    except (Llama2cError, ValueError, OSError, MemoryError) as e:
+        _note(f"error: {e}")
+        return 1
