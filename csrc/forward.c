@@ -52,8 +52,8 @@ int l2c_pack_q8(int8_t *restrict qp, float *restrict sp, const int8_t *restrict 
                 sp[(b * ng + g) * R + r] = row < rows ? s[row * ng + g] : 0.0f;
                 for (int64_t j = 0; j < steps; j++)
                     for (int64_t c = 0; c < 4; c++)
-                        qp[((b * ng + g) * steps + j) * 4 * R + r * 4 + c] =
-                            row < rows ? q[row * cols + g * gs + 4 * j + c] : 0;
+                        qp[((b * ng + g) * steps + j) * 4 * R + r * 4 + c] = (int8_t)(
+                            (uint8_t)(row < rows ? q[row * cols + g * gs + 4 * j + c] : 0) ^ 0x80u);
             }
         }
     return L2C_OK;
@@ -135,10 +135,11 @@ int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int64_t 
     s->value_cache = calloc((size_t)(c->n_layers * seq_len * s->kv_dim), sizeof(float));
     s->xq = calloc((size_t)(B * qwidth), 1);
     s->xs = calloc((size_t)(B * (gs > 0 ? qwidth / gs + 1 : 1)), sizeof(float));
+    s->xsum = calloc((size_t)(B * (gs > 0 ? qwidth / gs + 1 : 1)), sizeof(int32_t));
     s->pos = malloc((size_t)B * sizeof(int64_t));
     s->tmp = calloc((size_t)(B * c->dim), sizeof(float));
     if (!s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->att || !s->logits ||
-        !s->key_cache || !s->value_cache || !s->xq || !s->xs ||
+        !s->key_cache || !s->value_cache || !s->xq || !s->xs || !s->xsum ||
         !s->pos || !s->tmp) {
         l2c_state_free(s);
         return L2C_ERR_NOMEM;
@@ -161,7 +162,7 @@ void l2c_rope_tables(float *cos_t, float *sin_t, const l2c_config *c) {
 void l2c_state_free(l2c_state *s) {
     if (!s) return;
     free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2); free(s->q); free(s->att);
-    free(s->logits); free(s->key_cache); free(s->value_cache); free(s->xq); free(s->xs);
+    free(s->logits); free(s->key_cache); free(s->value_cache); free(s->xq); free(s->xs); free(s->xsum);
     free(s->pos); free(s->tmp);
     memset(s, 0, sizeof(*s));
 }
@@ -185,10 +186,10 @@ static void linear(const l2c_model *m, l2c_state *s, qcache *qc, float *out, con
     }
     const int64_t gs = W->group_size;
     if (qc->src != x || qc->T != T || qc->n != W->cols || qc->gs != gs) {
-        k->quantize_q8(s->xq, s->xs, x, T, W->cols, gs, s->n_threads);
+        k->quantize_q8(s->xq, s->xs, s->xsum, x, T, W->cols, gs, s->n_threads);
         qc->src = x; qc->T = T; qc->n = W->cols; qc->gs = gs;
     }
-    k->matmul_q8(out, s->xq, s->xs, W->q, W->s, T, W->cols, W->rows, gs, s->n_threads);
+    k->matmul_q8(out, s->xq, s->xs, s->xsum, W->q, W->s, T, W->cols, W->rows, gs, s->n_threads);
 }
 
 // x (dim,) = row `token` of the embedding table (dequantized if int8)
@@ -358,6 +359,7 @@ int32_t l2c_sample(l2c_sampler *sp, const float *logits) {
         p[i] = expf(p[i] - mx);
         sum += p[i];
     }
+    if (!(sum > 0.0) || !isfinite(sum)) return argmax(logits, n);  // NaN logits or T too small
     for (int64_t i = 0; i < n; i++) p[i] = (float)(p[i] / sum);
     const float coin = l2c_random_f32(&sp->rng_state);
 
@@ -393,6 +395,7 @@ int32_t l2c_sample(l2c_sampler *sp, const float *logits) {
         for (int64_t i = 0; i < n; i++)
             if (p[i] >= cutoff) idx[nc++] = (int32_t)i;
     }
+    if (nc == 0) return argmax(logits, n);  // only NaN probabilities
     tls_probs = p;
     qsort(idx, (size_t)nc, sizeof(int32_t), cmp_desc);
     // mass of the candidates, then truncate to the nucleus (cumulative prob > top_p)

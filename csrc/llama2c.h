@@ -38,13 +38,16 @@ extern "C" {
 //     q int8 (rows, cols), s float (rows, cols/gs). Used for the token embedding (a row lookup).
 //   L2C_Q8P (packed for the matmul kernels; l2c_pack_q8 makes it from L2C_Q8): rows in blocks
 //     of 16 (the last block zero-padded), and within a block, for each group g and each run of 4
-//     inputs j, the 4 bytes of each of the 16 rows side by side:
-//       qp[((b*ng + g)*(gs/4) + j)*64 + r*4 + c] = q[(16b + r)*cols + g*gs + 4j + c]
+//     inputs j, the 4 bytes of each of the 16 rows side by side, stored offset by 128 as
+//     unsigned bytes (u = q + 128, i.e. q ^ 0x80):
+//       qp[((b*ng + g)*(gs/4) + j)*64 + r*4 + c] = q[(16b + r)*cols + g*gs + 4j + c] ^ 0x80
 //       sp[(b*ng + g)*16 + r]                    = s[(16b + r)*ng + g]      (ng = cols/gs)
-//     so one 64-byte load feeds a 16-lane int8 dot-product instruction (AVX-512 VNNI vpdpbusd:
-//     16 rows x 4 inputs) with the 4 activation bytes broadcast, the group's int32 sums of 16
-//     rows come out in one register, and one multiply-add applies the 16 row scales. A block
-//     streams from memory as one contiguous run.
+//     so one 64-byte load feeds a 16-lane u8 x s8 dot-product instruction (AVX-512 VNNI
+//     vpdpbusd: 16 rows x 4 inputs) with the 4 signed activation bytes broadcast; the offset
+//     adds 128 * sum(x over the group) to every lane, which one subtraction per group removes
+//     (the activation quantizer returns those sums). The group's int32 sums of 16 rows come out
+//     in one register and one multiply-add applies the 16 row scales. A block streams from
+//     memory as one contiguous run.
 #define L2C_Q8_MAX 127.0f
 #define L2C_Q8_ROWS 16
 
@@ -88,14 +91,16 @@ typedef struct l2c_kernels {
     // out (T, d) = X (T, n) @ W (d, n)^T                                [parallel over row blocks]
     void (*matmul_f32)(float *restrict out, const float *restrict x, const float *restrict w,
                        int64_t T, int64_t n, int64_t d, int n_threads);
-    // quantize X (T, n) row-wise into groups of gs: xq (T, n), xs (T, n/gs)
-    void (*quantize_q8)(int8_t *restrict xq, float *restrict xs, const float *restrict x,
-                        int64_t T, int64_t n, int64_t gs, int n_threads);
+    // quantize X (T, n) row-wise into groups of gs: xq (T, n), xs (T, n/gs) and the groups'
+    // integer sums xsum (T, n/gs) (sum of xq over the group; the packed kernels need it)
+    void (*quantize_q8)(int8_t *restrict xq, float *restrict xs, int32_t *restrict xsum,
+                        const float *restrict x, int64_t T, int64_t n, int64_t gs, int n_threads);
     // out (T, d) = Xq (T, n) @ Wq (d, n)^T with int32 accumulation per group, scaled per group;
     // wq, ws in the packed L2C_Q8P layout (T == 1 is the decode matrix-vector product)
     void (*matmul_q8)(float *restrict out, const int8_t *restrict xq, const float *restrict xs,
-                      const int8_t *restrict wq, const float *restrict ws,
-                      int64_t T, int64_t n, int64_t d, int64_t gs, int n_threads);
+                      const int32_t *restrict xsum, const int8_t *restrict wq,
+                      const float *restrict ws, int64_t T, int64_t n, int64_t d, int64_t gs,
+                      int n_threads);
     // o (T, n) = x * w / sqrt(mean(x^2) + eps), row-wise                [parallel over rows]
     void (*rmsnorm)(float *restrict o, const float *restrict x, const float *restrict w,
                     int64_t T, int64_t n, float eps, int n_threads);
@@ -199,7 +204,8 @@ typedef struct {
     float *key_cache;    // (n_layers, seq_len, kv_dim)
     float *value_cache;  // (n_layers, seq_len, kv_dim)
     int8_t *xq;          // (max_batch, max(dim, hidden_dim, q_dim)) quantized activations
-    float *xs;           // (max_batch, max(...) / group_size)
+    float *xs;           // (max_batch, max(...) / group_size) activation scales
+    int32_t *xsum;       // (max_batch, max(...) / group_size) activation group sums
     int64_t *pos;        // (max_batch,)
     float *tmp;          // (max_batch, dim) scratch (dequantized embedding rows etc.)
 } l2c_state;

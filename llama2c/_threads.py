@@ -46,3 +46,23 @@ def default_threads() -> int:
         except ValueError:
             pass
     return available_cores()
+
+
+# GNU libgomp's thread pool does not survive fork(): a child that enters a parallel region
+# which the parent's pool threads used to serve waits for them forever. So a forked child runs
+# the kernels on its calling thread only (OpenMP's `if` clause then never touches the pool).
+_forked_child = False
+
+
+def _mark_forked_child() -> None:
+    global _forked_child
+    _forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_mark_forked_child)
+
+
+def in_forked_child() -> bool:
+    """True in a process made by fork() from one that had imported llama2c."""
+    return _forked_child

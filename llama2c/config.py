@@ -45,8 +45,8 @@ class Config:
                 raise ModelFormatError(f"{source}: {name} must be an integer, got {v!r}")
             if v <= 0:
                 raise ModelFormatError(f"{source}: {name} must be positive, got {v}")
-            if v > (1 << 31) - 1:
-                raise ModelFormatError(f"{source}: {name}={v} is absurdly large")
+            if v > (1 << 24):
+                raise ModelFormatError(f"{source}: {name}={v} is absurdly large (limit {1 << 24})")
         if self.n_heads % self.n_kv_heads != 0:
             raise ModelFormatError(
                 f"{source}: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
@@ -56,6 +56,12 @@ class Config:
             raise ModelFormatError(f"{source}: rope_theta must be positive, got {self.rope_theta}")
         if not (self.norm_eps >= 0):
             raise ModelFormatError(f"{source}: norm_eps must be >= 0, got {self.norm_eps}")
+        if self.rope_scaling is not None:
+            factor = self.rope_scaling.get("factor", 1.0) if isinstance(self.rope_scaling, dict) else None
+            if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0 \
+                    or factor == float("inf"):
+                raise ModelFormatError(f"{source}: rope scaling factor must be a positive number, "
+                                       f"got {factor!r}")
 
     @property
     def rope_factor(self) -> float:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _engine
-from ._threads import default_threads
+from ._threads import default_threads, in_forked_child
 from .config import Config
 from .errors import ContextLengthError, TokenizerError
 from .weights import QTensor, dequantize_weights, quantize_weights, validate_weights
@@ -85,11 +85,11 @@ class Model:
                 f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                 f"{config.vocab_size}")
         self.tokenizer = tokenizer
-        self._engine = _engine.Engine(config, weights, simd)
         if context_length is None:
             context_length = config.seq_len
         self.context_length = _number("context_length", context_length, integer=True, minimum=1,
                                       maximum=config.seq_len)
+        self._engine = _engine.Engine(config, weights, simd, self.context_length)
         self.n_threads = default_threads() if n_threads is None else n_threads
         self._pool = []
         self._pool_lock = threading.Lock()
@@ -139,7 +139,8 @@ class Model:
 
     @property
     def n_threads(self) -> int:
-        return self._n_threads
+        """Kernel threads (1 in a fork()ed child: OpenMP's pool does not survive fork)."""
+        return 1 if in_forked_child() else self._n_threads
 
     @n_threads.setter
     def n_threads(self, n):
@@ -176,8 +177,8 @@ class Model:
         with self._pool_lock:
             sess = self._pool.pop() if self._pool else None
         if sess is None:
-            sess = _engine.Session(self._engine, self.context_length, PREFILL_CHUNK, self._n_threads)
-        sess.n_threads = self._n_threads
+            sess = _engine.Session(self._engine, self.context_length, PREFILL_CHUNK, self.n_threads)
+        sess.n_threads = self.n_threads
         return sess
 
     def _checkin(self, sess) -> None:
@@ -260,8 +261,13 @@ class Model:
         if len(ids) > self.context_length:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds "
                                      f"{self.context_length}")
-        stop = self.stop_ids() if stop_token_ids is None else tuple(int(i) for i in stop_token_ids)
+        stop = self.stop_ids() if stop_token_ids is None else tuple(
+            _number("stop token id", i, integer=True, maximum=self.config.vocab_size - 1)
+            for i in stop_token_ids)
         stop_arr = np.asarray(stop, dtype=np.int32)
+        # no more than the context can hold (the last sampled token need not be fed back)
+        max_new_tokens = min(max_new_tokens, self.context_length - len(ids) + 1)
+        top_k = min(top_k, self.config.vocab_size)
         sampler = _engine.Sampler(self.config.vocab_size, temperature, top_p, top_k, seed)
         if stream:
             return self._stream(ids, max_new_tokens, sampler, stop_arr)

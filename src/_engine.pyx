@@ -142,8 +142,9 @@ def matmul(float[:, ::1] out, const float[:, ::1] x, const float[:, ::1] w, simd
 
 
 def quantize_q8(int8_t[:, ::1] xq, float[:, ::1] xs, const float[:, ::1] x, int64_t group_size,
-                simd=None, int n_threads=1):
-    """Group-wise int8 quantization of x (T, n) into xq (T, n) and xs (T, n/gs)."""
+                simd=None, int n_threads=1, int32_t[:, ::1] xsum=None):
+    """Group-wise int8 quantization of x (T, n) into xq (T, n), scales xs (T, n/gs) and, if
+    given, the groups' integer sums xsum (T, n/gs)."""
     cdef const l2c_kernels *k = _table(simd)
     cdef int64_t T = x.shape[0], n = x.shape[1]
     if group_size <= 0 or n % group_size != 0:
@@ -152,11 +153,15 @@ def quantize_q8(int8_t[:, ::1] xq, float[:, ::1] xs, const float[:, ::1] x, int6
         raise _shape_error("xq", (xq.shape[0], xq.shape[1]), (T, n))
     if xs.shape[0] != T or xs.shape[1] != n // group_size:
         raise _shape_error("xs", (xs.shape[0], xs.shape[1]), (T, n // group_size))
+    if xsum is None:
+        xsum = np.empty((T, n // group_size), dtype=np.int32)
+    elif xsum.shape[0] != T or xsum.shape[1] != n // group_size:
+        raise _shape_error("xsum", (xsum.shape[0], xsum.shape[1]), (T, n // group_size))
     n_threads = _nt(n_threads)
     if T == 0 or n == 0:
         return xq, xs
     with nogil:
-        k.quantize_q8(&xq[0, 0], &xs[0, 0], &x[0, 0], T, n, group_size, n_threads)
+        k.quantize_q8(&xq[0, 0], &xs[0, 0], &xsum[0, 0], &x[0, 0], T, n, group_size, n_threads)
     return xq, xs
 
 
@@ -183,8 +188,9 @@ def pack_q8(const int8_t[:, ::1] wq, const float[:, ::1] ws, int64_t group_size)
 
 def matmul_q8_packed(float[:, ::1] out, const int8_t[:, ::1] xq, const float[:, ::1] xs,
                      const int8_t[::1] qp, const float[::1] sp, int64_t group_size, simd=None,
-                     int n_threads=1):
-    """out (T, d) = dequant(xq, xs) (T, n) @ W^T with W packed by pack_q8 (d = out.shape[1])."""
+                     int n_threads=1, const int32_t[:, ::1] xsum=None):
+    """out (T, d) = dequant(xq, xs) (T, n) @ W^T with W packed by pack_q8 (d = out.shape[1]).
+    xsum (T, n/gs): the activation groups' integer sums (computed here when not given)."""
     cdef const l2c_kernels *k = _table(simd)
     cdef int64_t T = xq.shape[0], n = xq.shape[1], d = out.shape[1]
     if group_size <= 0 or group_size % 4 or n % group_size:
@@ -196,12 +202,16 @@ def matmul_q8_packed(float[:, ::1] out, const int8_t[:, ::1] xq, const float[:, 
         raise _shape_error("out", (out.shape[0], out.shape[1]), (T, d))
     if qp.shape[0] != l2c_q8p_q_size(d, n) or sp.shape[0] != l2c_q8p_s_size(d, n, group_size):
         raise ValueError(f"packed weights do not hold a ({d}, {n}) matrix with group size {group_size}")
+    if xsum is None:
+        xsum = np.asarray(xq).reshape(T, ng, group_size).sum(axis=2, dtype=np.int32)
+    elif xsum.shape[0] != T or xsum.shape[1] != ng:
+        raise _shape_error("xsum", (xsum.shape[0], xsum.shape[1]), (T, ng))
     n_threads = _nt(n_threads)
     if T == 0 or d == 0:
         return out
     with nogil:
-        k.matmul_q8(&out[0, 0], &xq[0, 0], &xs[0, 0], &qp[0], &sp[0], T, n, d, group_size,
-                    n_threads)
+        k.matmul_q8(&out[0, 0], &xq[0, 0], &xs[0, 0], &xsum[0, 0], &qp[0], &sp[0], T, n, d,
+                    group_size, n_threads)
     return out
 
 
@@ -430,9 +440,15 @@ cdef class Engine:
     def __cinit__(self):
         self.layers = NULL
 
-    def __init__(self, config, dict weights, simd=None):
+    def __init__(self, config, dict weights, simd=None, max_positions=None):
+        """max_positions: positions to prepare RoPE tables for (default config.seq_len); no
+        session of this engine can hold more."""
         cdef int64_t i
         self.config = config
+        if max_positions is None:
+            max_positions = config.seq_len
+        if not 0 < max_positions <= config.seq_len:
+            raise ValueError(f"max_positions must be in [1, {config.seq_len}], got {max_positions}")
         self._keep = []
         c = config
         self.m.cfg.dim = c.dim
@@ -442,7 +458,7 @@ cdef class Engine:
         self.m.cfg.n_kv_heads = c.n_kv_heads
         self.m.cfg.head_size = c.head_size
         self.m.cfg.vocab_size = c.vocab_size
-        self.m.cfg.seq_len = c.seq_len
+        self.m.cfg.seq_len = max_positions
         self.m.cfg.rope_theta = c.rope_theta
         self.m.cfg.rope_factor = c.rope_factor
         self.m.cfg.norm_eps = c.norm_eps
@@ -479,7 +495,7 @@ cdef class Engine:
         self.m.rms_final = _vector(get("norm"), d, "norm", keep)
         cls = get("tok_embeddings") if c.shared_classifier else get("output")
         _fill_matrix(&self.m.wcls, cls, (c.vocab_size, d), "output", keep)
-        cos_t, sin_t = rope_tables(c.seq_len, c.head_size, c.rope_theta, c.rope_factor)
+        cos_t, sin_t = rope_tables(max_positions, c.head_size, c.rope_theta, c.rope_factor)
         self._rope = (cos_t, sin_t)
         cdef float[:, ::1] cv = cos_t, sv = sin_t
         self.m.rope_cos = &cv[0, 0]

@@ -36,8 +36,8 @@ cdef extern from "llama2c.h" nogil:
         int isa
         void (*matvec_f32)(float *out, const float *x, const float *w, int64_t n, int64_t d, int n_threads) noexcept nogil
         void (*matmul_f32)(float *out, const float *x, const float *w, int64_t T, int64_t n, int64_t d, int n_threads) noexcept nogil
-        void (*quantize_q8)(int8_t *xq, float *xs, const float *x, int64_t T, int64_t n, int64_t gs, int n_threads) noexcept nogil
-        void (*matmul_q8)(float *out, const int8_t *xq, const float *xs, const int8_t *wq, const float *ws,
+        void (*quantize_q8)(int8_t *xq, float *xs, int32_t *xsum, const float *x, int64_t T, int64_t n, int64_t gs, int n_threads) noexcept nogil
+        void (*matmul_q8)(float *out, const int8_t *xq, const float *xs, const int32_t *xsum, const int8_t *wq, const float *ws,
                           int64_t T, int64_t n, int64_t d, int64_t gs, int n_threads) noexcept nogil
         void (*rmsnorm)(float *o, const float *x, const float *w, int64_t T, int64_t n, float eps, int n_threads) noexcept nogil
         void (*softmax)(float *x, int64_t n) noexcept nogil

@@ -10,7 +10,7 @@
 # Needs gcc (libasan, libubsan) and the build requirements (Cython, numpy, setuptools).
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="${L2C_SANITIZE_SRC:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 PYTHON="${PYTHON:-python}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/llama2c-sanitize.XXXXXX")"
 if [[ -z "${KEEP_SANITIZE_BUILD:-}" ]]; then trap 'rm -rf "$WORK"' EXIT; fi
@@ -34,8 +34,10 @@ done
 # Python itself leaks at exit, so leak checking is off; huge (corrupt-header) allocations
 # must fail like malloc does (NULL -> MemoryError / L2C_ERR_NOMEM), not abort the process.
 export LD_PRELOAD="$ASAN_LIB $UBSAN_LIB"
-export ASAN_OPTIONS="detect_leaks=0:allocator_may_return_null=1:abort_on_error=1:halt_on_error=1:strict_string_checks=1:check_initialization_order=1"
-export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+# reports go to files (pytest captures stderr, and an abort would lose them); shown below
+mkdir -p "$WORK/sanitizer-logs"
+export ASAN_OPTIONS="log_path=$WORK/sanitizer-logs/asan:detect_leaks=0:allocator_may_return_null=1:abort_on_error=1:halt_on_error=1:strict_string_checks=1:check_initialization_order=1"
+export UBSAN_OPTIONS="log_path=$WORK/sanitizer-logs/ubsan:halt_on_error=1:print_stacktrace=1"
 export PYTHONPATH="$WORK${PYTHONPATH:+:$PYTHONPATH}"
 export LLAMA2C_TEST_DATA="${LLAMA2C_TEST_DATA:-$ROOT/../shared}"
 export PYTHONFAULTHANDLER=1
@@ -55,6 +57,10 @@ set +e
 "$PYTHON" -m pytest -q -p no:cacheprovider "${ARGS[@]}"
 RC=$?
 set -e
+for log in "$WORK"/sanitizer-logs/*; do
+    [[ -e "$log" ]] || continue
+    echo "== sanitizer report $log"; head -60 "$log"; RC=${RC/#0/1}
+done
 END=$(date +%s)
 echo "== sanitize.sh: pytest exit $RC; build $((BUILT - START)) s, tests $((END - BUILT)) s, total $((END - START)) s"
 exit $RC
