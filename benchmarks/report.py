@@ -22,7 +22,7 @@ import llama2c  # noqa: E402
 from llama2c import _engine  # noqa: E402
 from llama2c.reference import ReferenceModel  # noqa: E402
 from llama2c.testing import make_random_model  # noqa: E402
-from llama2c.weights import quantize_weights  # noqa: E402
+from llama2c.weights import fit_group_size, quantize_weights  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 PROMPT = 128
@@ -81,7 +81,8 @@ def main(argv=None):
         f32 = llama2c.Model(cfg, w, n_threads=args.threads)
         f32_dec, f32_pre = bench_c(f32, args.tokens, args.repeat)
         del f32
-        i8 = llama2c.Model(cfg, quantize_weights(cfg, w, args.group_size), n_threads=args.threads)
+        gs = fit_group_size(cfg, args.group_size)
+        i8 = llama2c.Model(cfg, quantize_weights(cfg, w, gs), n_threads=args.threads)
         i8_dec, i8_pre = bench_c(i8, args.tokens, args.repeat)
         i8_gbs = i8.weight_bytes() * i8_dec / 1e9
         del i8

@@ -14,7 +14,7 @@ import llama2c  # noqa: E402
 from llama2c import _engine as E  # noqa: E402
 from llama2c.reference import ReferenceModel  # noqa: E402
 from llama2c.testing import make_random_model  # noqa: E402
-from llama2c.weights import quantize_q8, quantize_weights  # noqa: E402
+from llama2c.weights import fit_group_size, quantize_q8, quantize_weights  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 THREADS = int(os.environ.get("LLAMA2C_BENCH_THREADS", "2"))
@@ -59,7 +59,7 @@ def shape(request):
 def test_decode_32_tokens(benchmark, shape, dtype):
     name, cfg, w = shape
     if dtype == "int8":
-        w = quantize_weights(cfg, w, 64)
+        w = quantize_weights(cfg, w, fit_group_size(cfg, 64))
     model = llama2c.Model(cfg, w, n_threads=THREADS)
     benchmark.extra_info["tokens"] = 32
     benchmark.pedantic(model.generate, args=([1],), kwargs=dict(
@@ -70,7 +70,7 @@ def test_decode_32_tokens(benchmark, shape, dtype):
 def test_prefill_128(benchmark, shape, dtype):
     name, cfg, w = shape
     if dtype == "int8":
-        w = quantize_weights(cfg, w, 64)
+        w = quantize_weights(cfg, w, fit_group_size(cfg, 64))
     model = llama2c.Model(cfg, w, n_threads=THREADS)
     prompt = list(range(1, 129))
     benchmark.pedantic(model.generate, args=(prompt,), kwargs=dict(max_new_tokens=1, temperature=0),

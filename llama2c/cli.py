@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 
 from .errors import Llama2cError, TokenizerError
+from .weights import fit_group_size
 
 PROG = "llama2c"
 LLAMA2C_BOS_ID = 1        # llama2.c's BOS, the prompt of `run` without a tokenizer or text
@@ -375,12 +376,11 @@ def _group_size(cfg, requested: int | None, default: int = DEFAULT_GROUP_SIZE) -
             raise UsageError(f"argument --group-size: {requested} does not divide the model's "
                              f"matrix widths {widths}")
         return requested
-    gs = default
-    while gs > 1 and any(w % gs for w in widths):
-        gs //= 2
-    if gs != default:
-        _note(f"note: group size {default} does not divide the model's matrix widths {widths}; "
-              f"using {gs}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gs = fit_group_size(cfg, default)
+    for w in caught:
+        _note(f"note: {w.message}")
     return gs
 
 

@@ -24,7 +24,7 @@ from . import _engine
 from ._threads import default_threads, in_forked_child
 from .config import Config
 from .errors import ContextLengthError, TokenizerError
-from .weights import QTensor, dequantize_weights, quantize_weights, validate_weights
+from .weights import QTensor, dequantize_weights, fit_group_size, quantize_weights, validate_weights
 
 # Tokens per prefill chunk: the batched kernels read each weight once per chunk.
 PREFILL_CHUNK = 64
@@ -125,7 +125,7 @@ class Model:
             weights = dequantize_weights(weights)
         elif dtype == "int8" and stored != "int8":
             gs = group_size or metadata.get("group_size") or 64
-            weights = quantize_weights(config, weights, _fit_group_size(config, gs))
+            weights = quantize_weights(config, weights, fit_group_size(config, gs))
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = Tokenizer.load(tokenizer)
         elif tokenizer is None:
@@ -336,24 +336,6 @@ class Model:
         return (f"Model(dim={c.dim}, n_layers={c.n_layers}, n_heads={c.n_heads}, "
                 f"n_kv_heads={c.n_kv_heads}, vocab_size={c.vocab_size}, dtype={self.dtype!r}, "
                 f"simd={self.simd!r}, n_threads={self.n_threads})")
-
-
-def _fit_group_size(config: Config, gs: int) -> int:
-    """Largest group size <= gs dividing every matrix input dimension (halving, as llama2.c's
-    export does, down to 4: the kernels take 4 inputs per step), with a warning when it had to
-    back off."""
-    import warnings
-    want = gs
-    dims = {config.dim, config.hidden_dim, config.n_heads * config.head_size}
-    while gs > 4 and any(d % gs for d in dims):
-        gs //= 2
-    if gs % 4 or any(d % gs for d in dims):
-        raise ValueError(f"no group size that is a multiple of 4 divides the model's dimensions "
-                         f"{sorted(dims)}; use dtype='fp32'")
-    if gs != want:
-        warnings.warn(f"group size {want} does not divide the model's dimensions {sorted(dims)}; "
-                      f"using {gs}")
-    return gs
 
 
 def _tokenizer_from_model(path, metadata, vocab_size):

@@ -22,6 +22,7 @@ arrays llama2.c version 2 files store, so those files map without a copy.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,3 +139,20 @@ def quantize_weights(cfg, weights: dict, group_size: int = 64, progress=None) ->
 
 def dequantize_weights(weights: dict) -> dict:
     return {k: as_fp32(v) for k, v in weights.items()}
+
+
+def fit_group_size(config: Config, gs: int) -> int:
+    """Largest group size <= gs dividing every matrix input dimension (halving, as llama2.c's
+    export does, down to 4: the kernels take 4 inputs per step), with a warning when it had to
+    back off."""
+    want = gs
+    dims = {config.dim, config.hidden_dim, config.n_heads * config.head_size}
+    while gs > 4 and any(d % gs for d in dims):
+        gs //= 2
+    if gs % 4 or any(d % gs for d in dims):
+        raise ValueError(f"no group size that is a multiple of 4 divides the model's dimensions "
+                         f"{sorted(dims)}; use dtype='fp32'")
+    if gs != want:
+        warnings.warn(f"group size {want} does not divide the model's dimensions {sorted(dims)}; "
+                      f"using {gs}")
+    return gs

@@ -177,7 +177,7 @@ def test_dtype_int8_quantizes_and_backs_off(tmp_path):
     w = make_random_model(cfg, 2)
     path = tmp_path / "m.bin"
     write_llama2c_bin(path, cfg, w, version=1)
-    with pytest.warns(UserWarning, match="reduced it to 32"):
+    with pytest.warns(UserWarning, match="using 32"):
         _, w2, meta = load_llama2c_bin(path, dtype="int8")
     assert meta["dtype"] == "int8" and meta["group_size"] == 32
     _assert_same_weights(quantize_weights(cfg, w, 32), w2)

@@ -37,8 +37,8 @@ import numpy as np
 
 from ..config import Config
 from ..errors import ModelFormatError
-from ..weights import (QTensor, as_fp32, check_group_size, dequantize_weights, quantize_q8,
-                       quantize_weights, validate_weights)
+from ..weights import (QTensor, as_fp32, check_group_size, dequantize_weights, fit_group_size,
+                       quantize_q8, quantize_weights, validate_weights)
 
 MAGIC = 0x616B3432            # "ak42" read as a little-endian uint32
 HEADER_SIZE = 256             # v1/v2 header, zero padded
@@ -171,17 +171,6 @@ def _config(dims: dict, shared: bool) -> Config:
     return Config(**dims, rope_theta=ROPE_THETA, norm_eps=NORM_EPS, shared_classifier=shared)
 
 
-def _fit_group_size(cfg: Config, group_size: int) -> int:
-    """Halve group_size until it divides every matrix input width (as export.py's BACKOFF)."""
-    gs = group_size
-    while gs > 1 and any(n % gs for n in (cfg.dim, cfg.hidden_dim, cfg.q_dim)):
-        gs //= 2
-    if gs != group_size:
-        warnings.warn(f"group size {group_size} does not divide dim={cfg.dim} / "
-                      f"hidden_dim={cfg.hidden_dim}; reduced it to {gs}", stacklevel=3)
-    return gs
-
-
 def load_llama2c_bin(path, dtype: str | None = None, group_size: int = 64):
     """Load a llama2.c .bin checkpoint -> (Config, weights dict, metadata dict).
 
@@ -250,7 +239,7 @@ def load_llama2c_bin(path, dtype: str | None = None, group_size: int = 64):
         weights = dequantize_weights(weights)
         meta["dtype"] = "fp32"
     elif dtype == "int8" and version != 2:
-        gs = _fit_group_size(cfg, group_size)
+        gs = fit_group_size(cfg, group_size)
         weights = quantize_weights(cfg, weights, gs)
         meta["dtype"], meta["group_size"] = "int8", gs
     return cfg, weights, meta
