@@ -458,26 +458,21 @@ static double now_s(void) {
 }
 
 double l2c_read_bandwidth(int64_t bytes, int reps, int n_threads) {
-    const int64_t n = bytes / (int64_t)sizeof(uint64_t);
+    const int64_t n = bytes / (int64_t)sizeof(float);
     if (n <= 0 || reps <= 0 || n_threads <= 0) return -1.0;
-    uint64_t *buf = malloc((size_t)n * sizeof(uint64_t));
+    float *buf = malloc((size_t)n * sizeof(float));
     if (!buf) return -1.0;
+    const l2c_kernels *k = l2c_kernels_get(L2C_ISA_COUNT);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_threads) schedule(static)
 #endif
-    for (int64_t i = 0; i < n; i++) buf[i] = (uint64_t)i;
-    volatile uint64_t sink = 0;
+    for (int64_t i = 0; i < n; i++) buf[i] = 1.0f;  // first touch by the threads that read
+    volatile float sink = 0.0f;
     double best = 0.0;
     for (int r = 0; r < reps; r++) {
-        uint64_t acc = 0;
         const double t0 = now_s();
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(n_threads) reduction(^ : acc) schedule(static)
-#endif
-        for (int64_t i = 0; i < n; i++) acc ^= buf[i];
-        const double dt = now_s() - t0;
-        sink ^= acc;
-        const double gbs = (double)n * sizeof(uint64_t) / dt / 1e9;
+        sink += k->read_sum(buf, n, n_threads);
+        const double gbs = (double)n * sizeof(float) / (now_s() - t0) / 1e9;
         if (gbs > best) best = gbs;
     }
     (void)sink;

@@ -365,6 +365,41 @@ static void attention(float *restrict out, float *restrict att, const float *res
 }
 
 // ---------------------------------------------------------------------------------------------
+// memory read probe: sum of x (n,), for measuring read bandwidth (l2c_read_bandwidth)
+
+static float read_sum(const float *restrict x, int64_t n, int n_threads) {
+    float total = 0.0f;
+    L2C_PRAGMA(omp parallel for num_threads(n_threads) schedule(static) reduction(+ : total))
+    for (int64_t c = 0; c < (n + 16383) / 16384; c++) {  // 64 KB chunks
+        const float *p = x + c * 16384;
+        const int64_t len = n - c * 16384 < 16384 ? n - c * 16384 : 16384;
+        int64_t i = 0;
+        float s = 0.0f;
+#if defined(__AVX512F__)
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+        __m512 s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+        for (; i + 64 <= len; i += 64) {
+            s0 = _mm512_add_ps(s0, _mm512_loadu_ps(p + i));
+            s1 = _mm512_add_ps(s1, _mm512_loadu_ps(p + i + 16));
+            s2 = _mm512_add_ps(s2, _mm512_loadu_ps(p + i + 32));
+            s3 = _mm512_add_ps(s3, _mm512_loadu_ps(p + i + 48));
+        }
+        s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+#elif defined(__AVX2__)
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+        for (; i + 16 <= len; i += 16) {
+            s0 = _mm256_add_ps(s0, _mm256_loadu_ps(p + i));
+            s1 = _mm256_add_ps(s1, _mm256_loadu_ps(p + i + 8));
+        }
+        s = hsum256(_mm256_add_ps(s0, s1));
+#endif
+        for (; i < len; i++) s += p[i];
+        total += s;
+    }
+    return total;
+}
+
+// ---------------------------------------------------------------------------------------------
 
 const l2c_kernels L2C_KERNELS_NAME = {
     .name = L2C_KERNELS_LABEL,
@@ -379,4 +414,5 @@ const l2c_kernels L2C_KERNELS_NAME = {
     .swiglu = swiglu,
     .add = add,
     .attention = attention,
+    .read_sum = read_sum,
 };

@@ -124,6 +124,8 @@ typedef struct l2c_kernels {
                       const float *restrict kc, const float *restrict vc, int64_t T, int64_t pos0,
                       int64_t n_heads, int64_t n_kv_heads, int64_t hs, int64_t att_stride,
                       int n_threads);
+    // sum of x (n,) read in 64 KB chunks shared by the threads (the bandwidth probe)
+    float (*read_sum)(const float *restrict x, int64_t n, int n_threads);
 } l2c_kernels;
 
 // The best table this CPU supports, capped at max_isa (use L2C_ISA_COUNT for no cap).
@@ -249,7 +251,8 @@ int l2c_generate(const l2c_model *m, l2c_state *s, l2c_sampler *sp, const int32_
                  int64_t n_prompt, int64_t pos0, int32_t *out, int64_t max_new,
                  const int32_t *stop, int64_t n_stop, int64_t *n_out);
 
-// Memory bandwidth probe: read `bytes` bytes `reps` times with n_threads; returns GB/s.
+// Memory bandwidth probe: best of `reps` reads of a `bytes` buffer with n_threads and the best
+// kernel table's widest loads; returns GB/s (or -1 if the buffer cannot be allocated).
 double l2c_read_bandwidth(int64_t bytes, int reps, int n_threads);
 
 #ifdef __cplusplus

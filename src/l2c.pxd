@@ -48,6 +48,7 @@ cdef extern from "llama2c.h" nogil:
         void (*attention)(float *out, float *att, const float *q, const float *kc, const float *vc,
                           int64_t T, int64_t pos0, int64_t n_heads, int64_t n_kv_heads, int64_t hs,
                           int64_t att_stride, int n_threads) noexcept nogil
+        float (*read_sum)(const float *x, int64_t n, int n_threads) noexcept nogil
 
     int64_t l2c_q8p_q_size(int64_t rows, int64_t cols)
     int64_t l2c_q8p_s_size(int64_t rows, int64_t cols, int64_t gs)
