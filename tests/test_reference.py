@@ -92,7 +92,7 @@ def test_logits_uses_a_fresh_cache(tiny):
 
 def test_int8_model_stays_close_to_fp32(shared_dir):
     fp32 = ReferenceModel.load(shared_dir / "models" / "tiny260K.bin")
-    with pytest.warns(UserWarning, match="reduced it to 4"):       # hidden_dim 172 = 4 * 43
+    with pytest.warns(UserWarning, match="using 4"):       # hidden_dim 172 = 4 * 43
         int8 = ReferenceModel.load(shared_dir / "models" / "tiny260K.bin", dtype="int8")
     assert isinstance(int8.weights["layers.0.w1"], QTensor)
     ids = [1, 461, 401, 378, 455, 13]
