@@ -4,7 +4,7 @@
 
 Decode: tokens/s generating --tokens tokens greedily after a one-token prompt (no stop token).
 Prefill: tokens/s of a 128-token prompt (the prompt pass of generate(prompt, max_new_tokens=1)).
-Each figure is the best of --repeat runs. Bandwidth: weight bytes read per decoded token x
+Each figure is the best of --repeat rounds, each round running every engine once. Bandwidth: weight bytes read per decoded token x
 tokens/s, against the machine's read bandwidth measured by llama2c's C probe.
 """
 from __future__ import annotations
@@ -28,31 +28,36 @@ from shapes import SHAPES  # noqa: E402
 PROMPT = 128
 
 
-def best(fn, repeat):
-    """Smallest wall time of repeat calls of fn()."""
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def bench_c(model, tokens, repeat):
+def c_runs(model, tokens):
+    """(decode, prefill) callables of a C model."""
     prompt = list(np.arange(PROMPT) % model.vocab_size)
-    model.generate([1], max_new_tokens=8, temperature=0, stop_token_ids=[])     # warm-up
-    dec = best(lambda: model.generate([1], max_new_tokens=tokens, temperature=0,
-                                      stop_token_ids=[]), repeat)
-    pre = best(lambda: model.generate(prompt, max_new_tokens=1, temperature=0), repeat)
-    return tokens / dec, PROMPT / pre
+    return (lambda: model.generate([1], max_new_tokens=tokens, temperature=0, stop_token_ids=[]),
+            lambda: model.generate(prompt, max_new_tokens=1, temperature=0))
 
 
-def bench_ref(ref, tokens, repeat):
+def ref_runs(ref, tokens):
+    """(decode, prefill) callables of the NumPy reference."""
     prompt = list(np.arange(PROMPT) % ref.config.vocab_size)
-    ref.generate([1], 4)
-    dec = best(lambda: ref.generate([1], tokens), repeat)
-    pre = best(lambda: ref.generate(prompt, 1), repeat)
-    return tokens / dec, PROMPT / pre
+    return lambda: ref.generate([1], tokens), lambda: ref.generate(prompt, 1)
+
+
+def measure(engines, repeat):
+    """Best time of each (name, kind) over `repeat` rounds; each round runs every engine once,
+    so slow drifts of the machine's memory bandwidth hit all of them alike."""
+    for dec, pre in engines.values():       # warm-up
+        dec(), pre()
+    best = {}
+    for _ in range(repeat):
+        for name, (dec, pre) in engines.items():
+            for kind, fn in (("decode", dec), ("prefill", pre)):
+                best[name, kind] = min(best.get((name, kind), float("inf")), timed(fn))
+    return best
 
 
 def main(argv=None):
@@ -79,22 +84,24 @@ def main(argv=None):
         cfg = SHAPES[name]
         w = make_random_model(cfg, 0)
         f32 = llama2c.Model(cfg, w, n_threads=args.threads)
-        f32_dec, f32_pre = bench_c(f32, args.tokens, args.repeat)
-        del f32
-        gs = fit_group_size(cfg, args.group_size)
-        i8 = llama2c.Model(cfg, quantize_weights(cfg, w, gs), n_threads=args.threads)
-        i8_dec, i8_pre = bench_c(i8, args.tokens, args.repeat)
+        i8 = llama2c.Model(cfg, quantize_weights(cfg, w, fit_group_size(cfg, args.group_size)),
+                           n_threads=args.threads)
+        ref_tokens = min(args.tokens, 64)
+        engines = {"fp32": c_runs(f32, args.tokens), "int8": c_runs(i8, args.tokens)}
+        if not args.no_reference:
+            engines["ref"] = ref_runs(ReferenceModel(cfg, w), ref_tokens)
+        t = measure(engines, args.repeat)
+        f32_dec, i8_dec = args.tokens / t["fp32", "decode"], args.tokens / t["int8", "decode"]
+        f32_pre, i8_pre = PROMPT / t["fp32", "prefill"], PROMPT / t["int8", "prefill"]
+        ref_dec = ref_tokens / t["ref", "decode"] if "ref" in engines else float("nan")
+        ref_pre = PROMPT / t["ref", "prefill"] if "ref" in engines else float("nan")
         i8_gbs = i8.weight_bytes() * i8_dec / 1e9
-        del i8
-        if args.no_reference:
-            ref_dec = ref_pre = float("nan")
-        else:
-            ref_dec, ref_pre = bench_ref(ReferenceModel(cfg, w), min(args.tokens, 64), args.repeat)
         print(f"| {name} | {ref_dec:.1f} | {f32_dec:.1f} | {f32_dec / ref_dec:.2f}x | {i8_dec:.1f} "
               f"| {i8_dec / f32_dec:.2f}x | {i8_dec / ref_dec:.2f}x | {i8_gbs:.1f} ({100 * i8_gbs / bw:.0f}%) "
               f"| {ref_pre:.0f} | {f32_pre:.0f} | {f32_pre / f32_dec:.1f}x | {i8_pre:.0f} |", flush=True)
+        del f32, i8, engines
     print("\n(tokens/s; decode = greedy generation after a 1-token prompt; "
-          f"prefill = a {PROMPT}-token prompt; best of {args.repeat})")
+          f"prefill = a {PROMPT}-token prompt; best of {args.repeat} interleaved rounds)")
 
 
 if __name__ == "__main__":
