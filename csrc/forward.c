@@ -66,7 +66,7 @@ int l2c_model_check(const l2c_model *m) {
         c->n_kv_heads <= 0 || c->head_size <= 0 || c->vocab_size <= 0 || c->seq_len <= 0)
         return L2C_ERR_ARG;
     if (c->n_heads % c->n_kv_heads != 0 || c->head_size % 2 != 0) return L2C_ERR_ARG;
-    if (!(c->rope_theta > 0.0f) || !(c->rope_factor > 0.0f) || !(c->norm_eps >= 0.0f)) return L2C_ERR_ARG;
+    if (!(c->norm_eps >= 0.0f)) return L2C_ERR_ARG;
     const int64_t d = c->dim, h = c->hidden_dim, qd = c->n_heads * c->head_size,
                   kvd = c->n_kv_heads * c->head_size;
     if (!matrix_ok(&m->tok_embeddings, c->vocab_size, d, L2C_Q8)) return L2C_ERR_ARG;
@@ -137,33 +137,20 @@ int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int64_t 
     s->xs = calloc((size_t)(B * (gs > 0 ? qwidth / gs + 1 : 1)), sizeof(float));
     s->xsum = calloc((size_t)(B * (gs > 0 ? qwidth / gs + 1 : 1)), sizeof(int32_t));
     s->pos = malloc((size_t)B * sizeof(int64_t));
-    s->tmp = calloc((size_t)(B * c->dim), sizeof(float));
     if (!s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->att || !s->logits ||
         !s->key_cache || !s->value_cache || !s->xq || !s->xs || !s->xsum ||
-        !s->pos || !s->tmp) {
+        !s->pos) {
         l2c_state_free(s);
         return L2C_ERR_NOMEM;
     }
     return L2C_OK;
 }
 
-void l2c_rope_tables(float *cos_t, float *sin_t, const l2c_config *c) {
-    const int64_t half = c->head_size / 2;
-    for (int64_t i = 0; i < half; i++) {
-        const double freq = pow((double)c->rope_theta, -(double)(2 * i) / (double)c->head_size);
-        for (int64_t p = 0; p < c->seq_len; p++) {
-            const double a = ((double)p / (double)c->rope_factor) * freq;
-            cos_t[p * half + i] = (float)cos(a);
-            sin_t[p * half + i] = (float)sin(a);
-        }
-    }
-}
-
 void l2c_state_free(l2c_state *s) {
     if (!s) return;
     free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2); free(s->q); free(s->att);
     free(s->logits); free(s->key_cache); free(s->value_cache); free(s->xq); free(s->xs); free(s->xsum);
-    free(s->pos); free(s->tmp);
+    free(s->pos);
     memset(s, 0, sizeof(*s));
 }
 

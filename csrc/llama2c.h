@@ -151,9 +151,7 @@ typedef struct {
     int64_t n_kv_heads;   // < n_heads: grouped-query attention
     int64_t head_size;
     int64_t vocab_size;
-    int64_t seq_len;      // positions the state holds (context)
-    float rope_theta;     // RoPE base
-    float rope_factor;    // linear position interpolation: angle uses pos / rope_factor
+    int64_t seq_len;      // positions the RoPE tables cover (the most a state can hold)
     float norm_eps;       // RMSNorm epsilon
     int32_t group_size;   // informational: group size of the int8 matrices, 0 for fp32
 } l2c_config;
@@ -177,14 +175,11 @@ typedef struct {
     const l2c_layer *layers;    // (n_layers,) owned by the caller
     const float *rms_final;     // (dim,)
     l2c_matrix wcls;            // (vocab_size, dim): the classifier, L2C_F32 or L2C_Q8P
-    const float *rope_cos;      // (seq_len, head_size/2), from l2c_rope_tables
-    const float *rope_sin;      // (seq_len, head_size/2)
+    const float *rope_cos;      // (seq_len, head_size/2): cos(p * freq[i]); the caller computes
+    const float *rope_sin;      // (seq_len, head_size/2)   the frequencies (theta, scaling)
     const l2c_kernels *k;       // kernel table
 } l2c_model;
 
-// Fill RoPE tables (seq_len, head_size/2) for cfg: angle(p, i) = p / rope_factor *
-// rope_theta^(-2i/head_size), computed in double, stored as float.
-void l2c_rope_tables(float *cos_t, float *sin_t, const l2c_config *cfg);
 
 // Check shapes, types and pointers of a filled-in model. L2C_OK or L2C_ERR_ARG.
 int l2c_model_check(const l2c_model *m);
@@ -209,7 +204,6 @@ typedef struct {
     float *xs;           // (max_batch, max(...) / group_size) activation scales
     int32_t *xsum;       // (max_batch, max(...) / group_size) activation group sums
     int64_t *pos;        // (max_batch,)
-    float *tmp;          // (max_batch, dim) scratch (dequantized embedding rows etc.)
 } l2c_state;
 
 int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int64_t seq_len,

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, asdict
 
+import numpy as np
+
+# RoPE scaling types (Hugging Face's rope_scaling "rope_type"/"type"; GGUF llama.rope.scaling.type)
+ROPE_SCALING_TYPES = ("default", "none", "linear", "dynamic", "llama3")
+
 
 @dataclass
 class Config:
@@ -62,14 +67,54 @@ class Config:
                     or factor == float("inf"):
                 raise ModelFormatError(f"{source}: rope scaling factor must be a positive number, "
                                        f"got {factor!r}")
+            if self.rope_type not in ROPE_SCALING_TYPES:
+                raise ModelFormatError(f"{source}: unsupported rope scaling type {self.rope_type!r} "
+                                       f"(supported: {', '.join(ROPE_SCALING_TYPES)})")
 
     @property
-    def rope_factor(self) -> float:
-        """Linear position-interpolation factor (positions are divided by it); 1.0 = none."""
+    def rope_type(self) -> str:
+        """'default' (no scaling), 'linear', 'dynamic' (NTK-aware) or 'llama3'."""
         rs = self.rope_scaling or {}
-        if rs.get("type", rs.get("rope_type")) == "linear":
-            return float(rs.get("factor", 1.0))
-        return 1.0
+        kind = rs.get("rope_type", rs.get("type")) or "default"
+        return "default" if kind == "none" else kind
+
+    @property
+    def max_context(self) -> int:
+        """Positions the model can run at: seq_len, times the factor for dynamic NTK scaling
+        (the only kind whose seq_len is the original, unextended context)."""
+        if self.rope_type == "dynamic":
+            return int(self.seq_len * float(self.rope_scaling.get("factor", 1.0)))
+        return self.seq_len
+
+    def rope_frequencies(self, n_positions: int | None = None) -> np.ndarray:
+        """(head_size/2,) float64: angle of RoPE pair i at position p is p * freq[i].
+
+        default: theta^(-2i/head_size); linear: divided by the factor (position interpolation);
+        dynamic: theta raised for a context of n_positions beyond seq_len, as Hugging Face's
+        dynamic NTK scaling does once the sequence is that long (fixed here for the whole
+        context rather than recomputed as it grows); llama3: Llama 3.1's per-band scaling.
+        """
+        hs = self.head_size
+        rs = self.rope_scaling or {}
+        factor = float(rs.get("factor", 1.0))
+        base = float(self.rope_theta)
+        kind = self.rope_type
+        n = self.seq_len if n_positions is None else n_positions
+        if kind == "dynamic" and n > self.seq_len:
+            base *= (factor * n / self.seq_len - (factor - 1)) ** (hs / (hs - 2))
+        freq = base ** (-np.arange(0, hs, 2, dtype=np.float64) / hs)
+        if kind == "linear":
+            freq = freq / factor
+        elif kind == "llama3":
+            low = float(rs.get("low_freq_factor", 1.0))
+            high = float(rs.get("high_freq_factor", 4.0))
+            old = float(rs.get("original_max_position_embeddings", 8192))
+            wavelen = 2 * np.pi / freq
+            smooth = (old / wavelen - low) / (high - low)
+            scaled = np.where(wavelen > old / low, freq / factor, freq)      # long waves: / factor
+            mid = (wavelen >= old / high) & (wavelen <= old / low)          # between: blend
+            freq = np.where(mid, (1 - smooth) * freq / factor + smooth * freq, scaled)
+        return freq
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -88,7 +88,7 @@ class Model:
         if context_length is None:
             context_length = config.seq_len
         self.context_length = _number("context_length", context_length, integer=True, minimum=1,
-                                      maximum=config.seq_len)
+                                      maximum=config.max_context)
         self._engine = _engine.Engine(config, weights, simd, self.context_length)
         self.n_threads = default_threads() if n_threads is None else n_threads
         self._pool = []
@@ -109,7 +109,8 @@ class Model:
         dtype: None (as stored: int8 for quantized files, else fp32), "fp32" or "int8"
             (quantizes at load time with group_size, default 64, or 32 for GGUF files).
         n_threads: threads for the kernels (default: the cores this process may use).
-        context_length: positions of the KV cache (default: the model's).
+        context_length: positions of the KV cache (default: the model's; beyond it only with
+            dynamic NTK rope scaling, up to seq_len x factor).
         simd: kernel table ("auto", "generic", "avx2", "avx512"); default LLAMA2C_SIMD or auto.
         """
         from .loaders import load_any

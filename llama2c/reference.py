@@ -76,17 +76,20 @@ def matmul(x: np.ndarray, w) -> np.ndarray:
     return x @ w.T                           # (T,n) @ (n,d): BLAS gemm, no copy of W
 
 
-def rope(x: np.ndarray, pos, theta: float, head_size: int, factor: float = 1.0) -> np.ndarray:
+def rope(x: np.ndarray, pos, theta: float, head_size: int, factor: float = 1.0,
+         freqs: np.ndarray | None = None) -> np.ndarray:
     """x (T, n_heads*head_size) or (n,), pos int or (T,) ints -> rotated copy, same shape.
 
-    Interleaved pairs (x[2i], x[2i+1]) of each head are rotated by angle
-    pos / factor * theta ** (-2i / head_size); angles in float64, cos/sin cast to float32.
+    Interleaved pairs (x[2i], x[2i+1]) of each head are rotated by angle pos * freqs[i], with
+    freqs (head_size/2,) given (Config.rope_frequencies) or theta ** (-2i / head_size) / factor;
+    angles in float64, cos/sin cast to float32.
     """
     x2 = np.atleast_2d(x)
     T, n = x2.shape
     pos = np.broadcast_to(np.asarray(pos, dtype=np.float64), (T,))
-    freq = 1.0 / theta ** (np.arange(0, head_size, 2, dtype=np.float64) / head_size)   # (hs/2,)
-    angle = (pos / factor)[:, None] * freq[None, :]                                        # (T, hs/2)
+    if freqs is None:
+        freqs = theta ** (-np.arange(0, head_size, 2, dtype=np.float64) / head_size) / factor
+    angle = pos[:, None] * np.asarray(freqs, dtype=np.float64)[None, :]                   # (T, hs/2)
     cos = np.cos(angle).astype(F32)[:, None, :]                                            # (T, 1, hs/2)
     sin = np.sin(angle).astype(F32)[:, None, :]
     pairs = x2.reshape(T, n // head_size, head_size // 2, 2)                               # (T, H, hs/2, 2)
@@ -144,6 +147,7 @@ class ReferenceModel:
         self.config = config
         self.weights = weights
         self.wcls = weights["tok_embeddings"] if config.shared_classifier else weights["output"]
+        self.freqs = config.rope_frequencies()                   # (head_size/2,) RoPE frequencies
         shape = (config.n_layers, config.seq_len, config.kv_dim)
         self.key_cache = np.zeros(shape, dtype=F32)       # (n_layers, seq_len, kv_dim)
         self.value_cache = np.zeros(shape, dtype=F32)     # (n_layers, seq_len, kv_dim)
@@ -190,8 +194,8 @@ class ReferenceModel:
             p = f"layers.{l}."
             # attention rmsnorm, then q, k, v projections for these positions
             xb = rmsnorm(x, w[p + "attention_norm"], c.norm_eps)
-            q = rope(matmul(xb, w[p + "wq"]), positions, c.rope_theta, c.head_size, c.rope_factor)
-            k = rope(matmul(xb, w[p + "wk"]), positions, c.rope_theta, c.head_size, c.rope_factor)
+            q = rope(matmul(xb, w[p + "wq"]), positions, c.rope_theta, c.head_size, freqs=self.freqs)
+            k = rope(matmul(xb, w[p + "wk"]), positions, c.rope_theta, c.head_size, freqs=self.freqs)
             # save key, value at these time steps to the kv cache
             key_cache[l, pos0:pos0 + T] = k
             value_cache[l, pos0:pos0 + T] = matmul(xb, w[p + "wv"])

@@ -257,21 +257,22 @@ def softmax(float[::1] x, simd=None):
     return x
 
 
-def rope_tables(int64_t seq_len, int64_t head_size, float theta, float factor=1.0):
-    """(cos, sin) tables of shape (seq_len, head_size/2) as the engine computes them."""
-    if head_size <= 0 or head_size % 2 or seq_len <= 0 or not theta > 0 or not factor > 0:
-        raise ValueError("rope_tables: need seq_len > 0, an even head_size > 0, theta > 0, factor > 0")
-    cdef l2c_config c
-    c.head_size = head_size
-    c.seq_len = seq_len
-    c.rope_theta = theta
-    c.rope_factor = factor
-    cos_t = np.empty((seq_len, head_size // 2), dtype=np.float32)
-    sin_t = np.empty((seq_len, head_size // 2), dtype=np.float32)
-    cdef float[:, ::1] cv = cos_t, sv = sin_t
-    with nogil:
-        l2c_rope_tables(&cv[0, 0], &sv[0, 0], &c)
-    return cos_t, sin_t
+def rope_tables(int64_t n_positions, int64_t head_size, double theta=10000.0, double factor=1.0,
+                freqs=None):
+    """(cos, sin) float32 tables (n_positions, head_size/2) of angle p * freqs[i]; freqs
+    default to theta^(-2i/head_size) / factor (Config.rope_frequencies gives scaled ones).
+    Angles in float64, as the NumPy reference computes them."""
+    if head_size <= 0 or head_size % 2 or n_positions <= 0:
+        raise ValueError("rope_tables: need n_positions > 0 and an even head_size > 0")
+    if freqs is None:
+        if not theta > 0 or not factor > 0:
+            raise ValueError("rope_tables: need theta > 0 and factor > 0")
+        freqs = theta ** (-np.arange(0, head_size, 2, dtype=np.float64) / head_size) / factor
+    freqs = np.asarray(freqs, dtype=np.float64)
+    if freqs.shape != (head_size // 2,) or not np.isfinite(freqs).all():
+        raise ValueError(f"rope_tables: freqs must be {head_size // 2} finite numbers")
+    angle = np.arange(n_positions, dtype=np.float64)[:, None] * freqs[None, :]
+    return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
 
 
 def rope(float[:, ::1] x, const int64_t[::1] pos, const float[:, ::1] cos_t,
@@ -441,14 +442,14 @@ cdef class Engine:
         self.layers = NULL
 
     def __init__(self, config, dict weights, simd=None, max_positions=None):
-        """max_positions: positions to prepare RoPE tables for (default config.seq_len); no
-        session of this engine can hold more."""
+        """max_positions: positions to prepare RoPE tables for (default config.seq_len, at most
+        config.max_context); no session of this engine can hold more."""
         cdef int64_t i
         self.config = config
         if max_positions is None:
             max_positions = config.seq_len
-        if not 0 < max_positions <= config.seq_len:
-            raise ValueError(f"max_positions must be in [1, {config.seq_len}], got {max_positions}")
+        if not 0 < max_positions <= config.max_context:
+            raise ValueError(f"max_positions must be in [1, {config.max_context}], got {max_positions}")
         self._keep = []
         c = config
         self.m.cfg.dim = c.dim
@@ -459,8 +460,6 @@ cdef class Engine:
         self.m.cfg.head_size = c.head_size
         self.m.cfg.vocab_size = c.vocab_size
         self.m.cfg.seq_len = max_positions
-        self.m.cfg.rope_theta = c.rope_theta
-        self.m.cfg.rope_factor = c.rope_factor
         self.m.cfg.norm_eps = c.norm_eps
         self.m.cfg.group_size = 0
         cdef int64_t d = c.dim, h = c.hidden_dim, qd = c.n_heads * c.head_size
@@ -495,7 +494,8 @@ cdef class Engine:
         self.m.rms_final = _vector(get("norm"), d, "norm", keep)
         cls = get("tok_embeddings") if c.shared_classifier else get("output")
         _fill_matrix(&self.m.wcls, cls, (c.vocab_size, d), "output", keep)
-        cos_t, sin_t = rope_tables(max_positions, c.head_size, c.rope_theta, c.rope_factor)
+        cos_t, sin_t = rope_tables(max_positions, c.head_size,
+                                   freqs=c.rope_frequencies(max_positions))
         self._rope = (cos_t, sin_t)
         cdef float[:, ::1] cv = cos_t, sv = sin_t
         self.m.rope_cos = &cv[0, 0]

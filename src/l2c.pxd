@@ -71,8 +71,6 @@ cdef extern from "llama2c.h" nogil:
         int64_t head_size
         int64_t vocab_size
         int64_t seq_len
-        float rope_theta
-        float rope_factor
         float norm_eps
         int32_t group_size
 
@@ -97,7 +95,6 @@ cdef extern from "llama2c.h" nogil:
         const float *rope_sin
         const l2c_kernels *k
 
-    void l2c_rope_tables(float *cos_t, float *sin_t, const l2c_config *cfg)
     int l2c_model_check(const l2c_model *m)
 
     ctypedef struct l2c_state:

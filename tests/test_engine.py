@@ -220,3 +220,48 @@ def test_kernel_info_and_simd_switch(monkeypatch):
     assert model.simd == "generic"
     with pytest.raises(ValueError, match="unknown SIMD"):
         model_pair("mha-shared", simd="mmx")
+
+
+# ---- RoPE scaling ---------------------------------------------------------------------------
+
+def test_rope_frequencies_for_each_scaling_type():
+    base = dict(dim=128, hidden_dim=64, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=10,
+                seq_len=8192, rope_theta=500000.0)
+    plain = Config(**base).rope_frequencies()
+    assert np.allclose(plain, 500000.0 ** (-np.arange(0, 64, 2) / 64))
+    linear = Config(**base, rope_scaling={"type": "linear", "factor": 4.0}).rope_frequencies()
+    assert np.allclose(linear, plain / 4)
+    llama3 = Config(**base, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 8192}).rope_frequencies()
+    wavelen = 2 * np.pi / plain
+    short, long = wavelen < 8192 / 4, wavelen > 8192
+    assert np.array_equal(llama3[short], plain[short])            # high frequencies kept
+    assert np.allclose(llama3[long], plain[long] / 8)              # low frequencies scaled
+    mid = ~short & ~long
+    assert mid.any() and np.all((llama3[mid] <= plain[mid]) & (llama3[mid] >= plain[mid] / 8))
+    dyn = Config(**base, rope_scaling={"type": "dynamic", "factor": 2.0})
+    assert np.array_equal(dyn.rope_frequencies(8192), plain)      # within the trained context
+    theta = 500000.0 * (2.0 * 16384 / 8192 - 1) ** (64 / 62)
+    assert np.allclose(dyn.rope_frequencies(16384), theta ** (-np.arange(0, 64, 2) / 64))
+    assert dyn.max_context == 16384
+    with pytest.raises(llama2c.ModelFormatError, match="unsupported rope scaling"):
+        Config(**base, rope_scaling={"type": "yarn", "factor": 2.0})
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 16},
+                                     {"type": "dynamic", "factor": 2.0}])
+def test_scaled_rope_models_match_reference(scaling):
+    cfg = Config(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50,
+                 seq_len=64, rope_scaling=scaling)
+    w = make_random_model(cfg, 4)
+    ids = list(np.random.default_rng(0).integers(0, 50, 60))
+    assert_logits_close(llama2c.Model(cfg, w).logits(ids), ReferenceModel(cfg, w).logits(ids))
+    if cfg.rope_type == "dynamic":       # beyond the trained context: NTK-scaled theta
+        long = llama2c.Model(cfg, w, context_length=128)
+        out = long.generate(ids, max_new_tokens=60, temperature=0, stop_token_ids=[])
+        assert len(out.token_ids) == 60
+        with pytest.raises(ValueError, match="context_length"):
+            llama2c.Model(cfg, w, context_length=129)

@@ -251,7 +251,7 @@ def test_load_unshared_classifier_and_defaults(tmp_path):
     cfg, weights, _ = load_gguf(tmp_path / "m.gguf")
     assert cfg.n_kv_heads == cfg.n_heads == 4 and not cfg.shared_classifier and cfg.head_dim == 16
     assert cfg.rope_theta == 10000.0 and cfg.norm_eps == pytest.approx(1e-5)
-    assert cfg.rope_scaling == {"type": "linear", "factor": 4.0} and cfg.rope_factor == 4.0
+    assert cfg.rope_scaling == {"type": "linear", "factor": 4.0} and cfg.rope_type == "linear"
     np.testing.assert_array_equal(weights["output"], expected["output"])
     np.testing.assert_array_equal(weights["layers.1.wk"], expected["layers.1.wk"])
 

@@ -186,7 +186,7 @@ def test_config_options_and_metadata(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "bos_token_id": 1}))
     cfg, _, meta = load_hf(tmp_path)
     assert cfg.n_kv_heads == 4 and cfg.rope_theta == 10000.0 and cfg.head_dim == 16
-    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0} and cfg.rope_factor == 2.0
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0} and cfg.rope_type == "linear"
     assert meta["eos_token_id"] == [2, 7] and meta["bos_token_id"] == 1
     # transformers 5 writes rope_theta inside rope_parameters
     conf = hf_config_json(TINY, rope_theta=None, rope_parameters={"rope_theta": 1e5, "rope_type": "default"})

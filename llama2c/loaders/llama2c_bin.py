@@ -263,7 +263,7 @@ def write_llama2c_bin(path, cfg: Config, weights: dict, version: int = 1, group_
     if version == 2:
         for name, cols in (("dim", cfg.dim), ("hidden_dim", cfg.hidden_dim)):
             check_group_size(group_size, cols, name)
-    if cfg.rope_theta != ROPE_THETA or cfg.norm_eps != NORM_EPS or cfg.rope_factor != 1.0:
+    if cfg.rope_theta != ROPE_THETA or cfg.norm_eps != NORM_EPS or cfg.rope_type != "default":
         warnings.warn(f"llama2.c formats cannot store rope_theta={cfg.rope_theta}, "
                       f"norm_eps={cfg.norm_eps} or rope scaling {cfg.rope_scaling}; readers will "
                       f"assume rope_theta={ROPE_THETA:g}, norm_eps={NORM_EPS:g} and no scaling",
