@@ -8,6 +8,7 @@ import pytest
 from llama2c.errors import ModelFormatError
 from llama2c.loaders.gguf import dequantize, load_gguf, read_gguf
 from llama2c.weights import QTensor
+from l2c_files import gguf_bytes
 
 F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, BF16 = 0, 1, 2, 3, 8, 12, 30
 TYPE_NAMES = {F32: "F32", F16: "F16", BF16: "BF16", Q8_0: "Q8_0", Q4_0: "Q4_0", Q4_1: "Q4_1"}
@@ -16,51 +17,10 @@ SMOLLM2 = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # ----------------------------------------------------------------------------- a minimal GGUF writer
 
-def _gguf_string(s) -> bytes:
-    b = s.encode("utf-8") if isinstance(s, str) else s
-    return struct.pack("<Q", len(b)) + b
-
-
-def _value_type(v) -> int:
-    if isinstance(v, bool):
-        return 7
-    if isinstance(v, int):
-        return 4 if v >= 0 else 5
-    if isinstance(v, float):
-        return 6
-    if isinstance(v, str):
-        return 8
-    if isinstance(v, list):
-        return 9
-    raise TypeError(v)
-
-
-def _gguf_value(v) -> bytes:
-    """Encoding of one value (without its type code)."""
-    vt = _value_type(v)
-    if vt == 9:
-        et = _value_type(v[0]) if v else 4
-        return struct.pack("<IQ", et, len(v)) + b"".join(_gguf_value(x) for x in v)
-    if vt == 8:
-        return _gguf_string(v)
-    return struct.pack({7: "<?", 4: "<I", 5: "<i", 6: "<f"}[vt], v)
-
-
 def write_gguf(path, metadata: dict, tensors: list, version=3, alignment=32, magic=b"GGUF"):
     """tensors: (name, ggml_type, numpy shape, raw bytes[, relative offset override])."""
-    out = bytearray(magic + struct.pack("<IQQ", version, len(tensors), len(metadata)))
-    for key, value in metadata.items():
-        out += _gguf_string(key) + struct.pack("<I", _value_type(value)) + _gguf_value(value)
-    offset, blobs = 0, []
-    for name, ggml_type, shape, raw, *override in tensors:
-        ne = list(reversed(shape))
-        out += _gguf_string(name) + struct.pack("<I", len(ne)) + struct.pack(f"<{len(ne)}Q", *ne)
-        out += struct.pack("<IQ", ggml_type, override[0] if override else offset)
-        blobs.append(raw + b"\0" * (-len(raw) % alignment))
-        offset += len(blobs[-1])
-    out += b"\0" * (-len(out) % alignment)
-    out += b"".join(blobs)
-    path.write_bytes(bytes(out))
+    data, _, _ = gguf_bytes(metadata, tensors, version, alignment)
+    path.write_bytes(magic + data[4:])
     return path
 
 
