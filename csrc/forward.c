@@ -25,7 +25,7 @@ static int matrix_ok(const l2c_matrix *w, int64_t rows, int64_t cols, int q8_typ
     if (w->type == L2C_F32) return w->f != NULL;
     if (w->type == q8_type)
         return w->q != NULL && w->s != NULL && w->group_size > 0 && w->group_size % 4 == 0 &&
-               cols % w->group_size == 0;
+               w->group_size <= 256 && cols % w->group_size == 0;
     return 0;
 }
 
@@ -40,8 +40,10 @@ int64_t l2c_q8p_s_size(int64_t rows, int64_t cols, int64_t gs) {
     return (rows + L2C_Q8_ROWS - 1) / L2C_Q8_ROWS * L2C_Q8_ROWS * (cols / gs);
 }
 
-int l2c_pack_q8(int8_t *restrict qp, float *restrict sp, const int8_t *restrict q,
-                const float *restrict s, int64_t rows, int64_t cols, int64_t gs) {
+int l2c_pack_q8(int8_t *restrict qp, float *restrict sp, float *restrict mp,
+                const int8_t *restrict q, const float *restrict s, const float *restrict m,
+                int64_t rows, int64_t cols, int64_t gs) {
+    if ((m == NULL) != (mp == NULL)) return L2C_ERR_ARG;
     if (rows < 0 || cols <= 0 || gs <= 0 || gs % 4 != 0 || cols % gs != 0) return L2C_ERR_ARG;
     const int64_t R = L2C_Q8_ROWS, ng = cols / gs, steps = gs / 4;
     const int64_t n_blocks = (rows + R - 1) / R;
@@ -50,6 +52,7 @@ int l2c_pack_q8(int8_t *restrict qp, float *restrict sp, const int8_t *restrict 
             for (int64_t r = 0; r < R; r++) {
                 const int64_t row = b * R + r;
                 sp[(b * ng + g) * R + r] = row < rows ? s[row * ng + g] : 0.0f;
+                if (m) mp[(b * ng + g) * R + r] = row < rows ? m[row * ng + g] : 0.0f;
                 for (int64_t j = 0; j < steps; j++)
                     for (int64_t c = 0; c < 4; c++)
                         qp[((b * ng + g) * steps + j) * 4 * R + r * 4 + c] = (int8_t)(
@@ -66,6 +69,7 @@ int l2c_model_check(const l2c_model *m) {
         c->n_kv_heads <= 0 || c->head_size <= 0 || c->vocab_size <= 0 || c->seq_len <= 0)
         return L2C_ERR_ARG;
     if (c->n_heads % c->n_kv_heads != 0 || c->head_size % 2 != 0) return L2C_ERR_ARG;
+    if (c->act_bits != 8 && c->act_bits != 16) return L2C_ERR_ARG;
     if (!(c->norm_eps >= 0.0f)) return L2C_ERR_ARG;
     const int64_t d = c->dim, h = c->hidden_dim, qd = c->n_heads * c->head_size,
                   kvd = c->n_kv_heads * c->head_size;
@@ -133,12 +137,17 @@ int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int64_t 
     s->logits = calloc((size_t)c->vocab_size, sizeof(float));
     s->key_cache = calloc((size_t)(c->n_layers * seq_len * s->kv_dim), sizeof(float));
     s->value_cache = calloc((size_t)(c->n_layers * seq_len * s->kv_dim), sizeof(float));
-    s->xq = calloc((size_t)(B * qwidth), 1);
-    s->xs = calloc((size_t)(B * (gs > 0 ? qwidth / gs + 1 : 1)), sizeof(float));
-    s->xsum = calloc((size_t)(B * (gs > 0 ? qwidth / gs + 1 : 1)), sizeof(int32_t));
+    const int64_t n_groups = B * (gs > 0 ? qwidth / gs + 1 : 1);
+    const int two = m->cfg.act_bits == 16;
+    s->xq.hi = calloc((size_t)(B * qwidth), 1);
+    s->xq.lo = two ? calloc((size_t)(B * qwidth), 1) : NULL;
+    s->xq.s = calloc((size_t)n_groups, sizeof(float));
+    s->xq.sum_hi = calloc((size_t)n_groups, sizeof(int32_t));
+    s->xq.sum_lo = two ? calloc((size_t)n_groups, sizeof(int32_t)) : NULL;
     s->pos = malloc((size_t)B * sizeof(int64_t));
     if (!s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->att || !s->logits ||
-        !s->key_cache || !s->value_cache || !s->xq || !s->xs || !s->xsum ||
+        !s->key_cache || !s->value_cache || !s->xq.hi || !s->xq.s || !s->xq.sum_hi ||
+        (two && (!s->xq.lo || !s->xq.sum_lo)) ||
         !s->pos) {
         l2c_state_free(s);
         return L2C_ERR_NOMEM;
@@ -149,7 +158,8 @@ int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int64_t 
 void l2c_state_free(l2c_state *s) {
     if (!s) return;
     free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2); free(s->q); free(s->att);
-    free(s->logits); free(s->key_cache); free(s->value_cache); free(s->xq); free(s->xs); free(s->xsum);
+    free(s->logits); free(s->key_cache); free(s->value_cache);
+    free(s->xq.hi); free(s->xq.lo); free(s->xq.s); free(s->xq.sum_hi); free(s->xq.sum_lo);
     free(s->pos);
     memset(s, 0, sizeof(*s));
 }
@@ -173,10 +183,10 @@ static void linear(const l2c_model *m, l2c_state *s, qcache *qc, float *out, con
     }
     const int64_t gs = W->group_size;
     if (qc->src != x || qc->T != T || qc->n != W->cols || qc->gs != gs) {
-        k->quantize_q8(s->xq, s->xs, s->xsum, x, T, W->cols, gs, s->n_threads);
+        k->quantize_q8(&s->xq, x, T, W->cols, gs, s->n_threads);
         qc->src = x; qc->T = T; qc->n = W->cols; qc->gs = gs;
     }
-    k->matmul_q8(out, s->xq, s->xs, s->xsum, W->q, W->s, T, W->cols, W->rows, gs, s->n_threads);
+    k->matmul_q8(out, &s->xq, W, T, s->n_threads);
 }
 
 // x (dim,) = row `token` of the embedding table (dequantized if int8)
@@ -188,7 +198,9 @@ static void embed(float *restrict x, const l2c_matrix *E, int64_t token) {
     }
     const int8_t *q = E->q + token * n;
     const float *sc = E->s + token * (n / E->group_size);
-    for (int64_t j = 0; j < n; j++) x[j] = (float)q[j] * sc[j / E->group_size];
+    const float *off = E->m ? E->m + token * (n / E->group_size) : NULL;
+    for (int64_t j = 0; j < n; j++)
+        x[j] = (float)q[j] * sc[j / E->group_size] + (off ? off[j / E->group_size] : 0.0f);
 }
 
 // one chunk of T <= max_batch tokens at positions pos0.. ; logits of every row if logits_all

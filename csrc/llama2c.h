@@ -64,15 +64,31 @@ typedef struct {
     const float *f;      // L2C_F32: (rows, cols)
     const int8_t *q;     // L2C_Q8: (rows, cols); L2C_Q8P: (ceil(rows/16)*16 * cols) packed
     const float *s;      // L2C_Q8: (rows, cols/gs); L2C_Q8P: (ceil(rows/16)*16 * cols/gs) packed
+    const float *m;      // NULL, or per-group offsets laid out as s: w = q * s + m (GGUF Q4_1)
 } l2c_matrix;
+
+// Quantized activations, T rows of n values in groups of gs (n/gs groups per row). 8-bit:
+// hi = round(x / s) with s = max|x| / 127. Two-plane ("15-bit"): v = round(x / s) with
+// s = max|x| / (127 * 128), split as v = 128 * hi + lo, hi = round(v / 128) in [-127, 127],
+// lo in [-64, 64]; each plane is an int8 operand of the same dot instructions, so the
+// activations keep 128x finer steps for twice the integer work (decode stays memory-bound).
+typedef struct {
+    int8_t *hi;          // (T, n)
+    int8_t *lo;          // (T, n), NULL for 8-bit activations
+    float *s;            // (T, n/gs) scales
+    int32_t *sum_hi;     // (T, n/gs) sums of hi over each group
+    int32_t *sum_lo;     // (T, n/gs) sums of lo (NULL for 8-bit)
+} l2c_qact;
 
 // Bytes of the packed arrays for a (rows, cols) matrix: q and s element counts.
 int64_t l2c_q8p_q_size(int64_t rows, int64_t cols);
 int64_t l2c_q8p_s_size(int64_t rows, int64_t cols, int64_t gs);
-// Pack row-major q (rows, cols), s (rows, cols/gs) into qp, sp (sizes above). L2C_OK or
-// L2C_ERR_ARG (gs not a positive multiple of 4 dividing cols).
-int l2c_pack_q8(int8_t *restrict qp, float *restrict sp, const int8_t *restrict q,
-                const float *restrict s, int64_t rows, int64_t cols, int64_t gs);
+// Pack row-major q (rows, cols), s (rows, cols/gs) and optional offsets m (like s; NULL: none)
+// into qp, sp, mp (sizes above; mp may be NULL when m is). L2C_OK or L2C_ERR_ARG (gs not a
+// positive multiple of 4 dividing cols).
+int l2c_pack_q8(int8_t *restrict qp, float *restrict sp, float *restrict mp,
+                const int8_t *restrict q, const float *restrict s, const float *restrict m,
+                int64_t rows, int64_t cols, int64_t gs);
 
 // ---------------------------------------------------------------------------------------------
 // kernels: one table per instruction set, each entry a scalar ("generic") twin in the generic
@@ -91,15 +107,12 @@ typedef struct l2c_kernels {
     // out (T, d) = X (T, n) @ W (d, n)^T                                [parallel over row blocks]
     void (*matmul_f32)(float *restrict out, const float *restrict x, const float *restrict w,
                        int64_t T, int64_t n, int64_t d, int n_threads);
-    // quantize X (T, n) row-wise into groups of gs: xq (T, n), xs (T, n/gs) and the groups'
-    // integer sums xsum (T, n/gs) (sum of xq over the group; the packed kernels need it)
-    void (*quantize_q8)(int8_t *restrict xq, float *restrict xs, int32_t *restrict xsum,
-                        const float *restrict x, int64_t T, int64_t n, int64_t gs, int n_threads);
-    // out (T, d) = Xq (T, n) @ Wq (d, n)^T with int32 accumulation per group, scaled per group;
-    // wq, ws in the packed L2C_Q8P layout (T == 1 is the decode matrix-vector product)
-    void (*matmul_q8)(float *restrict out, const int8_t *restrict xq, const float *restrict xs,
-                      const int32_t *restrict xsum, const int8_t *restrict wq,
-                      const float *restrict ws, int64_t T, int64_t n, int64_t d, int64_t gs,
+    // quantize X (T, n) row-wise into groups of gs (8-bit, or two planes when a->lo is set)
+    void (*quantize_q8)(const l2c_qact *a, const float *restrict x, int64_t T, int64_t n,
+                        int64_t gs, int n_threads);
+    // out (T, W->rows) = A (T, W->cols) @ W^T for a packed (L2C_Q8P) W, with exact int32 sums
+    // per group scaled per group (T == 1 is the decode matrix-vector product)
+    void (*matmul_q8)(float *restrict out, const l2c_qact *a, const l2c_matrix *W, int64_t T,
                       int n_threads);
     // o (T, n) = x * w / sqrt(mean(x^2) + eps), row-wise                [parallel over rows]
     void (*rmsnorm)(float *restrict o, const float *restrict x, const float *restrict w,
@@ -154,6 +167,7 @@ typedef struct {
     int64_t seq_len;      // positions the RoPE tables cover (the most a state can hold)
     float norm_eps;       // RMSNorm epsilon
     int32_t group_size;   // informational: group size of the int8 matrices, 0 for fp32
+    int32_t act_bits;     // activations of int8 matmuls: 8, or 16 (two planes, see l2c_qact)
 } l2c_config;
 
 // layer matrices are L2C_F32 or L2C_Q8P
@@ -200,9 +214,7 @@ typedef struct {
     float *logits;       // (vocab_size,)      logits of the last token of the last forward
     float *key_cache;    // (n_layers, seq_len, kv_dim)
     float *value_cache;  // (n_layers, seq_len, kv_dim)
-    int8_t *xq;          // (max_batch, max(dim, hidden_dim, q_dim)) quantized activations
-    float *xs;           // (max_batch, max(...) / group_size) activation scales
-    int32_t *xsum;       // (max_batch, max(...) / group_size) activation group sums
+    l2c_qact xq;         // quantized activations, (max_batch, max(dim, hidden_dim, q_dim))
     int64_t *pos;        // (max_batch,)
 } l2c_state;
 

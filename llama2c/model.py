@@ -75,7 +75,7 @@ class Model:
 
     def __init__(self, config: Config, weights: dict, tokenizer=None, n_threads: int | None = None,
                  context_length: int | None = None, simd: str | None = None,
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, act_bits: int = 16):
         validate_weights(config, weights)
         self.config = config
         self.weights = weights
@@ -89,7 +89,7 @@ class Model:
             context_length = config.seq_len
         self.context_length = _number("context_length", context_length, integer=True, minimum=1,
                                       maximum=config.max_context)
-        self._engine = _engine.Engine(config, weights, simd, self.context_length)
+        self._engine = _engine.Engine(config, weights, simd, self.context_length, act_bits)
         self.n_threads = default_threads() if n_threads is None else n_threads
         self._pool = []
         self._pool_lock = threading.Lock()
@@ -99,7 +99,7 @@ class Model:
     @classmethod
     def load(cls, path, tokenizer=None, dtype: str | None = None, n_threads: int | None = None,
              context_length: int | None = None, group_size: int | None = None,
-             simd: str | None = None) -> "Model":
+             simd: str | None = None, act_bits: int = 16) -> "Model":
         """Load a model file: a llama2.c checkpoint (.bin v0/v1/v2), a GGUF file, or a Hugging
         Face directory.
 
@@ -107,18 +107,26 @@ class Model:
             to take the one the model file carries (GGUF, Hugging Face) or a tokenizer.bin
             beside a llama2.c checkpoint; without one the model works on token ids.
         dtype: None (as stored: int8 for quantized files, else fp32), "fp32" or "int8"
-            (quantizes at load time with group_size, default 64, or 32 for GGUF files).
+            (quantizes at load time with group_size, default 64; GGUF Q8_0/Q4_0/Q4_1 blocks map
+            exactly to int8 groups of 32).
         n_threads: threads for the kernels (default: the cores this process may use).
         context_length: positions of the KV cache (default: the model's; beyond it only with
             dynamic NTK rope scaling, up to seq_len x factor).
         simd: kernel table ("auto", "generic", "avx2", "avx512"); default LLAMA2C_SIMD or auto.
+        act_bits: activations of the int8 matmuls: 16 (two int8 planes, the default: about as
+            accurate as the int8 weights allow) or 8 (llama2.c runq.c's scheme: faster prefill,
+            coarser).
         """
         from .loaders import load_any
         from .tokenizer import Tokenizer
 
         if dtype not in (None, "fp32", "int8"):
             raise ValueError(f"dtype must be None, 'fp32' or 'int8', got {dtype!r}")
-        config, weights, metadata = load_any(path, dtype=None)
+        if dtype is None and _quantized_gguf(path):
+            dtype = "int8"
+        # the loaders' own int8 conversion keeps quantized blocks exact (GGUF)
+        config, weights, metadata = load_any(
+            path, dtype="int8" if dtype == "int8" and group_size is None else None)
         stored = _weights_dtype(weights)
         if dtype is None:
             dtype = "int8" if stored in ("int8", "mixed") else "fp32"
@@ -132,7 +140,7 @@ class Model:
         elif tokenizer is None:
             tokenizer = _tokenizer_from_model(path, metadata, config.vocab_size)
         model = cls(config, weights, tokenizer, n_threads=n_threads, context_length=context_length,
-                    simd=simd, metadata=metadata)
+                    simd=simd, metadata=metadata, act_bits=act_bits)
         model.path = str(path)
         return model
 
@@ -157,19 +165,24 @@ class Model:
         return self._engine.simd
 
     @property
+    def act_bits(self) -> int:
+        """8 or 16: activation precision of the int8 matmuls."""
+        return self._engine.act_bits
+
+    @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
     def weight_bytes(self) -> int:
         """Bytes of weights read per decoded token (every matrix once, one embedding row)."""
-        total = 0
-        for name, t in self.weights.items():
-            if name == "tok_embeddings":
-                continue
-            total += t.q.nbytes + t.s.nbytes if isinstance(t, QTensor) else t.nbytes
+        def nbytes(t):
+            if isinstance(t, QTensor):
+                return t.q.nbytes + t.s.nbytes + (t.m.nbytes if t.m is not None else 0)
+            return t.nbytes
+
+        total = sum(nbytes(t) for name, t in self.weights.items() if name != "tok_embeddings")
         if self.config.shared_classifier:
-            t = self.weights["tok_embeddings"]
-            total += t.q.nbytes + t.s.nbytes if isinstance(t, QTensor) else t.nbytes
+            total += nbytes(self.weights["tok_embeddings"])
         return total
 
     # ---- sessions ----------------------------------------------------------------------------
@@ -337,6 +350,19 @@ class Model:
         return (f"Model(dim={c.dim}, n_layers={c.n_layers}, n_heads={c.n_heads}, "
                 f"n_kv_heads={c.n_kv_heads}, vocab_size={c.vocab_size}, dtype={self.dtype!r}, "
                 f"simd={self.simd!r}, n_threads={self.n_threads})")
+
+
+def _quantized_gguf(path) -> bool:
+    """True for a GGUF file whose matrices are stored quantized (Q8_0, Q4_0, Q4_1, ...)."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return False
+    except OSError:
+        return False                       # the loader reports it
+    from .loaders.gguf import read_gguf
+    return any(t.type_name not in ("F32", "F16", "BF16") for t in read_gguf(p).tensors.values())
 
 
 def _tokenizer_from_model(path, metadata, vocab_size):

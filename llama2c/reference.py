@@ -4,7 +4,9 @@ Function names match the C kernels (csrc/, llama2c.h) so tests pair them 1:1: rm
 quantize_q8, rope, softmax, swiglu, attention. Every matrix is (out, in) and y = W @ x.
 The int8 path follows runq.c: activations are quantized per row in groups of the weight's
 group size, each group's product is an exact integer dot, and the scales are applied in
-float32 group by group. float32 everywhere except the RoPE angles (float64, then cast).
+float32 group by group. Activations are quantized to int8 (act_bits=8, as runq.c) or to the
+"two-plane" 15-bit codes v = 128 * xh + xl (act_bits=16, see quantize_q8); weights with
+per-group offsets (QTensor.m, GGUF Q4_1) add an offset term per group (see matmul_q8). float32 everywhere except the RoPE angles (float64, then cast).
 
 ReferenceModel is also the NumPy speed baseline for the benchmarks, so its one-token `forward`
 uses matrix-vector BLAS on contiguous weights and a preallocated KV cache.
@@ -30,44 +32,98 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return w * (x * (F32(1.0) / np.sqrt(ss)))
 
 
-def quantize_q8(x: np.ndarray, group_size: int) -> tuple:
-    """x (T, n) or (n,) -> (xq int8 same shape, xs float32 (T, n/gs) or (n/gs,)).
+TWO_PLANE_MAX = 127 * 128      # 16256: largest |v| of a two-plane (15-bit) activation code
+ACT_BITS = (8, 16)
 
+
+def quantize_q8(x: np.ndarray, group_size: int, bits: int = 8) -> tuple:
+    """Quantize activations per row in groups of `group_size`.
+
+    bits=8: x (T, n) or (n,) -> (xq int8 same shape, xs float32 (T, n/gs) or (n/gs,)).
     Per row, each group of `group_size` values gets scale = max|x| / 127 and q = round(x / scale),
     exactly as llama2c.weights.quantize_q8 (round half to even, 0 scale for an all-zero group).
+
+    bits=16, the "two-plane" 15-bit scheme: -> (xh int8, xl int8, xs float32). Per group
+    s = max|x| / 16256 (16256 = 127 * 128; 0 for an all-zero group) and
+    v = rint(x * (1/s)) in float32 (the float32 inverse, round half to even; 0 when s = 0),
+    so v lies in [-16256, 16256]; then xh = rint(v / 128) in [-127, 127] and
+    xl = v - 128 * xh in [-64, 64], both int8, and v = 128 * xh + xl exactly.
     """
+    if bits == 8:
+        x2 = np.atleast_2d(np.asarray(x, dtype=F32))
+        qt = _quantize_matrix(x2, group_size, "activation")
+        if np.ndim(x) == 1:
+            return qt.q[0], qt.s[0]
+        return qt.q, qt.s
+    if bits != 16:
+        raise ValueError(f"activation bits must be 8 or 16, got {bits!r}")
     x2 = np.atleast_2d(np.asarray(x, dtype=F32))
-    qt = _quantize_matrix(x2, group_size, "activation")
+    if x2.ndim != 2:
+        raise ValueError(f"activation: expected a 1-D or 2-D array, got shape {np.shape(x)}")
+    T, n = x2.shape
+    if not isinstance(group_size, (int, np.integer)) or group_size <= 0 or n % group_size:
+        raise ValueError(f"group size {group_size!r} does not divide the activation width {n}")
+    g = x2.reshape(T, n // group_size, group_size)
+    scale = (np.abs(g).max(axis=2) / F32(TWO_PLANE_MAX)).astype(F32)
+    inv = np.divide(F32(1.0), scale, out=np.zeros_like(scale), where=scale != 0)
+    v = np.rint(g * inv[:, :, None]).astype(np.int32)                  # [-16256, 16256]
+    xh = np.rint(v.astype(F32) / F32(128.0)).astype(np.int32)          # v/128 is exact in float32
+    xl = v - 128 * xh
+    xh = xh.astype(np.int8).reshape(T, n)
+    xl = xl.astype(np.int8).reshape(T, n)
     if np.ndim(x) == 1:
-        return qt.q[0], qt.s[0]
-    return qt.q, qt.s
+        return xh[0], xl[0], scale[0]
+    return xh, xl, scale
 
 
-def matmul_q8(xq: np.ndarray, xs: np.ndarray, w: QTensor) -> np.ndarray:
-    """xq int8 (T, n), xs (T, n/gs), w QTensor (d, n) -> float32 (T, d).
+def matmul_q8(xq: np.ndarray, xs: np.ndarray, w: QTensor, xl: np.ndarray | None = None) -> np.ndarray:
+    """xq int8 (T, n), xs (T, n/gs), w QTensor (d, n) [, xl int8 (T, n)] -> float32 (T, d).
 
-    out[t, i] = sum over groups g of float(int_dot(xq[t, g], wq[i, g])) * ws[i, g] * xs[t, g],
-    the integer dots exact and the sum over g in float32, in order
-    (runq.c: `val += ((float) ival) * w->s[(in + j) / GS] * x->s[j / GS];`).
+    The activation codes are v = xq (8-bit) or, with xl given (two-plane 16-bit activations,
+    quantize_q8(..., bits=16)), v = 128 * xq + xl (exact int32). Per group g, in order:
+
+        out[t, i] += float(int_dot(v[t, g], wq[i, g])) * ws[i, g] * xs[t, g]
+        out[t, i] += wm[i, g] * xs[t, g] * float(sum(v[t, g]))      only when w.m is not None
+
+    the integer dot and sum exact, every product and sum in float32, evaluated left to right
+    (runq.c: `val += ((float) ival) * w->s[(in + j) / GS] * x->s[j / GS];`). The second line is
+    the per-group offset (GGUF Q4_1 min) term: sum_k (q_k * s + m) * v_k * xs.
     """
     gs = w.group_size
     T, n = xq.shape
+    if xl is None:
+        v = xq
+        vmax = 127
+    else:
+        v = 128 * xq.astype(np.int32) + xl.astype(np.int32)
+        vmax = TWO_PLANE_MAX
     # Integer-valued floats add exactly while every partial sum stays below 2**24 (float32)
-    # or 2**53 (float64): |partial sum| <= gs * 127 * 127, so float32 is exact for gs <= 1040.
-    acc = F32 if gs * 127 * 127 < 2 ** 24 else np.float64
+    # or 2**53 (float64): |partial sum| <= gs * vmax * 127.
+    acc = F32 if gs * vmax * 127 < 2 ** 24 else np.float64
     out = np.zeros((T, w.q.shape[0]), dtype=F32)
     for g in range(n // gs):
         cols = slice(g * gs, (g + 1) * gs)
-        ival = xq[:, cols].astype(acc) @ w.q[:, cols].astype(acc).T    # (T, d) exact integers
+        vg = v[:, cols]
+        ival = vg.astype(acc) @ w.q[:, cols].astype(acc).T               # (T, d) exact integers
         out += (ival.astype(F32) * w.s[:, g]) * xs[:, g, None]
+        if w.m is not None:
+            vsum = vg.sum(axis=1, dtype=np.int64).astype(F32)            # (T,) exact integers
+            out += (w.m[:, g] * xs[:, g, None]) * vsum[:, None]
     return out
 
 
-def matmul(x: np.ndarray, w) -> np.ndarray:
-    """x (T, n) or (n,), w (d, n) float32 ndarray or QTensor -> (T, d) or (d,) = x @ w.T."""
+def matmul(x: np.ndarray, w, act_bits: int = 8) -> np.ndarray:
+    """x (T, n) or (n,), w (d, n) float32 ndarray or QTensor -> (T, d) or (d,) = x @ w.T.
+    With a QTensor, activations are quantized with act_bits 8 (int8) or 16 (two-plane)."""
     if isinstance(w, QTensor):
         x2 = np.atleast_2d(x)
-        out = matmul_q8(*quantize_q8(x2, w.group_size), w)
+        if act_bits == 16:
+            xh, xl, xs = quantize_q8(x2, w.group_size, bits=16)
+            out = matmul_q8(xh, xs, w, xl)
+        elif act_bits == 8:
+            out = matmul_q8(*quantize_q8(x2, w.group_size), w)
+        else:
+            raise ValueError(f"act_bits must be 8 or 16, got {act_bits!r}")
         return out[0] if x.ndim == 1 else out
     if x.ndim == 1:
         return w @ x                         # W (d,n) @ x (n,) -> (d,): BLAS gemv
@@ -142,8 +198,11 @@ class ReferenceModel:
     """A Llama-architecture transformer in NumPy: batched `logits`, one-step `forward` with a
     KV cache held on the object, greedy `generate`. Weights: the llama2c.weights dict."""
 
-    def __init__(self, config: Config, weights: dict):
+    def __init__(self, config: Config, weights: dict, act_bits: int = 8):
+        if act_bits not in ACT_BITS:
+            raise ValueError(f"act_bits must be 8 or 16, got {act_bits!r}")
         validate_weights(config, weights, "ReferenceModel")
+        self.act_bits = act_bits          # activation quantization of every QTensor matmul
         self.config = config
         self.weights = weights
         self.wcls = weights["tok_embeddings"] if config.shared_classifier else weights["output"]
@@ -153,14 +212,15 @@ class ReferenceModel:
         self.value_cache = np.zeros(shape, dtype=F32)     # (n_layers, seq_len, kv_dim)
 
     @classmethod
-    def load(cls, path, dtype: str | None = None) -> "ReferenceModel":
-        """Load any supported model file (GGUF, Hugging Face, llama2.c .bin)."""
+    def load(cls, path, dtype: str | None = None, act_bits: int = 8) -> "ReferenceModel":
+        """Load any supported model file (GGUF, Hugging Face, llama2.c .bin); act_bits 8 or 16
+        picks the activation quantization for int8 weights."""
         try:
             from .loaders import load_any
         except ImportError:
             from .loaders.llama2c_bin import load_llama2c_bin as load_any
         config, weights, _ = load_any(path, dtype=dtype)
-        return cls(config, weights)
+        return cls(config, weights, act_bits)
 
     def reset(self) -> None:
         """Forget the KV cache (zero it)."""
@@ -171,14 +231,12 @@ class ReferenceModel:
         """tokens (T,) -> float32 (T, dim) rows of the token embedding (dequantized if int8)."""
         emb = self.weights["tok_embeddings"]
         if isinstance(emb, QTensor):
-            T, gs = len(tokens), emb.group_size
-            rows = emb.q[tokens].astype(F32).reshape(T, -1, gs) * emb.s[tokens][:, :, None]
-            return rows.reshape(T, -1)
+            return emb.dequantize_rows(tokens)
         return emb[tokens].astype(F32)
 
     def _run(self, tokens, pos0: int, key_cache: np.ndarray, value_cache: np.ndarray) -> np.ndarray:
         """tokens (T,) at positions pos0..pos0+T-1, filling the caches -> logits (T, vocab)."""
-        c, w = self.config, self.weights
+        c, w, bits = self.config, self.weights, self.act_bits
         tokens = np.asarray(tokens, dtype=np.int64)
         T = len(tokens)
         if T == 0:
@@ -194,19 +252,19 @@ class ReferenceModel:
             p = f"layers.{l}."
             # attention rmsnorm, then q, k, v projections for these positions
             xb = rmsnorm(x, w[p + "attention_norm"], c.norm_eps)
-            q = rope(matmul(xb, w[p + "wq"]), positions, c.rope_theta, c.head_size, freqs=self.freqs)
-            k = rope(matmul(xb, w[p + "wk"]), positions, c.rope_theta, c.head_size, freqs=self.freqs)
+            q = rope(matmul(xb, w[p + "wq"], bits), positions, c.rope_theta, c.head_size, freqs=self.freqs)
+            k = rope(matmul(xb, w[p + "wk"], bits), positions, c.rope_theta, c.head_size, freqs=self.freqs)
             # save key, value at these time steps to the kv cache
             key_cache[l, pos0:pos0 + T] = k
-            value_cache[l, pos0:pos0 + T] = matmul(xb, w[p + "wv"])
+            value_cache[l, pos0:pos0 + T] = matmul(xb, w[p + "wv"], bits)
             att = attention(q, key_cache[l], value_cache[l], pos0, c.n_heads, c.n_kv_heads)
             # residual connection: x = x + self.attention.forward(self.attention_norm(x), ...)
-            x = x + matmul(att, w[p + "wo"])
+            x = x + matmul(att, w[p + "wo"], bits)
             # FFN in PyTorch: self.w2(F.silu(self.w1(x)) * self.w3(x))
             xb = rmsnorm(x, w[p + "ffn_norm"], c.norm_eps)
-            x = x + matmul(swiglu(matmul(xb, w[p + "w1"]), matmul(xb, w[p + "w3"])), w[p + "w2"])
+            x = x + matmul(swiglu(matmul(xb, w[p + "w1"], bits), matmul(xb, w[p + "w3"], bits)), w[p + "w2"], bits)
         # final rmsnorm and classifier into logits
-        return matmul(rmsnorm(x, w["norm"], c.norm_eps), self.wcls)
+        return matmul(rmsnorm(x, w["norm"], c.norm_eps), self.wcls, bits)
 
     def logits(self, token_ids) -> np.ndarray:
         """token_ids (T,) from position 0, fresh cache (not the object's) -> float32 (T, vocab)."""

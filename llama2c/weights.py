@@ -38,6 +38,7 @@ class QTensor:
     q: np.ndarray          # int8, (rows, cols)
     s: np.ndarray          # float32, (rows, cols // group_size)
     group_size: int
+    m: np.ndarray | None = None   # float32 per-group offsets, same shape as s: w = q * s + m
 
     @property
     def shape(self):
@@ -47,7 +48,18 @@ class QTensor:
         rows, cols = self.q.shape
         gs = self.group_size
         w = self.q.reshape(rows, cols // gs, gs).astype(np.float32) * self.s.reshape(rows, cols // gs, 1)
+        if self.m is not None:
+            w += self.m.reshape(rows, cols // gs, 1)
         return w.reshape(rows, cols)
+
+    def dequantize_rows(self, rows) -> np.ndarray:
+        """float32 (len(rows), cols): the given rows only (e.g. token embedding lookups)."""
+        rows = np.asarray(rows)
+        n, gs = len(rows), self.group_size
+        w = self.q[rows].astype(np.float32).reshape(n, -1, gs) * self.s[rows][:, :, None]
+        if self.m is not None:
+            w += self.m[rows][:, :, None]
+        return w.reshape(n, -1)
 
 
 def check_group_size(group_size: int, cols: int, name: str = "tensor") -> None:
@@ -113,6 +125,12 @@ def validate_weights(cfg, weights: dict, source: str = "model") -> None:
                                        f"expected {(shape[0], shape[1] // t.group_size)}")
             if not np.isfinite(t.s).all():
                 raise ModelFormatError(f"{source}: tensor {name!r} has a NaN or infinite scale")
+            if t.m is not None:
+                if t.m.shape != t.s.shape or t.m.dtype != np.float32:
+                    raise ModelFormatError(f"{source}: tensor {name!r} has offsets of shape {t.m.shape} "
+                                           f"{t.m.dtype}, expected {t.s.shape} float32")
+                if not np.isfinite(t.m).all():
+                    raise ModelFormatError(f"{source}: tensor {name!r} has a NaN or infinite offset")
         else:
             if tuple(t.shape) != shape:
                 raise ModelFormatError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
@@ -122,7 +140,9 @@ def validate_weights(cfg, weights: dict, source: str = "model") -> None:
 
 def quantize_weights(cfg, weights: dict, group_size: int = 64, progress=None) -> dict:
     """Return a new dict with every matrix (embedding and classifier included) int8-quantized;
-    norms stay fp32. Raises ValueError if group_size does not divide an input dimension."""
+    norms stay fp32. QTensors already at `group_size` are kept as they are (offsets m included);
+    others are requantized (symmetric) from their dequantized values.
+    Raises ValueError if group_size does not divide an input dimension."""
     out = {}
     items = list(weights.items())
     for name, t in items:

@@ -142,91 +142,141 @@ def matmul(float[:, ::1] out, const float[:, ::1] x, const float[:, ::1] w, simd
 
 
 def quantize_q8(int8_t[:, ::1] xq, float[:, ::1] xs, const float[:, ::1] x, int64_t group_size,
-                simd=None, int n_threads=1, int32_t[:, ::1] xsum=None):
-    """Group-wise int8 quantization of x (T, n) into xq (T, n), scales xs (T, n/gs) and, if
-    given, the groups' integer sums xsum (T, n/gs)."""
+                simd=None, int n_threads=1, int32_t[:, ::1] xsum=None, int8_t[:, ::1] xl=None,
+                int32_t[:, ::1] xsum_lo=None):
+    """Group-wise quantization of x (T, n): 8-bit into xq (T, n) with scales xs (T, n/gs), or,
+    when xl (T, n) is given, two planes v = 128 * xq + xl (see csrc/llama2c.h l2c_qact).
+    xsum / xsum_lo (T, n/gs), if given, receive the planes' group sums."""
     cdef const l2c_kernels *k = _table(simd)
     cdef int64_t T = x.shape[0], n = x.shape[1]
     if group_size <= 0 or n % group_size != 0:
         raise ValueError(f"group size {group_size} must be positive and divide {n}")
+    cdef int64_t ng = n // group_size
     if xq.shape[0] != T or xq.shape[1] != n:
         raise _shape_error("xq", (xq.shape[0], xq.shape[1]), (T, n))
-    if xs.shape[0] != T or xs.shape[1] != n // group_size:
-        raise _shape_error("xs", (xs.shape[0], xs.shape[1]), (T, n // group_size))
+    if xl is not None and (xl.shape[0] != T or xl.shape[1] != n):
+        raise _shape_error("xl", (xl.shape[0], xl.shape[1]), (T, n))
+    if xs.shape[0] != T or xs.shape[1] != ng:
+        raise _shape_error("xs", (xs.shape[0], xs.shape[1]), (T, ng))
     if xsum is None:
-        xsum = np.empty((T, n // group_size), dtype=np.int32)
-    elif xsum.shape[0] != T or xsum.shape[1] != n // group_size:
-        raise _shape_error("xsum", (xsum.shape[0], xsum.shape[1]), (T, n // group_size))
+        xsum = np.empty((T, ng), dtype=np.int32)
+    if xsum_lo is None:
+        xsum_lo = np.empty((T, ng), dtype=np.int32)
+    if xsum.shape[0] != T or xsum.shape[1] != ng or xsum_lo.shape[0] != T or xsum_lo.shape[1] != ng:
+        raise ValueError(f"xsum and xsum_lo must have shape {(T, ng)}")
     n_threads = _nt(n_threads)
     if T == 0 or n == 0:
         return xq, xs
+    cdef l2c_qact a
+    a.hi = &xq[0, 0]
+    a.lo = &xl[0, 0] if xl is not None else NULL
+    a.s = &xs[0, 0]
+    a.sum_hi = &xsum[0, 0]
+    a.sum_lo = &xsum_lo[0, 0] if xl is not None else NULL
     with nogil:
-        k.quantize_q8(&xq[0, 0], &xs[0, 0], &xsum[0, 0], &x[0, 0], T, n, group_size, n_threads)
+        k.quantize_q8(&a, &x[0, 0], T, n, group_size, n_threads)
     return xq, xs
 
 
-def pack_q8(const int8_t[:, ::1] wq, const float[:, ::1] ws, int64_t group_size):
-    """Pack a row-major int8 matrix wq (d, n) with scales ws (d, n/gs) into the kernels'
-    16-row block layout (see csrc/llama2c.h); returns (qp int8 1-D, sp float32 1-D)."""
+def pack_q8(const int8_t[:, ::1] wq, const float[:, ::1] ws, int64_t group_size, wm=None):
+    """Pack a row-major int8 matrix wq (d, n) with scales ws (d, n/gs) and optional offsets wm
+    (like ws) into the kernels' 16-row block layout (see csrc/llama2c.h); returns
+    (qp int8 1-D, sp float32 1-D, mp float32 1-D or None)."""
     cdef int64_t d = wq.shape[0], n = wq.shape[1]
-    if group_size <= 0 or group_size % 4 or n % group_size:
-        raise ValueError(f"group size {group_size} must be a positive multiple of 4 dividing {n}")
+    if group_size <= 0 or group_size % 4 or group_size > 256 or n % group_size:
+        raise ValueError(f"group size {group_size} must be a multiple of 4, at most 256, dividing {n}")
     if ws.shape[0] != d or ws.shape[1] != n // group_size:
         raise _shape_error("ws", (ws.shape[0], ws.shape[1]), (d, n // group_size))
+    cdef const float[:, ::1] mv
+    cdef const float *mptr = NULL
+    cdef float *mpptr = NULL
     qp = np.zeros(l2c_q8p_q_size(d, n), dtype=np.int8)
     sp = np.zeros(l2c_q8p_s_size(d, n, group_size), dtype=np.float32)
+    mp = None
     cdef int8_t[::1] qv = qp
     cdef float[::1] sv = sp
+    cdef float[::1] mpv
+    if wm is not None:
+        mv = wm
+        if mv.shape[0] != d or mv.shape[1] != n // group_size:
+            raise _shape_error("wm", (mv.shape[0], mv.shape[1]), (d, n // group_size))
+        mp = np.zeros(l2c_q8p_s_size(d, n, group_size), dtype=np.float32)
+        mpv = mp
+        if d:
+            mptr = &mv[0, 0]
+            mpptr = &mpv[0]
     cdef int rc
     if d == 0:
-        return qp, sp
+        return qp, sp, mp
     with nogil:
-        rc = l2c_pack_q8(&qv[0], &sv[0], &wq[0, 0], &ws[0, 0], d, n, group_size)
+        rc = l2c_pack_q8(&qv[0], &sv[0], mpptr, &wq[0, 0], &ws[0, 0], mptr, d, n, group_size)
     _check(rc, "pack_q8")
-    return qp, sp
+    return qp, sp, mp
 
 
 def matmul_q8_packed(float[:, ::1] out, const int8_t[:, ::1] xq, const float[:, ::1] xs,
                      const int8_t[::1] qp, const float[::1] sp, int64_t group_size, simd=None,
-                     int n_threads=1, const int32_t[:, ::1] xsum=None):
-    """out (T, d) = dequant(xq, xs) (T, n) @ W^T with W packed by pack_q8 (d = out.shape[1]).
-    xsum (T, n/gs): the activation groups' integer sums (computed here when not given)."""
+                     int n_threads=1, const int32_t[:, ::1] xsum=None, const int8_t[:, ::1] xl=None,
+                     const int32_t[:, ::1] xsum_lo=None, const float[::1] mp=None):
+    """out (T, d) = A (T, n) @ W^T with W packed by pack_q8 (d = out.shape[1]); A is xq (8-bit)
+    or 128 * xq + xl (two planes), with scales xs (T, n/gs). Group sums are computed here
+    when not given."""
     cdef const l2c_kernels *k = _table(simd)
     cdef int64_t T = xq.shape[0], n = xq.shape[1], d = out.shape[1]
-    if group_size <= 0 or group_size % 4 or n % group_size:
-        raise ValueError(f"group size {group_size} must be a positive multiple of 4 dividing {n}")
+    if group_size <= 0 or group_size % 4 or group_size > 256 or n % group_size:
+        raise ValueError(f"group size {group_size} must be a multiple of 4, at most 256, dividing {n}")
     cdef int64_t ng = n // group_size
     if xs.shape[0] != T or xs.shape[1] != ng:
         raise _shape_error("xs", (xs.shape[0], xs.shape[1]), (T, ng))
+    if xl is not None and (xl.shape[0] != T or xl.shape[1] != n):
+        raise _shape_error("xl", (xl.shape[0], xl.shape[1]), (T, n))
     if out.shape[0] != T:
         raise _shape_error("out", (out.shape[0], out.shape[1]), (T, d))
     if qp.shape[0] != l2c_q8p_q_size(d, n) or sp.shape[0] != l2c_q8p_s_size(d, n, group_size):
         raise ValueError(f"packed weights do not hold a ({d}, {n}) matrix with group size {group_size}")
+    if mp is not None and mp.shape[0] != sp.shape[0]:
+        raise ValueError("packed offsets must have the size of the packed scales")
     if xsum is None:
         xsum = np.asarray(xq).reshape(T, ng, group_size).sum(axis=2, dtype=np.int32)
-    elif xsum.shape[0] != T or xsum.shape[1] != ng:
+    if xl is not None and xsum_lo is None:
+        xsum_lo = np.asarray(xl).reshape(T, ng, group_size).sum(axis=2, dtype=np.int32)
+    if xsum.shape[0] != T or xsum.shape[1] != ng:
         raise _shape_error("xsum", (xsum.shape[0], xsum.shape[1]), (T, ng))
     n_threads = _nt(n_threads)
     if T == 0 or d == 0:
         return out
+    cdef l2c_qact a
+    a.hi = <int8_t *>&xq[0, 0]
+    a.lo = <int8_t *>&xl[0, 0] if xl is not None else NULL
+    a.s = <float *>&xs[0, 0]
+    a.sum_hi = <int32_t *>&xsum[0, 0]
+    a.sum_lo = <int32_t *>&xsum_lo[0, 0] if xl is not None else NULL
+    cdef l2c_matrix W
+    W.type = L2C_Q8P
+    W.group_size = group_size
+    W.rows = d
+    W.cols = n
+    W.f = NULL
+    W.q = &qp[0]
+    W.s = &sp[0]
+    W.m = &mp[0] if mp is not None else NULL
     with nogil:
-        k.matmul_q8(&out[0, 0], &xq[0, 0], &xs[0, 0], &xsum[0, 0], &qp[0], &sp[0], T, n, d,
-                    group_size, n_threads)
+        k.matmul_q8(&out[0, 0], &a, &W, T, n_threads)
     return out
 
 
 def matmul_q8(float[:, ::1] out, const int8_t[:, ::1] xq, const float[:, ::1] xs,
               const int8_t[:, ::1] wq, const float[:, ::1] ws, int64_t group_size, simd=None,
-              int n_threads=1):
-    """out (T, d) = dequant(xq, xs) (T, n) @ dequant(wq, ws) (d, n)^T with int32 group sums
-    (wq row-major; packs it first: for tests. The model packs once at load)."""
+              int n_threads=1, xl=None, wm=None):
+    """out (T, d) = A (T, n) @ (wq * ws [+ wm]) (d, n)^T with exact int32 group sums (wq
+    row-major; packs it first: for tests. The model packs once at load)."""
     cdef int64_t d = wq.shape[0], n = xq.shape[1]
     if wq.shape[1] != n:
         raise _shape_error("wq", (wq.shape[0], wq.shape[1]), (d, n))
     if out.shape[1] != d:
         raise _shape_error("out", (out.shape[0], out.shape[1]), (xq.shape[0], d))
-    qp, sp = pack_q8(wq, ws, group_size)
-    return matmul_q8_packed(out, xq, xs, qp, sp, group_size, simd, n_threads)
+    qp, sp, mp = pack_q8(wq, ws, group_size, wm)
+    return matmul_q8_packed(out, xq, xs, qp, sp, group_size, simd, n_threads, xl=xl, mp=mp)
 
 
 def rmsnorm(float[:, ::1] out, const float[:, ::1] x, const float[::1] w, float eps, simd=None,
@@ -379,24 +429,31 @@ cdef object _fill_matrix(l2c_matrix *m, object t, tuple shape, str name, list ke
             raise ValueError(f"{name}: group size {gs} does not divide {shape[1]}")
         if tuple(t.s.shape) != (shape[0], shape[1] // gs):
             raise _shape_error(name + " scales", t.s.shape, (shape[0], shape[1] // gs))
-        if gs % 4:
-            raise ValueError(f"{name}: group size {gs} is not a multiple of 4")
+        if gs % 4 or gs > 256:
+            raise ValueError(f"{name}: group size {gs} is not a multiple of 4 up to 256")
+        offsets = getattr(t, "m", None)
+        if offsets is not None and (not isinstance(offsets, np.ndarray) or offsets.dtype != np.float32
+                                    or tuple(offsets.shape) != tuple(t.s.shape)
+                                    or not offsets.flags.c_contiguous):
+            raise ValueError(f"{name}: offsets must be a C-contiguous float32 array shaped like the scales")
         m.group_size = gs
         m.f = NULL
+        m.m = NULL
         if packed:
-            qp, sp = pack_q8(t.q, t.s, gs)
-            _point_q8(m, qp, sp)
+            qp, sp, mp = pack_q8(t.q, t.s, gs, offsets)
+            _point_q8(m, qp, sp, mp)
             m.type = L2C_Q8P
-            keep.append(qp)
-            keep.append(sp)
+            keep.extend((qp, sp, mp))
         else:
             q = t.q
             s = t.s
             m.type = L2C_Q8
             m.q = &q[0, 0]
             m.s = &s[0, 0]
-            keep.append(t.q)
-            keep.append(t.s)
+            if offsets is not None:
+                s = offsets
+                m.m = &s[0, 0]
+            keep.extend((t.q, t.s, offsets))
     else:
         if not isinstance(t, np.ndarray) or t.dtype != np.float32 or not t.flags.c_contiguous:
             raise ValueError(f"{name}: expected a C-contiguous float32 array, got "
@@ -409,14 +466,17 @@ cdef object _fill_matrix(l2c_matrix *m, object t, tuple shape, str name, list ke
         m.f = &f[0, 0]
         m.q = NULL
         m.s = NULL
+        m.m = NULL
         keep.append(t)
     m.rows = shape[0]
     m.cols = shape[1]
 
 
-cdef object _point_q8(l2c_matrix *m, const int8_t[::1] qp, const float[::1] sp):
+cdef object _point_q8(l2c_matrix *m, const int8_t[::1] qp, const float[::1] sp,
+                      const float[::1] mp):
     m.q = &qp[0]
     m.s = &sp[0]
+    m.m = &mp[0] if mp is not None else NULL
 
 
 cdef const float *_vector(object t, int64_t n, str name, list keep) except NULL:
@@ -441,9 +501,10 @@ cdef class Engine:
     def __cinit__(self):
         self.layers = NULL
 
-    def __init__(self, config, dict weights, simd=None, max_positions=None):
+    def __init__(self, config, dict weights, simd=None, max_positions=None, int act_bits=16):
         """max_positions: positions to prepare RoPE tables for (default config.seq_len, at most
-        config.max_context); no session of this engine can hold more."""
+        config.max_context); no session of this engine can hold more. act_bits: activations of
+        the int8 matmuls, 8 or 16 (two int8 planes: 128x finer, twice the integer work)."""
         cdef int64_t i
         self.config = config
         if max_positions is None:
@@ -462,6 +523,9 @@ cdef class Engine:
         self.m.cfg.seq_len = max_positions
         self.m.cfg.norm_eps = c.norm_eps
         self.m.cfg.group_size = 0
+        if act_bits not in (8, 16):
+            raise ValueError(f"act_bits must be 8 or 16, got {act_bits}")
+        self.m.cfg.act_bits = act_bits
         cdef int64_t d = c.dim, h = c.hidden_dim, qd = c.n_heads * c.head_size
         cdef int64_t kvd = c.n_kv_heads * c.head_size
         self.layers = <l2c_layer *>calloc(c.n_layers, sizeof(l2c_layer))
@@ -506,6 +570,11 @@ cdef class Engine:
     def __dealloc__(self):
         free(self.layers)
         self.layers = NULL
+
+    @property
+    def act_bits(self):
+        """8 or 16: the activations of the int8 matmuls."""
+        return self.m.cfg.act_bits
 
     @property
     def simd(self):

@@ -30,15 +30,22 @@ cdef extern from "llama2c.h" nogil:
         const float *f
         const int8_t *q
         const float *s
+        const float *m
+
+    ctypedef struct l2c_qact:
+        int8_t *hi
+        int8_t *lo
+        float *s
+        int32_t *sum_hi
+        int32_t *sum_lo
 
     ctypedef struct l2c_kernels:
         const char *name
         int isa
         void (*matvec_f32)(float *out, const float *x, const float *w, int64_t n, int64_t d, int n_threads) noexcept nogil
         void (*matmul_f32)(float *out, const float *x, const float *w, int64_t T, int64_t n, int64_t d, int n_threads) noexcept nogil
-        void (*quantize_q8)(int8_t *xq, float *xs, int32_t *xsum, const float *x, int64_t T, int64_t n, int64_t gs, int n_threads) noexcept nogil
-        void (*matmul_q8)(float *out, const int8_t *xq, const float *xs, const int32_t *xsum, const int8_t *wq, const float *ws,
-                          int64_t T, int64_t n, int64_t d, int64_t gs, int n_threads) noexcept nogil
+        void (*quantize_q8)(const l2c_qact *a, const float *x, int64_t T, int64_t n, int64_t gs, int n_threads) noexcept nogil
+        void (*matmul_q8)(float *out, const l2c_qact *a, const l2c_matrix *W, int64_t T, int n_threads) noexcept nogil
         void (*rmsnorm)(float *o, const float *x, const float *w, int64_t T, int64_t n, float eps, int n_threads) noexcept nogil
         void (*softmax)(float *x, int64_t n) noexcept nogil
         void (*rope)(float *x, const int64_t *pos, const float *cos_t, const float *sin_t, int64_t T,
@@ -52,8 +59,8 @@ cdef extern from "llama2c.h" nogil:
 
     int64_t l2c_q8p_q_size(int64_t rows, int64_t cols)
     int64_t l2c_q8p_s_size(int64_t rows, int64_t cols, int64_t gs)
-    int l2c_pack_q8(int8_t *qp, float *sp, const int8_t *q, const float *s, int64_t rows,
-                    int64_t cols, int64_t gs)
+    int l2c_pack_q8(int8_t *qp, float *sp, float *mp, const int8_t *q, const float *s,
+                    const float *m, int64_t rows, int64_t cols, int64_t gs)
 
     const l2c_kernels *l2c_kernels_get(int max_isa)
     const l2c_kernels *l2c_kernels_exact(int isa)
@@ -73,6 +80,7 @@ cdef extern from "llama2c.h" nogil:
         int64_t seq_len
         float norm_eps
         int32_t group_size
+        int32_t act_bits
 
     ctypedef struct l2c_layer:
         const float *rms_att

@@ -145,7 +145,9 @@ def test_generic_simd_matches_default(tmp_path, pair):
         scale = np.abs(a).max()
         err = np.abs(a - b).max() / scale
         print(f"{name}: max |generic - {best['simd']}| / max|logit| = {err:.2e}")
-        assert err < 1e-4, (name, err)
+        # int8: summation-order differences upstream can move an activation across a rounding
+        # boundary of its quantization, a step of 1/16256 of its group's range
+        assert err < (1e-4 if name == "fp32" else 1e-3), (name, err)
         assert gen[name] == best[name]
 
 

@@ -71,12 +71,13 @@ def test_prefill_chunk_sizes_agree():
         assert_logits_close(o, outs[0], rel=1e-5)
 
 
+@pytest.mark.parametrize("act_bits", [8, 16])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_int8_logits_match_int8_reference(name):
+def test_int8_logits_match_int8_reference(name, act_bits):
     cfg = CONFIGS[name]
     gs = 4
     w = quantize_weights(cfg, make_random_model(cfg, 1), gs)
-    model, ref = llama2c.Model(cfg, w), ReferenceModel(cfg, w)
+    model, ref = llama2c.Model(cfg, w, act_bits=act_bits), ReferenceModel(cfg, w, act_bits=act_bits)
     assert model.dtype == "int8"
     ids = list(range(1, 20))
     # single tokens (decode path): the reference quantizes exactly as the kernels do

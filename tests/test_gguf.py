@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from llama2c.errors import ModelFormatError
-from llama2c.loaders.gguf import dequantize, load_gguf, read_gguf
-from llama2c.weights import QTensor
+from llama2c.loaders.gguf import GGUFTensor, dequantize, load_gguf, q4_to_qtensor, read_gguf
+from llama2c.weights import QTensor, quantize_q8
 from l2c_files import gguf_bytes
 
 F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, BF16 = 0, 1, 2, 3, 8, 12, 30
@@ -234,6 +234,70 @@ def test_load_int8(tmp_path):
         load_gguf(tmp_path / "q8.gguf", dtype="q3")
 
 
+@pytest.mark.parametrize("ggml_type", [Q8_0, Q4_0, Q4_1], ids=["Q8_0", "Q4_0", "Q4_1"])
+def test_load_int8_maps_blocks_exactly(tmp_path, ggml_type):
+    path = tmp_path / "m.gguf"
+    expected = write_tiny_llama(path, ggml_type, shared=False)
+    _, w32, _ = load_gguf(path)
+    _, w8, meta = load_gguf(path, dtype="int8")
+    assert meta["group_size"] == 32
+    for name, w in w8.items():
+        if w32[name].ndim == 1:
+            assert not isinstance(w, QTensor) and w.dtype == np.float32, name
+            continue
+        assert isinstance(w, QTensor) and w.group_size == 32 and w.q.dtype == np.int8, name
+        assert (w.m is not None) == (ggml_type == Q4_1), name
+        if ggml_type != Q8_0:
+            assert -8 <= w.q.min() and w.q.max() <= 7, name
+        np.testing.assert_array_equal(w.dequantize(), w32[name], err_msg=name)
+        np.testing.assert_array_equal(w.dequantize(), expected[name], err_msg=name)
+    if ggml_type == Q4_1:  # q = nibble - 8, s = d, m = min + 8 d (float32)
+        blocks = read_gguf(path).tensors["blk.1.ffn_down.weight"].data.reshape(-1, 20)
+        d = blocks[:, 0:2].copy().view("<f2")[:, 0].astype(np.float32)
+        mins = blocks[:, 2:4].copy().view("<f2")[:, 0].astype(np.float32)
+        qs = blocks[:, 4:]
+        nib = np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.int8)
+        w = w8["layers.1.w2"]
+        np.testing.assert_array_equal(w.q.reshape(-1, 32), nib - 8)
+        np.testing.assert_array_equal(w.s.reshape(-1), d)
+        np.testing.assert_array_equal(w.m.reshape(-1), mins + np.float32(8) * d)
+
+
+def test_load_int8_float_sources_and_other_group_sizes(tmp_path):
+    write_tiny_llama(tmp_path / "f16.gguf", F16)
+    write_tiny_llama(tmp_path / "q4.gguf", Q4_1)
+    _, w32, _ = load_gguf(tmp_path / "f16.gguf")
+    _, w8, _ = load_gguf(tmp_path / "f16.gguf", dtype="int8")
+    ref = quantize_q8(w32["layers.0.w1"], 32)
+    assert w8["layers.0.w1"].m is None
+    np.testing.assert_array_equal(w8["layers.0.w1"].q, ref.q)
+    np.testing.assert_array_equal(w8["layers.0.w1"].s, ref.s)
+    _, q32, _ = load_gguf(tmp_path / "q4.gguf")
+    _, q16, _ = load_gguf(tmp_path / "q4.gguf", dtype="int8", group_size=16)   # requantized
+    ref = quantize_q8(q32["layers.0.w1"], 16)
+    assert q16["layers.0.w1"].m is None and q16["layers.0.w1"].group_size == 16
+    np.testing.assert_array_equal(q16["layers.0.w1"].q, ref.q)
+    np.testing.assert_array_equal(q16["layers.0.w1"].s, ref.s)
+
+
+def test_q4_1_offset_rounding_edge_case():
+    """m + 8 d is inexact in float32 only when m and d lie > ~13 binary orders apart; the error
+    then stays below one float32 ulp of the group's 8 d, far under any quantization step."""
+    d = np.array([2.0, 1.0], np.float16)
+    mins = np.array([2.0 ** -24, -3.0], np.float16)            # 16 + 2**-24 is not a float32
+    nib = np.array([np.arange(32) % 16, np.arange(32)[::-1] % 16], np.uint8)
+    raw = np.zeros((2, 20), np.uint8)
+    raw[:, 0:2] = d.view(np.uint8).reshape(2, 2)
+    raw[:, 2:4] = mins.view(np.uint8).reshape(2, 2)
+    raw[:, 4:] = nib[:, :16] | (nib[:, 16:] << 4)
+    t = GGUFTensor("w", Q4_1, "Q4_1", (2, 32), 0, raw)
+    want = dequantize(t)
+    got = q4_to_qtensor(t).dequantize()
+    np.testing.assert_array_equal(got[1], want[1])             # the common case: exact
+    assert not np.array_equal(got[0], want[0])
+    assert np.abs(got[0] - want[0]).max() <= np.spacing(np.float32(16))
+
+
 # ----------------------------------------------------------------------------- the real model
 
 @pytest.fixture(scope="module")
@@ -268,6 +332,19 @@ def test_real_file_int8(smollm2_path):
     assert isinstance(emb, QTensor) and emb.shape == (49152, 576) and emb.group_size == 32
     assert isinstance(weights["layers.29.w2"], QTensor) and weights["layers.29.w2"].group_size == 32
     assert weights["layers.0.ffn_norm"].dtype == np.float32
+
+
+def test_real_file_int8_weights_are_exact(smollm2_path):
+    """Q8_0 embedding and Q4_1 matrices map onto QTensors without requantization."""
+    _, w32, meta = load_gguf(smollm2_path)
+    _, w8, _ = load_gguf(smollm2_path, dtype="int8")
+    for name, w in w8.items():
+        if not isinstance(w, QTensor):
+            assert w32[name].ndim == 1, name
+            continue
+        assert w.group_size == 32 and (w.m is not None) == (meta["tensor_types"][name] == "Q4_1"), name
+        ref = w32[name]
+        assert np.abs(w.dequantize() - ref).max() <= 1e-6 * np.abs(ref).max(), name
 
 
 def test_real_file_matches_gguf_package(smollm2_path):

@@ -218,6 +218,16 @@ def test_write_hf_dir_roundtrip(tmp_path):
         np.testing.assert_array_equal(loaded[name], expect, err_msg=name)
 
 
+def test_write_hf_dir_dequantizes_offsets(tmp_path):
+    weights = random_weights(TINY, seed=7)
+    t = quantize_q8(weights["layers.1.w2"], 32)
+    m = np.random.default_rng(7).normal(0, 0.01, t.s.shape).astype(np.float32)
+    weights["layers.1.w2"] = QTensor(t.q, t.s, 32, m)          # Q4_1-style offsets
+    _, loaded, _ = load_hf(write_hf_dir(TINY, weights, tmp_path / "out"))
+    np.testing.assert_array_equal(loaded["layers.1.w2"], weights["layers.1.w2"].dequantize())
+    assert not np.array_equal(loaded["layers.1.w2"], t.dequantize())
+
+
 def test_load_any_dispatch(tmp_path):
     write_dir(tmp_path / "hf", TINY, hf_tensors(TINY, random_weights(TINY)))
     assert load_any(tmp_path / "hf")[0] == TINY

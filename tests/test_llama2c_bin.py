@@ -450,3 +450,37 @@ def test_writer_requantizes_other_group_sizes(tmp_path, model):
     expected = quantize_q8(quantize_weights(cfg, w, 16)["layers.0.w1"].dequantize(), 32)
     np.testing.assert_array_equal(w2["layers.0.w1"].q, expected.q)
 
+
+
+def _with_offsets(cfg, w, gs, names):
+    """quantize_weights at gs, with per-group offsets (as GGUF Q4_1 loads have) on `names`."""
+    wq = dict(quantize_weights(cfg, w, gs))
+    rng = np.random.default_rng(7)
+    for name in names:
+        t = wq[name]
+        wq[name] = QTensor(t.q, t.s, gs, rng.normal(0, 0.01, t.s.shape).astype(np.float32))
+    return wq
+
+
+def test_v2_writer_requantizes_offsets_symmetrically(tmp_path, model):
+    cfg, w = model
+    wq = _with_offsets(cfg, w, 16, ["layers.0.w1", "layers.1.wq"])
+    path = tmp_path / "m.bin"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_llama2c_bin(path, cfg, wq, version=2, group_size=16)
+    offsets = [c for c in caught if "offsets" in str(c.message)]
+    assert len(offsets) == 1, [str(c.message) for c in caught]              # once, not per tensor
+    _, w2, _ = load_llama2c_bin(path)
+    for name in ("layers.0.w1", "layers.1.wq"):
+        expected = quantize_q8(wq[name].dequantize(), 16)
+        assert w2[name].m is None
+        np.testing.assert_array_equal(w2[name].q, expected.q, err_msg=name)
+        np.testing.assert_array_equal(w2[name].s, expected.s, err_msg=name)
+    np.testing.assert_array_equal(w2["layers.0.w2"].q, wq["layers.0.w2"].q)  # others as they are
+    # v1 stores the dequantized values (offsets included) exactly, without that warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_llama2c_bin(tmp_path / "v1.bin", cfg, wq, version=1)
+    _, w1, _ = load_llama2c_bin(tmp_path / "v1.bin")
+    np.testing.assert_array_equal(w1["layers.0.w1"], wq["layers.0.w1"].dequantize())

@@ -257,3 +257,171 @@ def test_rmsnorm_softmax_swiglu():
         warnings.simplefilter("error")
         got = swiglu(h1, h3)
     np.testing.assert_allclose(got, h1 / (1 + np.exp(-h1.astype(np.float64))) * h3, rtol=1e-6, atol=1e-30)
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) two-plane (15-bit) activations and weights with per-group offsets (GGUF Q4_1)
+
+TWO_PLANE_VS_DEQUANT_RTOL = 1e-5   # two-plane int matmul vs float matmul of the dequantized operands
+
+
+def _offset_qtensor(rng, rows, cols, gs):
+    """A Q4_1-like QTensor: codes in [-8, 7], positive scales, offsets (mins + 8 * scale)."""
+    q = rng.integers(-8, 8, (rows, cols)).astype(np.int8)
+    s = (rng.uniform(0.5, 1.5, (rows, cols // gs)) / 8).astype(np.float32)
+    m = rng.normal(0, 0.1, (rows, cols // gs)).astype(np.float32)
+    return QTensor(q, s, gs, m)
+
+
+def _two_plane_values(xh, xl):
+    return 128 * xh.astype(np.int32) + xl.astype(np.int32)
+
+
+def test_two_plane_quantize():
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((3, 128)) * rng.uniform(0.01, 100, (3, 128))).astype(np.float32)
+    x[1, 32:64] = 0                                       # an all-zero group: scale 0, codes 0
+    x[2, 5] = 1e-30                                       # a tiny group member
+    xh, xl, xs = quantize_q8(x, 32, bits=16)
+    assert xh.dtype == np.int8 and xl.dtype == np.int8 and xs.dtype == np.float32
+    assert xh.shape == xl.shape == (3, 128) and xs.shape == (3, 4)
+    np.testing.assert_array_equal(xs, np.abs(x.reshape(3, 4, 32)).max(-1) / np.float32(16256))
+    assert xh.min() >= -127 and xh.max() <= 127 and xl.min() >= -64 and xl.max() <= 64
+    v = _two_plane_values(xh, xl)
+    assert np.abs(v).max() == 16256                       # each group's max hits the top code
+    # v is rint(x * (1/s)) in float32, and xh is v / 128 rounded half to even
+    inv = np.divide(np.float32(1), xs, out=np.zeros_like(xs), where=xs != 0)
+    want_v = np.rint(x.reshape(3, 4, 32) * inv[..., None]).astype(np.int32).reshape(3, 128)
+    np.testing.assert_array_equal(v, want_v)
+    np.testing.assert_array_equal(xh, np.rint(v / 128).astype(np.int8))
+    assert xs[1, 1] == 0 and not xh[1, 32:64].any() and not xl[1, 32:64].any()
+    err = np.abs(v.reshape(3, 4, 32) * xs[..., None].astype(np.float64) - x.reshape(3, 4, 32))
+    assert (err <= xs[..., None] / 2 * (1 + 1e-5)).all()
+    h1, l1, s1 = quantize_q8(x[2], 32, bits=16)           # 1-D input: one row
+    np.testing.assert_array_equal(h1, xh[2])
+    np.testing.assert_array_equal(l1, xl[2])
+    np.testing.assert_array_equal(s1, xs[2])
+    # half-way codes round to even: v = 64 -> (0, 64), v = 192 -> (2, -64)
+    y = np.zeros(32, np.float32)
+    y[:3] = [16256, 64, 192]
+    h, l, s = quantize_q8(y, 32, bits=16)
+    assert s[0] == 1 and h[:3].tolist() == [127, 0, 2] and l[:3].tolist() == [0, 64, -64]
+    assert len(quantize_q8(x, 32)) == 2                   # bits=8: (q, s) as before
+    with pytest.raises(ValueError):
+        quantize_q8(x, 32, bits=12)
+
+
+@pytest.mark.parametrize("offsets", [False, True])
+@pytest.mark.parametrize("T", [1, 4])
+def test_matmul_two_plane_equals_dequantized_float(T, offsets):
+    gs, n = 32, 256
+    rng = np.random.default_rng(T + 10 * offsets)
+    x = rng.standard_normal((T, n)).astype(np.float32)
+    if offsets:
+        w = _offset_qtensor(rng, 40, n, gs)
+    else:
+        w = quantize_matrix(rng.standard_normal((40, n)).astype(np.float32), gs)
+    w64 = w.dequantize().astype(np.float64)
+    xh, xl, xs = quantize_q8(x, gs, bits=16)
+    x_deq = (_two_plane_values(xh, xl).reshape(T, -1, gs) * xs[..., None].astype(np.float64)).reshape(T, n)
+    got = matmul_q8(xh, xs, w, xl)
+    assert got.dtype == np.float32 and got.shape == (T, 40)
+    assert _rel(got, x_deq @ w64.T) <= TWO_PLANE_VS_DEQUANT_RTOL
+    np.testing.assert_array_equal(matmul(x, w, act_bits=16), got)
+    np.testing.assert_array_equal(matmul(x[0], w, act_bits=16), got[0])    # 1-D x: same numbers
+    # against the exact float product with the unquantized x, two-plane is far closer than int8
+    exact = x.astype(np.float64) @ w64.T
+    err16 = _rel(got, exact)
+    err8 = _rel(matmul(x, w, act_bits=8), exact)
+    assert err16 < 1e-4 and err16 < err8 / 50, (err16, err8)
+    with pytest.raises(ValueError):
+        matmul(x, w, act_bits=4)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_offset_term_is_exact(bits):
+    """With power-of-two scales and offsets on a coarse grid every float32 operation is exact,
+    so matmul_q8 must equal the dequantize() path bit for bit."""
+    # Every term is a multiple of 2**-18 and |out| <= 32, so float32 (24 bits) holds every partial
+    # sum exactly: |v| <= 2048 (both planes still used), s in {2**-4, 2**-3}, m on a 1/16 grid in
+    # [-1, 1], xs = 2**-14 (per group ival * s * xs <= 4 and m * xs * sum(v) <= 4).
+    gs, n, T, d = 32, 128, 3, 24
+    rng = np.random.default_rng(bits)
+    q = rng.integers(-8, 8, (d, n)).astype(np.int8)
+    s = (2.0 ** rng.integers(-4, -2, (d, n // gs))).astype(np.float32)
+    m = (rng.integers(-16, 17, (d, n // gs)) / 16).astype(np.float32)
+    w = QTensor(q, s, gs, m)
+    vmax = 127 if bits == 8 else 2048
+    v = rng.integers(-vmax, vmax + 1, (T, n))
+    v[0, :gs] = vmax                                      # an extreme group
+    xs = np.full((T, n // gs), 2.0 ** -14, np.float32)
+    x_deq = (v.reshape(T, -1, gs) * xs[..., None].astype(np.float64)).reshape(T, n)
+    want = x_deq @ w.dequantize().astype(np.float64).T
+    if bits == 8:
+        xq, xl = v.astype(np.int8), None
+    else:
+        xq = np.rint(v / 128).astype(np.int8)
+        xl = (v - 128 * xq.astype(np.int64)).astype(np.int8)
+    got = matmul_q8(xq, xs, w, xl)
+    np.testing.assert_array_equal(got.astype(np.float64), want)
+    # and the offsets contribute exactly sum_g m * xs * sum(v over g)
+    plain = matmul_q8(xq, xs, QTensor(q, s, gs), xl)
+    vsum = v.reshape(T, -1, gs).sum(-1)
+    np.testing.assert_array_equal((got - plain).astype(np.float64), (vsum * xs) @ m.T.astype(np.float64))
+
+
+def test_offset_weights_dequantize_validate_and_keep():
+    cfg = GQA_UNSHARED
+    rng = np.random.default_rng(3)
+    weights = quantize_weights(cfg, make_random_model(cfg, 3), 32)
+    wq = _offset_qtensor(rng, *weights["layers.0.wq"].shape, 32)
+    weights["layers.0.wq"] = wq
+    want = (wq.q.reshape(64, 2, 32) * wq.s[..., None] + wq.m[..., None]).reshape(64, 64)
+    np.testing.assert_array_equal(wq.dequantize(), want)
+    np.testing.assert_array_equal(wq.dequantize_rows([5, 0]), want[[5, 0]])
+    kept = quantize_weights(cfg, weights, 32)
+    assert kept["layers.0.wq"] is wq                      # same group size: kept, offsets too
+    requant = quantize_weights(cfg, weights, 16)["layers.0.wq"]
+    assert requant.m is None and _rel(requant.dequantize(), want) < 0.01
+    ReferenceModel(cfg, weights)                          # validates
+    from llama2c.errors import ModelFormatError
+    for bad in (wq.m[:, :1], wq.m.astype(np.float64), np.where(wq.m > 0, np.nan, wq.m).astype(np.float32)):
+        weights["layers.0.wq"] = QTensor(wq.q, wq.s, 32, bad)
+        with pytest.raises(ModelFormatError, match="offset"):
+            ReferenceModel(cfg, weights)
+
+
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_act_bits_model(act_bits):
+    cfg = GQA_UNSHARED
+    rng = np.random.default_rng(4)
+    weights = quantize_weights(cfg, make_random_model(cfg, 4), 32)
+    weights["output"] = _offset_qtensor(rng, cfg.vocab_size, cfg.dim, 32)
+    weights["tok_embeddings"] = _offset_qtensor(rng, cfg.vocab_size, cfg.dim, 32)
+    m = ReferenceModel(cfg, weights, act_bits=act_bits)
+    assert m.act_bits == act_bits
+    ids = [3, 1, 4, 1, 5]
+    batch = m.logits(ids)
+    step = np.stack([m.forward(t, p) for p, t in enumerate(ids)])
+    assert _rel(step, batch) <= BATCH_VS_STEP_RTOL_INT8
+    fp32 = ReferenceModel(cfg, {k: (v.dequantize() if isinstance(v, QTensor) else v) for k, v in weights.items()})
+    assert _rel(batch, fp32.logits(ids)) < (0.05 if act_bits == 8 else 1e-3)
+    with pytest.raises(ValueError, match="act_bits"):
+        ReferenceModel(cfg, weights, act_bits=12)
+
+
+def test_smollm2_two_plane_logits_match_fp32(shared_dir):
+    """Exact Q8_0/Q4_1 weights (GGUF blocks mapped to QTensors) with two-plane activations:
+    the last position's logits stay within 0.05 of the fp32 reference's."""
+    from llama2c.loaders.gguf import load_gguf
+    path = shared_dir / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    ids = [504, 3575, 282, 4649, 314]
+    cfg, w8, _ = load_gguf(path, dtype="int8")
+    assert w8["layers.0.wq"].m is not None                # Q4_1: offsets kept, no requantization
+    want = ReferenceModel(cfg, {k: (v.dequantize() if isinstance(v, QTensor) else v)
+                                for k, v in w8.items()}).logits(ids)[-1]
+    got = ReferenceModel(cfg, w8, act_bits=16).logits(ids)[-1]
+    assert float(np.abs(got - want).max()) < 0.05
+    assert int(np.argmax(got)) == int(np.argmax(want))

@@ -64,23 +64,33 @@ def test_fp32_greedy_matches_transformers(golden, fp32):
             assert out.finish_reason == "stop"
 
 
-def test_int8_stays_close_to_fp32(golden, int8, fp32):
-    """int8 (weights and activations, group 32) against the fp32 path. Measured: greedy agrees
-    for the first 10, 5 and 20+ tokens of the three prompts (each split is at a near-tie of the
-    fp32 logits: margins 0.022 and 0.22), and teacher-forced top-1 agreement along the fp32
-    greedy continuations is about 96%."""
+def test_int8_greedy_agrees_for_16_tokens(golden, int8, fp32):
+    """int8 weights (the GGUF's Q4_1/Q8_0 blocks mapped exactly to int8 groups of 32 with
+    offsets) and two-plane activations: greedy equals the fp32 path (and transformers) for at
+    least the first 16 tokens of every prompt; the last-position logits stay within 0.05."""
     _, cases, logits = golden
-    assert int8.dtype == "int8"
-    agree = []
+    assert int8.dtype == "int8" and int8.act_bits == 16
     for i, case in enumerate(cases):
         out = int8.generate(case["ids"], max_new_tokens=16, temperature=0).token_ids
-        agree.append(next((k for k, (a, b) in enumerate(zip(out, case["greedy"])) if a != b), 16))
+        n = min(16, len(case["greedy"]))
+        assert out[:n] == case["greedy"][:n], case["prompt"]
+        got, want = int8.logits(case["ids"])[-1], fp32.logits(case["ids"])[-1]
+        assert np.abs(got - want).max() < 0.05
+
+
+def test_int8_with_8bit_activations_stays_close(golden):
+    """llama2.c runq.c's scheme (8-bit activations): measured greedy agreement of 10, 5 and
+    16+ tokens (each split at a near-tie of the fp32 logits: margins 0.022 and 0.22) and about
+    96% teacher-forced top-1 agreement."""
+    path, cases, logits = golden
+    int8 = llama2c.Model.load(path, act_bits=8, context_length=256)
+    fp32 = llama2c.Model.load(path, dtype="fp32", context_length=256)
+    for i, case in enumerate(cases):
         assert int8.logits(case["ids"])[-1].argmax() == logits[f"p{i}"].argmax()
         seq = case["ids"] + case["greedy"][:16]
         n = len(case["ids"]) - 1
         top1 = (int8.logits(seq)[n:].argmax(1) == fp32.logits(seq)[n:].argmax(1)).mean()
         assert top1 >= 0.9, (case["prompt"], top1)
-    assert min(agree) >= 4 and sum(agree) >= 30, agree
 
 
 def test_text_generation_from_a_string(fp32):

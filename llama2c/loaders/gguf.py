@@ -336,6 +336,25 @@ def q8_0_to_qtensor(t: GGUFTensor) -> QTensor:
     return QTensor(q, s, 32)
 
 
+def q4_to_qtensor(t: GGUFTensor) -> QTensor:
+    """A 2-D Q4_0 or Q4_1 tensor as an int8 QTensor with group size 32, values kept exactly.
+
+    Q4_0 (x = (nibble - 8) * d): q = nibble - 8, s = d, no offsets.
+    Q4_1 (x = nibble * d + m):   q = nibble - 8, s = d, offsets m + 8 * d (float32), so that
+    q * s + offset = nibble * d + m (bit for bit whenever m + 8 * d is exact in float32, which
+    it is unless the exponents of m and d lie more than ~13 binary orders apart).
+    """
+    b = _blocks(t)
+    rows, cols = t.shape
+    q = (_nibbles(b["qs"]).astype(np.int8) - np.int8(8)).reshape(rows, cols)
+    d = b["d"].astype(np.float32)
+    s = d.reshape(rows, cols // 32)
+    if t.type_name == "Q4_0":
+        return QTensor(q, s, 32)
+    m = (b["m"].astype(np.float32) + np.float32(8.0) * d).astype(np.float32)
+    return QTensor(q, s, 32, m.reshape(rows, cols // 32))
+
+
 # ----------------------------------------------------------------------------- llama loader
 
 _GLOBAL_TENSORS = {"tok_embeddings": "token_embd.weight", "norm": "output_norm.weight",
@@ -462,8 +481,11 @@ def _convert(t: GGUFTensor, int8: bool, group_size: int):
     """One tensor in the requested representation: norms (1-D) always float32."""
     if len(t.shape) == 1 or not int8:
         return dequantize(t)
-    if t.type_name == "Q8_0" and group_size == 32:
-        return q8_0_to_qtensor(t)
+    if group_size == 32:
+        if t.type_name == "Q8_0":
+            return q8_0_to_qtensor(t)
+        if t.type_name in ("Q4_0", "Q4_1"):
+            return q4_to_qtensor(t)
     return quantize_q8(dequantize(t), group_size, t.name)
 
 
@@ -471,8 +493,11 @@ def load_gguf(path, dtype=None, group_size: int = 32):
     """Load a llama GGUF file -> (Config, weights, metadata).
 
     dtype None or 'fp32': every tensor dequantized to float32 (F32 data stay memory-mapped views).
-    dtype 'int8': matrices as QTensor; Q8_0 tensors map directly (group size 32), others are
-    dequantized and requantized with quantize_q8 at `group_size`. Norms are always float32.
+    dtype 'int8': matrices as QTensor. With group_size 32 (the default) Q8_0, Q4_0 and Q4_1
+    tensors map exactly: their QTensor's dequantize() equals the fp32 load (Q4_1 keeps its mins
+    as per-group offsets QTensor.m); F32/F16/BF16 matrices are quantized with quantize_q8. With
+    another group size every matrix is dequantized and requantized with quantize_q8 at
+    `group_size`. Norms are always float32.
     metadata: 'format' ('gguf'), 'path', 'gguf_version', 'gguf_metadata' (every GGUF key, e.g.
     'tokenizer.ggml.tokens'), 'dtype' of the returned weights, 'group_size' (for int8 loads,
     and the group size to use when quantizing later), 'tensor_types' (llama2c name -> ggml

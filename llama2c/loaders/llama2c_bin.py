@@ -252,7 +252,9 @@ def write_llama2c_bin(path, cfg: Config, weights: dict, version: int = 1, group_
     """Write weights as a llama2.c v1 (fp32) or v2 (int8 Q8_0) file, byte for byte export.py's layout.
 
     v1 dequantizes QTensors; v2 quantizes fp32 matrices at group_size (QTensors already at that
-    group size are written as they are). Tensors are written one at a time (streaming).
+    group size are written as they are). v2 cannot store per-group offsets (QTensor.m, e.g. from
+    GGUF Q4_1): such tensors are requantized symmetrically from their dequantized values, with a
+    warning. Tensors are written one at a time (streaming).
     """
     if version not in (1, 2):
         raise ValueError(f"version must be 1 or 2, got {version!r}")
@@ -271,6 +273,10 @@ def write_llama2c_bin(path, cfg: Config, weights: dict, version: int = 1, group_
     if version == 2 and any(isinstance(t, QTensor) and t.group_size != group_size for t in weights.values()):
         warnings.warn(f"re-quantizing int8 tensors to group size {group_size}: this adds "
                       f"quantization error", stacklevel=2)
+    if version == 2 and any(isinstance(t, QTensor) and t.m is not None for t in weights.values()):
+        warnings.warn("llama2.c version 2 files cannot store per-group offsets (e.g. GGUF Q4_1 "
+                      "mins): re-quantizing those int8 tensors symmetrically from their "
+                      "dequantized values; this adds quantization error", stacklevel=2)
 
     header = struct.pack("<Ii7iB", MAGIC, version, cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads,
                          cfg.n_kv_heads, cfg.vocab_size, cfg.seq_len, int(cfg.shared_classifier))
@@ -283,7 +289,7 @@ def write_llama2c_bin(path, cfg: Config, weights: dict, version: int = 1, group_
             if e.kind == "f32":
                 f.write(np.ascontiguousarray(as_fp32(t), dtype="<f4").data)
                 continue
-            if not (isinstance(t, QTensor) and t.group_size == group_size):
+            if not (isinstance(t, QTensor) and t.group_size == group_size and t.m is None):
                 t = quantize_q8(as_fp32(t), group_size, e.name)
             # serialize_int8(out_file, q); serialize_fp32(out_file, s)
             f.write(np.ascontiguousarray(t.q, dtype=np.int8).data)
