@@ -100,6 +100,9 @@ def _add_load_options(p, tokenizer: bool = True) -> None:
                    help="weight type (default: as stored; int8 quantizes fp32 weights at load)")
     p.add_argument("--simd", choices=("auto", "generic", "avx2", "avx512"),
                    help="kernel table (default: LLAMA2C_SIMD or the best the CPU supports)")
+    p.add_argument("--act-bits", type=int, choices=(8, 16), default=16,
+                   help="activations of int8 matmuls: 16 (two int8 planes, default) or 8 "
+                        "(llama2.c runq.c's: faster prefill, coarser)")
 
 
 def _add_sampling(p, defaults: bool) -> None:
@@ -240,7 +243,8 @@ def _load(args, path: str, dtype: str | None = None):
     from .model import Model
     return Model.load(path, tokenizer=getattr(args, "tokenizer", None),
                       dtype=dtype or getattr(args, "dtype", None),
-                      n_threads=getattr(args, "threads", None), simd=getattr(args, "simd", None))
+                      n_threads=getattr(args, "threads", None), simd=getattr(args, "simd", None),
+                      act_bits=getattr(args, "act_bits", 16))
 
 
 def _size(nbytes: float) -> str:
@@ -540,7 +544,7 @@ def cmd_perplexity(args) -> int:
         print(f"perplexity fp32: {r['ppl_fp32']:.4f}")
         print(f"perplexity int8: {r['ppl_int8']:.4f}")
         print(f"top-1 agreement: {r['top1_agreement']:.4f}")
-        print(f"mean KL(fp32 || int8): {r['mean_kl']:.6f} nats")
+        print(f"mean KL(fp32 || int8): {r['mean_kl']:.3g} nats")
         return 0
     model = _load(args, args.model)
     _require_tokenizer(model)
