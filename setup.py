@@ -73,7 +73,7 @@ class BuildExt(build_ext):
         ldflags = list(LINK_OPTIONS[key])
         if key == "other":
             if NATIVE:
-                cflags.append("-march=native")
+                cflags.append("-march=native")  # opt-in only (LLAMA2C_NATIVE=1)
             if SANITIZE:
                 cflags += [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer", "-g"]
                 ldflags += [f"-fsanitize={SANITIZE}"]
