@@ -37,12 +37,13 @@ class GenerationResult:
     token_ids: list                  # generated ids (the stop token included when hit)
     prompt_token_ids: list           # the prompt as fed to the model
     finish_reason: str               # "stop" (a stop token) or "length" (budget or context)
-    prompt_seconds: float = 0.0      # prefill time
+    prompt_seconds: float = 0.0      # prefill time (up to the first sampled token)
     generate_seconds: float = 0.0    # time of the whole call
     stats: dict = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
+        """Decode speed: generated tokens per second after the prefill."""
         n = len(self.token_ids)
         t = self.generate_seconds - self.prompt_seconds
         return n / t if t > 0 and n else 0.0
@@ -288,17 +289,22 @@ class Model:
         t0 = time.perf_counter()
         sess = self._checkout()
         try:
+            # prefill (batched), then the sample -> feed-back loop from its logits; both in C
+            # with the GIL released
+            sess.forward(ids, 0)
+            t1 = time.perf_counter()
             if max_new_tokens == 0:
                 out = np.zeros(0, dtype=np.int32)
             else:
-                out = sess.generate(ids, 0, max_new_tokens, sampler, stop_arr)
+                out = sess.generate(ids[:0], len(ids), max_new_tokens, sampler, stop_arr)
         finally:
             self._checkin(sess)
         elapsed = time.perf_counter() - t0
         out = [int(t) for t in out]
         reason = "stop" if out and out[-1] in stop else "length"
         text = self.tokenizer.decode(out) if self.tokenizer is not None else None
-        return GenerationResult(text, out, [int(t) for t in ids], reason, generate_seconds=elapsed)
+        return GenerationResult(text, out, [int(t) for t in ids], reason, prompt_seconds=t1 - t0,
+                                generate_seconds=elapsed)
 
     def _stream(self, ids, max_new_tokens, sampler, stop_arr):
         """Yield pieces token by token; each step is one C call with the GIL released."""

@@ -170,6 +170,7 @@ def test_generation_stops_at_stop_token_and_context():
     stop = free[5]
     out = model.generate([1], max_new_tokens=20, temperature=0, stop_token_ids=[stop])
     assert out.token_ids == free[: free.index(stop) + 1] and out.finish_reason == "stop"
+    assert 0 < out.prompt_seconds < out.generate_seconds and out.tokens_per_second > 0
     short = llama2c.Model(model.config, model.weights, context_length=10)
     out = short.generate([1, 2, 3], max_new_tokens=100, temperature=0, stop_token_ids=[])
     assert out.finish_reason == "length" and len(out.token_ids) == 10 - 3 + 1
