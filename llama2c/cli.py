@@ -613,16 +613,20 @@ def cmd_bench(args) -> int:
     else:
         model, what = _load(args, args.model), args.model
     bandwidth = _engine.read_bandwidth(args.probe_mb << 20, 5, model.n_threads)
+    nbytes = model.weight_bytes()
+    # the same read over a buffer the size of the weights: what caches give a working set this big
+    same_size = _engine.read_bandwidth(nbytes, 5, model.n_threads)
     n_dec, decode = _decode_speed(model, args.tokens)
     n_pre, prefill = _prefill_speed(model, BENCH_PREFILL_TOKENS)
-    nbytes = model.weight_bytes()
     effective = nbytes * decode / 1e9
     print(f"model: {what} ({model.dtype}, simd {model.simd}, {model.n_threads} threads)")
-    print(f"read bandwidth: {bandwidth:.2f} GB/s")
+    print(f"read bandwidth: {bandwidth:.2f} GB/s ({args.probe_mb} MiB buffer); "
+          f"{same_size:.2f} GB/s over a buffer the size of the weights")
     print(f"decode: {decode:.2f} tok/s ({n_dec} tokens, greedy)")
     print(f"prefill: {prefill:.2f} tok/s ({n_pre}-token prompt, best of 3)")
     print(f"weight bytes/token: {nbytes} ({_size(nbytes)})")
-    print(f"effective bandwidth: {effective:.2f} GB/s ({100 * effective / bandwidth:.1f}% of read bandwidth)")
+    print(f"effective bandwidth: {effective:.2f} GB/s ({100 * effective / bandwidth:.1f}% of read "
+          f"bandwidth, {100 * effective / same_size:.1f}% of the same-size read)")
     print(f"kernel_info: {_kernel_line(_engine.kernel_info())}")
     return 0
 

@@ -334,7 +334,7 @@ def test_bench_tiny_prints_fields(capsys):
     assert code == 0, err
     for field in (r"read bandwidth: [0-9.]+ GB/s", r"decode: [0-9.]+ tok/s \(16 tokens",
                   r"prefill: [0-9.]+ tok/s \(128-token prompt", r"weight bytes/token: \d+",
-                  r"effective bandwidth: [0-9.]+ GB/s \([0-9.]+% of read bandwidth\)",
+                  r"effective bandwidth: [0-9.]+ GB/s \([0-9.]+% of read bandwidth, [0-9.]+% of the same-size read\)",
                   r"kernel_info: simd="):
         assert re.search(field, out), field
 
