@@ -55,12 +55,17 @@ def shape(request):
     return request.param, cfg, make_random_model(cfg, 0)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "int8"])
-def test_decode_32_tokens(benchmark, shape, dtype):
+def c_model(shape, dtype):
+    """The C engine on the shape's random weights, fp32 or int8."""
     name, cfg, w = shape
     if dtype == "int8":
         w = quantize_weights(cfg, w, fit_group_size(cfg, 64))
-    model = llama2c.Model(cfg, w, n_threads=THREADS)
+    return llama2c.Model(cfg, w, n_threads=THREADS)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_decode_32_tokens(benchmark, shape, dtype):
+    model = c_model(shape, dtype)
     benchmark.extra_info["tokens"] = 32
     benchmark.pedantic(model.generate, args=([1],), kwargs=dict(
         max_new_tokens=32, temperature=0, stop_token_ids=[]), rounds=3, warmup_rounds=1)
@@ -68,10 +73,7 @@ def test_decode_32_tokens(benchmark, shape, dtype):
 
 @pytest.mark.parametrize("dtype", ["fp32", "int8"])
 def test_prefill_128(benchmark, shape, dtype):
-    name, cfg, w = shape
-    if dtype == "int8":
-        w = quantize_weights(cfg, w, fit_group_size(cfg, 64))
-    model = llama2c.Model(cfg, w, n_threads=THREADS)
+    model = c_model(shape, dtype)
     prompt = list(range(1, 129))
     benchmark.pedantic(model.generate, args=(prompt,), kwargs=dict(max_new_tokens=1, temperature=0),
                        rounds=3, warmup_rounds=1)

@@ -123,11 +123,9 @@ class Model:
 
         if dtype not in (None, "fp32", "int8"):
             raise ValueError(f"dtype must be None, 'fp32' or 'int8', got {dtype!r}")
-        if dtype is None and _quantized_gguf(path):
-            dtype = "int8"
         # the loaders' own int8 conversion keeps quantized blocks exact (GGUF)
-        config, weights, metadata = load_any(
-            path, dtype="int8" if dtype == "int8" and group_size is None else None)
+        want = "auto" if dtype is None else "int8" if dtype == "int8" and group_size is None else None
+        config, weights, metadata = load_any(path, dtype=want)
         stored = _weights_dtype(weights)
         if dtype is None:
             dtype = "int8" if stored in ("int8", "mixed") else "fp32"
@@ -356,19 +354,6 @@ class Model:
         return (f"Model(dim={c.dim}, n_layers={c.n_layers}, n_heads={c.n_heads}, "
                 f"n_kv_heads={c.n_kv_heads}, vocab_size={c.vocab_size}, dtype={self.dtype!r}, "
                 f"simd={self.simd!r}, n_threads={self.n_threads})")
-
-
-def _quantized_gguf(path) -> bool:
-    """True for a GGUF file whose matrices are stored quantized (Q8_0, Q4_0, Q4_1, ...)."""
-    p = Path(path)
-    try:
-        with open(p, "rb") as f:
-            if f.read(4) != b"GGUF":
-                return False
-    except OSError:
-        return False                       # the loader reports it
-    from .loaders.gguf import read_gguf
-    return any(t.type_name not in ("F32", "F16", "BF16") for t in read_gguf(p).tensors.values())
 
 
 def _tokenizer_from_model(path, metadata, vocab_size):

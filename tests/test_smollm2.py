@@ -122,3 +122,11 @@ def test_hf_directory_gives_the_same_logits(golden, fp32, smollm2_hf_dir):
     assert hf.tokenizer.encode(cases[0]["prompt"]) == cases[0]["ids"]
     a, b = hf.logits(cases[0]["ids"]), fp32.logits(cases[0]["ids"])
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+def test_default_load_keeps_the_files_blocks(golden, int8):
+    """dtype=None is 'as stored': the GGUF's quantized blocks become exact int8 groups."""
+    model = llama2c.Model.load(golden[0], context_length=64)
+    assert model.dtype == "int8" and model.weights["layers.0.wq"].m is not None
+    w, ref = model.weights["layers.0.w2"], int8.weights["layers.0.w2"]
+    assert np.array_equal(w.dequantize(), ref.dequantize())

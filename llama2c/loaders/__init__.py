@@ -9,7 +9,8 @@ from ..errors import ModelFormatError
 
 def load_any(path, dtype=None):
     """Load a GGUF file (magic b'GGUF'), a Hugging Face directory (config.json + safetensors)
-    or, for anything else, a llama2.c checkpoint."""
+    or, for anything else, a llama2.c checkpoint. dtype 'auto' is as stored, with a GGUF
+    file's quantized blocks mapped exactly to int8."""
     p = Path(path)
     if not p.exists():
         raise ModelFormatError(f"{path}: model path does not exist")
@@ -17,7 +18,7 @@ def load_any(path, dtype=None):
         if not (p / "config.json").is_file():
             raise ModelFormatError(f"{path}: directory has no config.json (expected a Hugging Face model)")
         from .hf import load_hf
-        return load_hf(p, dtype)
+        return load_hf(p, None if dtype == "auto" else dtype)
     try:
         with open(p, "rb") as f:
             magic = f.read(4)
@@ -27,4 +28,4 @@ def load_any(path, dtype=None):
         from .gguf import load_gguf
         return load_gguf(p, dtype)
     from .llama2c_bin import load_llama2c_bin
-    return load_llama2c_bin(p, dtype)
+    return load_llama2c_bin(p, None if dtype == "auto" else dtype)

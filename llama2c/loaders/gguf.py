@@ -493,6 +493,7 @@ def load_gguf(path, dtype=None, group_size: int = 32):
     """Load a llama GGUF file -> (Config, weights, metadata).
 
     dtype None or 'fp32': every tensor dequantized to float32 (F32 data stay memory-mapped views).
+    dtype 'auto': 'int8' when the file stores quantized matrices, else 'fp32'.
     dtype 'int8': matrices as QTensor. With group_size 32 (the default) Q8_0, Q4_0 and Q4_1
     tensors map exactly: their QTensor's dequantize() equals the fp32 load (Q4_1 keeps its mins
     as per-group offsets QTensor.m); F32/F16/BF16 matrices are quantized with quantize_q8. With
@@ -503,9 +504,12 @@ def load_gguf(path, dtype=None, group_size: int = 32):
     and the group size to use when quantizing later), 'tensor_types' (llama2c name -> ggml
     type name) and, when the file has them, 'bos_token_id' / 'eos_token_id'.
     """
-    if dtype not in (None, "fp32", "float32", "int8"):
-        raise ValueError(f"dtype must be None, 'fp32' or 'int8', got {dtype!r}")
+    if dtype not in (None, "fp32", "float32", "int8", "auto"):
+        raise ValueError(f"dtype must be None, 'fp32', 'int8' or 'auto', got {dtype!r}")
     gf = read_gguf(path)
+    if dtype == "auto":
+        quantized = any(t.type_name not in ("F32", "F16", "BF16") for t in gf.tensors.values())
+        dtype = "int8" if quantized else "fp32"
     cfg = gguf_config(gf)
     names = tensor_name_map(cfg.n_layers, cfg.shared_classifier)
     _check_tensor_names(gf, names)
