@@ -4,6 +4,7 @@ tokenizer files and mismatches, ContextLengthError for prompts that do not fit, 
 for bad sampling arguments (all of them ValueError subclasses)."""
 import math
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -208,6 +209,15 @@ def test_gguf_bad_metadata(tmp_path, key, value, match):
 def test_gguf_absurd_context_length(tmp_path):
     data, _, _ = tiny_llama_gguf(meta_overrides={"llama.context_length": 2**31 - 1})
     assert "seq_len" in _load_error(_write(tmp_path, "c.gguf", data))
+
+
+def test_gguf_absurd_block_count(tmp_path):
+    """A block count far beyond the file's tensors fails at once (found by the fuzzer: it used
+    to build a name for each of 16M layers)."""
+    data, _, _ = tiny_llama_gguf(meta_overrides={"llama.block_count": 1 << 24})
+    start = time.perf_counter()
+    _load_error(_write(tmp_path, "b.gguf", data), match="block_count")
+    assert time.perf_counter() - start < 5
 
 
 @pytest.mark.parametrize("factor", [0.0, -2.0])

@@ -284,6 +284,7 @@ def test_not_a_directory(tmp_path):
     ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "mistral"),
     ({"hidden_size": None}, "hidden_size"),
     ({"num_hidden_layers": "2"}, "num_hidden_layers"),
+    ({"num_hidden_layers": 1 << 24}, "num_hidden_layers is 16777216"),
     ({"attention_bias": True}, "attention_bias"),
     ({"hidden_act": "gelu"}, "gelu"),
     ({"rope_scaling": "linear"}, "rope_scaling"),

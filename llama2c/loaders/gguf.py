@@ -511,6 +511,9 @@ def load_gguf(path, dtype=None, group_size: int = 32):
         quantized = any(t.type_name not in ("F32", "F16", "BF16") for t in gf.tensors.values())
         dtype = "int8" if quantized else "fp32"
     cfg = gguf_config(gf)
+    if cfg.n_layers * len(_LAYER_TENSORS) > len(gf.tensors):   # before naming every tensor
+        raise ModelFormatError(f"{gf.path}: llama.block_count is {cfg.n_layers} but the file holds "
+                               f"only {len(gf.tensors)} tensors")
     names = tensor_name_map(cfg.n_layers, cfg.shared_classifier)
     _check_tensor_names(gf, names)
     int8 = dtype == "int8"

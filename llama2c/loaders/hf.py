@@ -326,6 +326,9 @@ def load_hf(path, dtype=None, group_size: int = 64):
     hf = _read_json(config_path, "config.json")
     where = _open_tensors(model_dir)
     cfg = hf_config(hf, str(config_path), has_lm_head="lm_head.weight" in where)
+    if cfg.n_layers * 9 > len(where):   # 9 tensors per layer; checked before naming them all
+        raise ModelFormatError(f"{config_path}: num_hidden_layers is {cfg.n_layers} but the "
+                               f"safetensors hold only {len(where)} tensors")
     names = hf_tensor_name_map(cfg.n_layers, cfg.shared_classifier)
     _check_tensor_names(model_dir, where, names)
     weights = {}
