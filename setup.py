@@ -16,6 +16,7 @@ import os
 import platform
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 from Cython.Build import cythonize
@@ -114,11 +115,12 @@ class BuildExt(build_ext):
 extensions = [
     Extension(
         "llama2c._engine",
-        sources=["src/_engine.pyx", "csrc/forward.c", "csrc/dispatch.c",
-                 "csrc/arch/kernels_generic.c"],
+        sources=["src/_engine.pyx", "csrc/forward.c", "csrc/linear.c", "csrc/sampler.c",
+                 "csrc/dispatch.c", "csrc/arch/kernels_generic.c"],
         include_dirs=["csrc", "src", np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        depends=["csrc/llama2c.h", "csrc/kernels.c", "csrc/kernels_q8.c", "src/l2c.pxd"],
+        depends=["csrc/llama2c.h", "csrc/internal.h", "csrc/kernels.c", "csrc/kernels_q8.c",
+                 "src/l2c.pxd"] + sorted(str(p) for p in Path("src").glob("*.pxi")),
     )
 ]
 

@@ -16,3 +16,8 @@ class TokenizerError(Llama2cError, ValueError):
 
 class ContextLengthError(Llama2cError, ValueError):
     """A prompt (plus generation) does not fit in the model's context."""
+
+
+class GenerationCancelled(Llama2cError):
+    """A running forward pass or generation was cancelled (Session.request_cancel, a cancel
+    handle, max_time)."""
