@@ -109,7 +109,11 @@ cdef extern from "llama2c.h" nogil:
         int64_t max_batch
         int64_t seq_len
         int n_threads
+        int64_t kv_dim
+        int64_t n_layers
         float *logits
+        float *key_cache
+        float *value_cache
 
     int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int64_t seq_len, int n_threads)
     void l2c_state_free(l2c_state *s)

@@ -193,6 +193,40 @@ cdef class Session:
             return self.last_logits()
         return None
 
+    def export_kv(self):
+        """The cache's contents for positions 0..n_tokens-1 as bytes (import_kv restores them
+        into a session of the same engine). The format is private to this build."""
+        cdef int64_t n = self.n_tokens, kvd = self.s.kv_dim, L = self.s.n_layers, l
+        out = np.empty((2, L, n, kvd), dtype=np.float32)
+        cdef float[:, :, :, ::1] o = out
+        if n:
+            for l in range(L):
+                memcpy(&o[0, l, 0, 0], self.s.key_cache + l * self.s.seq_len * kvd, n * kvd * sizeof(float))
+                memcpy(&o[1, l, 0, 0], self.s.value_cache + l * self.s.seq_len * kvd, n * kvd * sizeof(float))
+        return out.tobytes()
+
+    def import_kv(self, bytes data, int64_t n_tokens, last_logits=None):
+        """Restore what export_kv returned for n_tokens positions (and, optionally, the logits
+        of the last position) into this session, replacing its contents."""
+        cdef int64_t kvd = self.s.kv_dim, L = self.s.n_layers, l
+        if not 0 <= n_tokens <= self.context:
+            raise ContextLengthError(f"a state of {n_tokens} positions does not fit the context of {self.context}")
+        if len(data) != 2 * L * n_tokens * kvd * 4:
+            raise ValueError(f"import_kv: {len(data)} bytes do not hold {n_tokens} positions of this model")
+        arr = np.frombuffer(data, dtype=np.float32).reshape(2, L, n_tokens, kvd)
+        cdef const float[:, :, :, ::1] a = arr
+        cdef const float[::1] lv
+        if n_tokens:
+            for l in range(L):
+                memcpy(self.s.key_cache + l * self.s.seq_len * kvd, &a[0, l, 0, 0], n_tokens * kvd * sizeof(float))
+                memcpy(self.s.value_cache + l * self.s.seq_len * kvd, &a[1, l, 0, 0], n_tokens * kvd * sizeof(float))
+        if last_logits is not None:
+            lv = np.ascontiguousarray(last_logits, dtype=np.float32)
+            if lv.shape[0] != self.engine.m.cfg.vocab_size:
+                raise _shape_error("last_logits", (lv.shape[0],), (self.engine.m.cfg.vocab_size,))
+            memcpy(self.s.logits, &lv[0], lv.shape[0] * sizeof(float))
+        self.n_tokens = n_tokens
+
     # ---- the earlier API (positions given by the caller) -------------------------------------
 
     def forward(self, const int32_t[::1] tokens, int64_t pos0, float[:, ::1] logits_all=None):
