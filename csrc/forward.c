@@ -41,8 +41,6 @@ int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int64_t 
     s->n_layers = c->n_layers;
     s->n_heads = c->n_heads;
     const int64_t B = max_batch, wide = max_i64(c->dim, s->q_dim);
-    const int64_t qwidth = max_i64(wide, c->hidden_dim);
-    const int64_t gs = l2c_min_group_size(m);
     // calloc: large buffers (the KV cache) come as untouched zero pages, so a long context
     // costs memory only as it fills.
     s->x = calloc((size_t)(B * c->dim), sizeof(float));
@@ -55,18 +53,10 @@ int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int64_t 
     s->logits = calloc((size_t)c->vocab_size, sizeof(float));
     s->key_cache = calloc((size_t)(c->n_layers * seq_len * s->kv_dim), sizeof(float));
     s->value_cache = calloc((size_t)(c->n_layers * seq_len * s->kv_dim), sizeof(float));
-    const int64_t n_groups = B * (gs > 0 ? qwidth / gs + 1 : 1);
-    const int two = m->cfg.act_bits == 16;
-    s->xq.hi = calloc((size_t)(B * qwidth), 1);
-    s->xq.lo = two ? calloc((size_t)(B * qwidth), 1) : NULL;
-    s->xq.s = calloc((size_t)n_groups, sizeof(float));
-    s->xq.sum_hi = calloc((size_t)n_groups, sizeof(int32_t));
-    s->xq.sum_lo = two ? calloc((size_t)n_groups, sizeof(int32_t)) : NULL;
     s->pos = malloc((size_t)B * sizeof(int64_t));
     if (!s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->att || !s->logits ||
-        !s->key_cache || !s->value_cache || !s->xq.hi || !s->xq.s || !s->xq.sum_hi ||
-        (two && (!s->xq.lo || !s->xq.sum_lo)) ||
-        !s->pos) {
+        !s->key_cache || !s->value_cache || !s->pos ||
+        l2c_input_init(&s->in, m, B) != L2C_OK) {
         l2c_state_free(s);
         return L2C_ERR_NOMEM;
     }
@@ -77,7 +67,7 @@ void l2c_state_free(l2c_state *s) {
     if (!s) return;
     free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2); free(s->q); free(s->att);
     free(s->logits); free(s->key_cache); free(s->value_cache);
-    free(s->xq.hi); free(s->xq.lo); free(s->xq.s); free(s->xq.sum_hi); free(s->xq.sum_lo);
+    l2c_input_free(&s->in);
     free(s->pos);
     memset(s, 0, sizeof(*s));
 }
@@ -88,7 +78,6 @@ static void forward_chunk(const l2c_model *m, l2c_state *s, const int32_t *token
     const l2c_kernels *k = m->k;
     const int64_t dim = c->dim, hidden = c->hidden_dim, hs = c->head_size;
     const int64_t kv_dim = s->kv_dim, nth = s->n_threads;
-    qcache qc = {0};
 
     // x = tok_embeddings(tokens)
     for (int64_t t = 0; t < T; t++) {
@@ -103,42 +92,47 @@ static void forward_chunk(const l2c_model *m, l2c_state *s, const int32_t *token
 
         // xb = attention_norm(x)
         k->rmsnorm(s->xb, s->x, L->rms_att, T, dim, c->norm_eps, (int)nth);
-        qc.src = NULL;
+        const l2c_matrix *qkv[3] = {&L->wq, &L->wk, &L->wv};
+        l2c_input_set(m, &s->in, s->xb, T, dim, qkv, 3, (int)nth);
         // q, k, v = wq(xb), wk(xb), wv(xb); k and v go straight into the cache rows pos0..
-        l2c_linear(m, s, &qc, s->q, s->xb, &L->wq, T);
-        l2c_linear(m, s, &qc, kc + pos0 * kv_dim, s->xb, &L->wk, T);
-        l2c_linear(m, s, &qc, vc + pos0 * kv_dim, s->xb, &L->wv, T);
+        l2c_linear(m, s->q, &s->in, &L->wq, (int)nth);
+        l2c_linear(m, kc + pos0 * kv_dim, &s->in, &L->wk, (int)nth);
+        l2c_linear(m, vc + pos0 * kv_dim, &s->in, &L->wv, (int)nth);
         // q, k = apply_rotary_emb(q, k, freqs_cis)
         k->rope(s->q, s->pos, m->rope_cos, m->rope_sin, T, c->n_heads, hs, (int)nth);
         k->rope(kc + pos0 * kv_dim, s->pos, m->rope_cos, m->rope_sin, T, c->n_kv_heads, hs, (int)nth);
         // xb = softmax(q @ k^T / sqrt(hs) + causal mask) @ v, heads sharing kv heads (GQA)
         k->attention(s->xb, s->att, s->q, kc, vc, T, pos0, c->n_heads, c->n_kv_heads, hs,
                      s->seq_len, (int)nth);
-        qc.src = NULL;
         // x = x + wo(xb)
-        l2c_linear(m, s, &qc, s->xb2, s->xb, &L->wo, T);
+        const l2c_matrix *o[1] = {&L->wo};
+        l2c_input_set(m, &s->in, s->xb, T, c->n_heads * hs, o, 1, (int)nth);
+        l2c_linear(m, s->xb2, &s->in, &L->wo, (int)nth);
         k->add(s->x, s->xb2, T * dim, (int)nth);
 
         // xb = ffn_norm(x)
         k->rmsnorm(s->xb, s->x, L->rms_ffn, T, dim, c->norm_eps, (int)nth);
-        qc.src = NULL;
         // x = x + w2(F.silu(w1(xb)) * w3(xb))
-        l2c_linear(m, s, &qc, s->hb, s->xb, &L->w1, T);
-        l2c_linear(m, s, &qc, s->hb2, s->xb, &L->w3, T);
+        const l2c_matrix *up[2] = {&L->w1, &L->w3}, *down[1] = {&L->w2};
+        l2c_input_set(m, &s->in, s->xb, T, dim, up, 2, (int)nth);
+        l2c_linear(m, s->hb, &s->in, &L->w1, (int)nth);
+        l2c_linear(m, s->hb2, &s->in, &L->w3, (int)nth);
         k->swiglu(s->hb, s->hb2, T * hidden, (int)nth);
-        l2c_linear(m, s, &qc, s->xb2, s->hb, &L->w2, T);
+        l2c_input_set(m, &s->in, s->hb, T, hidden, down, 1, (int)nth);
+        l2c_linear(m, s->xb2, &s->in, &L->w2, (int)nth);
         k->add(s->x, s->xb2, T * dim, (int)nth);
     }
 
     // logits = output(norm(x)): every row when asked for, else the last row only
     const int64_t first = logits_all ? 0 : T - 1, rows = T - first;
     k->rmsnorm(s->xb, s->x + first * dim, m->rms_final, rows, dim, c->norm_eps, (int)nth);
-    qc.src = NULL;
+    const l2c_matrix *cls[1] = {&m->wcls};
+    l2c_input_set(m, &s->in, s->xb, rows, dim, cls, 1, (int)nth);
     if (logits_all) {
-        l2c_linear(m, s, &qc, logits_all, s->xb, &m->wcls, rows);
+        l2c_linear(m, logits_all, &s->in, &m->wcls, (int)nth);
         memcpy(s->logits, logits_all + (rows - 1) * c->vocab_size, (size_t)c->vocab_size * sizeof(float));
     } else {
-        l2c_linear(m, s, &qc, s->logits, s->xb, &m->wcls, 1);
+        l2c_linear(m, s->logits, &s->in, &m->wcls, (int)nth);
     }
 }
 

@@ -4,17 +4,22 @@
 
 #include "llama2c.h"
 
-// Quantized copy of the current matmul input (runq.c: quantize once, reuse for q/k/v, w1/w3).
-typedef struct {
-    const float *src;
-    int64_t T, n, gs;
-} qcache;
-
-// smallest group size of any quantized matrix (activation scale buffers are sized for it)
-int64_t l2c_min_group_size(const l2c_model *m);
-// out (T, W.rows) = x (T, W.cols) @ W^T, in the matrix's own element type
-void l2c_linear(const l2c_model *m, l2c_state *s, qcache *qc, float *out, const float *x,
-                const l2c_matrix *W, int64_t T);
+// ---- the input of one or more matrices ------------------------------------------------------
+// A float activation x (T, n) and, for the int8 matrices that read it, x quantized once per
+// group size they use (runq.c: quantize once, reuse for q/k/v and w1/w3). The forward pass
+// sets an input explicitly at the stage that produces it (l2c_input_set with the matrices
+// that will read it), then runs each of those matrices on it (l2c_linear).
+// Buffers for up to max_rows rows of the model's widest matrix input.
+int l2c_input_init(l2c_input *in, const l2c_model *m, int64_t max_rows);
+void l2c_input_free(l2c_input *in);
+// Point `in` at x (T, n) and quantize it for every quantized matrix in ws[0..nw).
+// L2C_OK, or L2C_ERR_ARG (too many rows or distinct group sizes).
+int l2c_input_set(const l2c_model *m, l2c_input *in, const float *x, int64_t T, int64_t n,
+                  const l2c_matrix *const *ws, int nw, int n_threads);
+// out (T, W.rows) = x (T, W.cols) @ W^T in the matrix's own element type, from an input set
+// for W.
+void l2c_linear(const l2c_model *m, float *out, const l2c_input *in, const l2c_matrix *W,
+                int n_threads);
 // x (dim,) = row `token` of the embedding table (dequantized if int8)
 void l2c_embed(float *restrict x, const l2c_matrix *E, int64_t token);
 

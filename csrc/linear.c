@@ -4,8 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "llama2c.h"
 #include "internal.h"
+#include "llama2c.h"
 
 // ---------------------------------------------------------------------------------------------
 // model checks
@@ -79,38 +79,76 @@ int l2c_model_check(const l2c_model *m) {
 }
 
 
-// smallest group size of any quantized matrix (activation scale buffers are sized for it)
-int64_t l2c_min_group_size(const l2c_model *m) {
-    int64_t gs = 0;
-#define TAKE(w) if ((w).type == L2C_Q8P && (gs == 0 || (w).group_size < gs)) gs = (w).group_size
-    TAKE(m->wcls);
-    for (int64_t l = 0; l < m->cfg.n_layers; l++) {
-        const l2c_layer *L = &m->layers[l];
-        TAKE(L->wq); TAKE(L->wk); TAKE(L->wv); TAKE(L->wo); TAKE(L->w1); TAKE(L->w2); TAKE(L->w3);
+// ---------------------------------------------------------------------------------------------
+// inputs and the linear layer
+
+static int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+int l2c_input_init(l2c_input *in, const l2c_model *m, int64_t max_rows) {
+    memset(in, 0, sizeof(*in));
+    const l2c_config *c = &m->cfg;
+    const int64_t n = max_i64(max_i64(c->dim, c->hidden_dim), c->n_heads * c->head_size);
+    const int two = c->act_bits == 16;
+    in->max_rows = max_rows;
+    in->max_n = n;
+    for (int i = 0; i < L2C_INPUT_VARIANTS; i++) {
+        l2c_qact *q = &in->q[i];
+        // scales and sums are sized for the smallest group size the kernels take (4)
+        q->hi = calloc((size_t)(max_rows * n), 1);
+        q->lo = two ? calloc((size_t)(max_rows * n), 1) : NULL;
+        q->s = calloc((size_t)(max_rows * n / 4), sizeof(float));
+        q->sum_hi = calloc((size_t)(max_rows * n / 4), sizeof(int32_t));
+        q->sum_lo = two ? calloc((size_t)(max_rows * n / 4), sizeof(int32_t)) : NULL;
+        if (!q->hi || !q->s || !q->sum_hi || (two && (!q->lo || !q->sum_lo))) {
+            l2c_input_free(in);
+            return L2C_ERR_NOMEM;
+        }
     }
-#undef TAKE
-    return gs;
+    return L2C_OK;
 }
 
-// ---------------------------------------------------------------------------------------------
-// forward
+void l2c_input_free(l2c_input *in) {
+    if (!in) return;
+    for (int i = 0; i < L2C_INPUT_VARIANTS; i++) {
+        free(in->q[i].hi); free(in->q[i].lo); free(in->q[i].s); free(in->q[i].sum_hi);
+        free(in->q[i].sum_lo);
+    }
+    memset(in, 0, sizeof(*in));
+}
 
-// Quantized copy of the current matmul input (runq.c: quantize once, reuse for q/k/v, w1/w3).
+int l2c_input_set(const l2c_model *m, l2c_input *in, const float *x, int64_t T, int64_t n,
+                  const l2c_matrix *const *ws, int nw, int n_threads) {
+    if (T > in->max_rows || n > in->max_n) return L2C_ERR_ARG;
+    in->x = x;
+    in->T = T;
+    in->n = n;
+    in->n_variants = 0;
+    for (int i = 0; i < nw; i++) {
+        if (ws[i]->type == L2C_F32) continue;
+        const int64_t gs = ws[i]->group_size;
+        int seen = 0;
+        for (int v = 0; v < in->n_variants; v++) seen |= in->gs[v] == gs;
+        if (seen) continue;
+        if (in->n_variants == L2C_INPUT_VARIANTS) return L2C_ERR_ARG;
+        in->gs[in->n_variants] = gs;
+        m->k->quantize_q8(&in->q[in->n_variants], x, T, n, gs, n_threads);
+        in->n_variants++;
+    }
+    return L2C_OK;
+}
 
-// out (T, W.rows) = x (T, W.cols) @ W^T, in the matrix's own element type
-void l2c_linear(const l2c_model *m, l2c_state *s, qcache *qc, float *out, const float *x,
-                   const l2c_matrix *W, int64_t T) {
+void l2c_linear(const l2c_model *m, float *out, const l2c_input *in, const l2c_matrix *W,
+                int n_threads) {
     const l2c_kernels *k = m->k;
     if (W->type == L2C_F32) {
-        k->matmul_f32(out, x, W->f, T, W->cols, W->rows, s->n_threads);
+        k->matmul_f32(out, in->x, W->f, in->T, W->cols, W->rows, n_threads);
         return;
     }
-    const int64_t gs = W->group_size;
-    if (qc->src != x || qc->T != T || qc->n != W->cols || qc->gs != gs) {
-        k->quantize_q8(&s->xq, x, T, W->cols, gs, s->n_threads);
-        qc->src = x; qc->T = T; qc->n = W->cols; qc->gs = gs;
-    }
-    k->matmul_q8(out, &s->xq, W, T, s->n_threads);
+    for (int v = 0; v < in->n_variants; v++)
+        if (in->gs[v] == W->group_size) {
+            k->matmul_q8(out, &in->q[v], W, in->T, n_threads);
+            return;
+        }
 }
 
 // x (dim,) = row `token` of the embedding table (dequantized if int8)

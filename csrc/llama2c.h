@@ -198,6 +198,21 @@ typedef struct {
 // Check shapes, types and pointers of a filled-in model. L2C_OK or L2C_ERR_ARG.
 int l2c_model_check(const l2c_model *m);
 
+// The input of one or more matrices: a float activation x (T, n) and, for the int8 matrices
+// that read it, x quantized once per group size they use (runq.c: quantize once, reuse for
+// q/k/v and w1/w3). The forward pass sets an input explicitly at the stage that produces it,
+// with the matrices that will read it, then runs each of them on it (csrc/internal.h).
+#define L2C_INPUT_VARIANTS 4   // distinct group sizes among one input's readers
+
+typedef struct {
+    const float *x;                      // (T, n), the caller's
+    int64_t T, n;
+    int n_variants;
+    int64_t gs[L2C_INPUT_VARIANTS];      // group size of each quantized variant
+    l2c_qact q[L2C_INPUT_VARIANTS];      // x quantized at gs[i], (T, n) each
+    int64_t max_rows, max_n;             // capacity
+} l2c_input;
+
 // Mutable per-session buffers: activations for up to max_batch tokens and the KV cache.
 typedef struct {
     int64_t max_batch;   // tokens per forward chunk (prefill)
@@ -214,7 +229,7 @@ typedef struct {
     float *logits;       // (vocab_size,)      logits of the last token of the last forward
     float *key_cache;    // (n_layers, seq_len, kv_dim)
     float *value_cache;  // (n_layers, seq_len, kv_dim)
-    l2c_qact xq;         // quantized activations, (max_batch, max(dim, hidden_dim, q_dim))
+    l2c_input in;        // the current matrix input, quantized (see l2c_input)
     int64_t *pos;        // (max_batch,)
 } l2c_state;
 
