@@ -243,3 +243,32 @@ def run_python(code: str, env: dict | None = None, timeout: float = 120, drop_en
     full.update(env or {})
     return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
                           timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- ggml blocks
+
+GGML_TYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
+                 "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30}
+BLOCK_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+def random_blocks(type_name: str, n_blocks: int, rng, scale: float = 0.01,
+                  scales=None) -> bytes:
+    """n_blocks random ggml blocks of a block type: every code/scale byte random (so every
+    nibble and high-bit pattern occurs), the f16 fields d (and dmin / m) set to
+    |N(0, scale)|-ish values, or to `scales` (an array of f16 values, cycled) when given."""
+    from llama2c.loaders.ggml_quants import BLOCK_DTYPES
+    dt = BLOCK_DTYPES[type_name]
+    raw = rng.integers(0, 256, size=n_blocks * dt.itemsize, dtype=np.uint8)
+    b = raw.view(dt)
+    for field in ("d", "dmin", "m"):
+        if field in dt.names:
+            if scales is None:
+                v = (scale * rng.standard_normal(n_blocks)).astype(np.float16)
+                if field != "m":
+                    v = np.abs(v)
+            else:
+                v = np.resize(np.asarray(scales, np.float16), n_blocks)
+                v = rng.permutation(v)
+            b[field] = v
+    return raw.tobytes()
