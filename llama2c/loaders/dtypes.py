@@ -89,11 +89,13 @@ def convert_matrix(t, dtype: str | None, group_size: int | None, name: str,
 def convert_weights(cfg, weights: dict, dtype: str | None, group_size: int | None,
                     default: int) -> dict:
     """Every 2-D tensor through convert_matrix; vectors (norms, biases) unchanged. `default` is
-    the group size for float matrices (fitted to the model's widths) when none is given."""
+    the int8 group size for float matrices (fitted to the model's widths) when none is given;
+    q4 always defaults to 32."""
     if dtype is None:
         return weights
     matrices = [t for t in weights.values() if np.ndim(getattr(t, "q", t)) == 2]
     fallback = None
+    default = default if dtype == "int8" else 32
     if dtype in ("int8", "q4"):
         if group_size is not None:
             group_size = fallback = default_group_size(cfg, dtype, group_size, default)

@@ -208,8 +208,12 @@ def _dequantize(type_name: str, b: np.ndarray) -> np.ndarray:
 def to_qtensor(type_name: str, data: np.ndarray, shape: tuple) -> QTensor:
     """A 2-D block tensor (rows, cols) as the QTensor of the table in the module docstring:
     the same values as dequantize(), no requantization."""
+    with np.errstate(invalid="ignore", over="ignore"):   # corrupt scales: validate_weights rejects them
+        return _to_qtensor(type_name, blocks(type_name, data), shape)
+
+
+def _to_qtensor(type_name: str, b: np.ndarray, shape: tuple) -> QTensor:
     rows, cols = shape
-    b = blocks(type_name, data)
     bits, gs = EXACT_FORMAT[type_name]
     m = None
     if type_name == "Q8_0":

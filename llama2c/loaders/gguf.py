@@ -571,7 +571,8 @@ _SCALAR_FORMATS = {_UINT8: "<B", _INT8: "<b", _UINT16: "<H", _INT16: "<h", _UINT
                    _INT32: "<i", _FLOAT32: "<f", _BOOL_T: "<?", _UINT64: "<Q", _INT64: "<q",
                    _FLOAT64: "<d"}
 # Value types llama.cpp insists on for the tokenizer keys (it checks them).
-_KEY_TYPES = {"tokenizer.ggml.scores": (_ARRAY, _FLOAT32), "tokenizer.ggml.token_type": (_ARRAY, _INT32)}
+_KEY_TYPES = {"tokenizer.ggml.scores": (_ARRAY, _FLOAT32), "tokenizer.ggml.token_type": (_ARRAY, _INT32),
+              "tokenizer.ggml.tokens": (_ARRAY, _STRING), "tokenizer.ggml.merges": (_ARRAY, _STRING)}
 
 
 def tokenizer_metadata(gguf_metadata: dict) -> dict:
