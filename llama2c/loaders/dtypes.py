@@ -9,8 +9,9 @@
     "q4"           every matrix a bits-4 QTensor: exact for GGUF Q4_0/Q4_1/Q4_K/Q3_K/Q2_K, else
                    the 4-bit quantizer at `group_size` (default 32, halved down to 8 to fit)
 
-A given `group_size` also replaces the stored group size: stored tensors whose (exact) group
-size differs are requantized from their dequantized values. Norms and biases are float32.
+With "int8" or "q4", a given `group_size` also replaces the stored group size: stored tensors
+whose (exact) group size differs are requantized from their dequantized values (None and
+"fp32" ignore it). Norms and biases are always float32.
 """
 from __future__ import annotations
 
