@@ -11,6 +11,8 @@ Names follow llama2.c / Meta's checkpoint naming:
     layers.{i}.w2             (dim, hidden_dim)
     norm                      (dim,)
     output                    (vocab_size, dim)   only when the classifier is not shared
+    layers.{i}.bq             (n_heads*head_size,)     q/k/v biases, only when
+    layers.{i}.bk, .bv        (n_kv_heads*head_size,)  config.attention_bias (qwen2)
 Every matrix is (out_features, in_features), row-major, so y = W @ x. Q and K rows use the
 interleaved-pair RoPE convention of llama2.c and GGUF.
 
@@ -18,7 +20,9 @@ int8 format (QTensor): symmetric per-group quantization along the input dimensio
 llama2.c's runq.c and ggml's Q8_0: for each row, each run of `group_size` consecutive values
 shares one float32 scale s = max|w| / 127 and q = round(w / s) in [-127, 127]; w ~= q * s.
 `q` is (rows, cols) int8 and `s` is (rows, cols // group_size) float32: the same two separate
-arrays llama2.c version 2 files store, so those files map without a copy.
+arrays llama2.c version 2 files store, so those files map without a copy. Q and K biases
+follow their rows' interleaved order. bits=4 QTensors (GGUF Q4_0/Q4_1/Q4_K/Q3_K/Q2_K, loaded
+exactly) hold unsigned codes 0..15 in a uint8 `q`, with offsets m: w = q * s + m.
 """
 from __future__ import annotations
 

@@ -157,3 +157,14 @@ def test_representable_checks():
     not_f16 = QTensor(q8.q, q8.s * np.float32(1.0001), 32)
     assert not gq.q8_0_representable(not_f16)
     assert not gq.q8_0_representable(QTensor(q8.q.reshape(4, 64), np.repeat(q8.s, 2, 1), 16))
+
+
+@pytest.mark.parametrize("type_name", ["F16", "BF16"])
+def test_half_types_every_bit_pattern(type_name):
+    """All 65536 F16 / BF16 bit patterns (subnormals, infinities, NaN payloads) as gguf-py."""
+    from llama2c.loaders.gguf import GGUFTensor, dequantize
+    bits = np.arange(65536, dtype=np.uint16)
+    data = bits.view(np.float16) if type_name == "F16" else bits
+    t = GGUFTensor("x", {"F16": 1, "BF16": 30}[type_name], type_name, (65536,), 0, data)
+    want = gguf.quants.dequantize(bits.view(np.uint8), _gguf_type(type_name)).reshape(-1)
+    np.testing.assert_array_equal(dequantize(t).view(np.uint32), want.view(np.uint32))

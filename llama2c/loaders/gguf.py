@@ -527,17 +527,18 @@ def load_gguf(path, dtype=None, group_size: int | None = None):
                                f"holds only {len(gf.tensors)} tensors")
     names = tensor_name_map(cfg.n_layers, cfg.shared_classifier, cfg.attention_bias)
     _check_tensors(gf, cfg, names)
-    fallback = None
+    fallback = None      # group size for what has no exact form in the requested dtype
     if dtype in ("int8", "q4"):
-        exact = {"int8": ggml_quants.EXACT_FORMAT, "q4": {k: v for k, v in
-                 ggml_quants.EXACT_FORMAT.items() if v[0] == 4}}[dtype]
-        needs = group_size is not None or any(
-            gf.tensors[g].type_name not in exact for o, g in names.items() if len(gf.tensors[g].shape) == 2)
-        if needs:
+        bits = 8 if dtype == "int8" else 4
+        exact = {k for k, (b, _) in ggml_quants.EXACT_FORMAT.items() if b <= bits}
+        if group_size is not None or any(gf.tensors[g].type_name not in exact
+                                         for g in names.values() if len(gf.tensors[g].shape) == 2):
             fallback = default_group_size(cfg, dtype, group_size, 32)
+    perms = {}           # qwen2: rotate-half rows -> interleaved pairs, weights and biases alike
     if ARCHITECTURES[cfg.arch].neox_rope:
         q_perm = permute_from_hf(np.arange(cfg.q_dim), cfg.n_heads)
         k_perm = permute_from_hf(np.arange(cfg.kv_dim), cfg.n_kv_heads)
+        perms = {"wq": q_perm, "bq": q_perm, "wk": k_perm, "bk": k_perm}
     weights = {}
     for ours, theirs in names.items():
         t = gf.tensors[theirs]
@@ -545,9 +546,8 @@ def load_gguf(path, dtype=None, group_size: int | None = None):
             w = dequantize(t)
         else:
             w = convert_matrix(as_stored(t), dtype, group_size, ours, fallback)
-        if ARCHITECTURES[cfg.arch].neox_rope and ours.endswith((".wq", ".bq", ".wk", ".bk")):
-            w = _permute_rows(w, q_perm if ours.endswith(("q", ".bq")) else k_perm)
-        weights[ours] = w
+        perm = perms.get(ours.rsplit(".", 1)[-1])
+        weights[ours] = w if perm is None else _permute_rows(w, perm)
     validate_weights(cfg, weights, source=gf.path)
     kind, gs = describe(weights)
     metadata = {"format": "gguf", "path": gf.path, "gguf_version": gf.version,
@@ -740,12 +740,13 @@ def write_gguf(path, config: Config, weights: dict, metadata: dict | None = None
         raise ValueError(f"write_gguf: architecture {config.arch!r} is not supported")
     stored = gguf_quantize_weights(weights, ggml_type)
     names = tensor_name_map(config.n_layers, config.shared_classifier, config.attention_bias)
-    if ARCHITECTURES[config.arch].neox_rope:
+    if ARCHITECTURES[config.arch].neox_rope:   # back to the rotate-half rows qwen2 files hold
         q_perm = permute_to_hf(np.arange(config.q_dim), config.n_heads)
         k_perm = permute_to_hf(np.arange(config.kv_dim), config.n_kv_heads)
+        perms = {"wq": q_perm, "bq": q_perm, "wk": k_perm, "bk": k_perm}
         for ours in names:
-            if ours.endswith((".wq", ".bq", ".wk", ".bk")):
-                stored[ours] = _permute_rows(stored[ours], q_perm if ours.endswith(("q", ".bq")) else k_perm)
+            if ours.rsplit(".", 1)[-1] in perms:
+                stored[ours] = _permute_rows(stored[ours], perms[ours.rsplit(".", 1)[-1]])
     tensors = [(theirs, stored[ours]) for ours, theirs in names.items()]
     freqs = _rope_freqs_tensor(config)
     if freqs is not None:
