@@ -7,6 +7,8 @@ import numpy as np
 
 # RoPE scaling types (Hugging Face's rope_scaling "rope_type"/"type"; GGUF llama.rope.scaling.type)
 ROPE_SCALING_TYPES = ("default", "none", "linear", "dynamic", "llama3")
+# Architectures the engine runs: the Llama block, and qwen2 = the Llama block + q/k/v biases.
+ARCHITECTURES = ("llama", "qwen2")
 
 
 @dataclass
@@ -23,6 +25,10 @@ class Config:
     shared_classifier: bool = True  # output projection tied to the token embedding
     rope_scaling: dict | None = field(default=None)  # e.g. {"type": "linear", "factor": 2.0}
     head_dim: int | None = None   # per-head width; defaults to dim // n_heads
+    arch: str = "llama"           # "llama" or "qwen2" (GGUF general.architecture / HF model_type)
+    attention_bias: bool = False  # q/k/v projections carry biases (layers.{i}.bq, bk, bv): qwen2
+    rope_freq_factors: tuple | None = None  # (head_size/2,) RoPE frequency divisors (GGUF
+                                  # rope_freqs.weight, Llama 3.1+ scaling), applied after rope_scaling
 
     def __post_init__(self):
         if self.head_dim is None and self.n_heads:
@@ -61,6 +67,17 @@ class Config:
             raise ModelFormatError(f"{source}: rope_theta must be positive, got {self.rope_theta}")
         if not (self.norm_eps >= 0):
             raise ModelFormatError(f"{source}: norm_eps must be >= 0, got {self.norm_eps}")
+        if self.arch not in ARCHITECTURES:
+            raise ModelFormatError(f"{source}: architecture {self.arch!r} is not supported "
+                                   f"(supported: {', '.join(ARCHITECTURES)})")
+        if not isinstance(self.attention_bias, bool):
+            raise ModelFormatError(f"{source}: attention_bias must be a bool, got {self.attention_bias!r}")
+        if self.rope_freq_factors is not None:
+            f = np.asarray(self.rope_freq_factors, dtype=np.float64)
+            if f.shape != (self.head_dim // 2,) or not (np.isfinite(f).all() and (f > 0).all()):
+                raise ModelFormatError(f"{source}: rope frequency factors must be "
+                                       f"{self.head_dim // 2} positive finite numbers, got "
+                                       f"{f.size} values")
         if self.rope_scaling is not None:
             factor = self.rope_scaling.get("factor", 1.0) if isinstance(self.rope_scaling, dict) else None
             if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0 \
@@ -114,6 +131,9 @@ class Config:
             scaled = np.where(wavelen > old / low, freq / factor, freq)      # long waves: / factor
             mid = (wavelen >= old / high) & (wavelen <= old / low)          # between: blend
             freq = np.where(mid, (1 - smooth) * freq / factor + smooth * freq, scaled)
+        if self.rope_freq_factors is not None:
+            # llama.cpp: theta = pos * base^(-2i/n_rot) / freq_factors[i]
+            freq = freq / np.asarray(self.rope_freq_factors, dtype=np.float64)
         return freq
 
     def to_dict(self) -> dict:

@@ -10,6 +10,7 @@ several Python threads can generate from one model at the same time.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -24,7 +25,7 @@ from . import _engine
 from ._threads import default_threads, in_forked_child
 from .config import Config
 from .errors import ContextLengthError, TokenizerError
-from .weights import QTensor, dequantize_weights, fit_group_size, quantize_weights, validate_weights
+from .weights import QTensor, validate_weights, widen_to_int8
 
 # Tokens per prefill chunk: the batched kernels read each weight once per chunk.
 PREFILL_CHUNK = 64
@@ -71,6 +72,48 @@ def _weights_dtype(weights: dict) -> str:
     return "int8" if kinds == {True} else "fp32" if kinds == {False} else "mixed"
 
 
+@functools.lru_cache(maxsize=None)
+def engine_supports(feature: str) -> bool:
+    """Whether this build's engine handles `feature`: 'bits4' (packs bits-4 QTensors) or
+    'attention_bias' (applies qwen2's q/k/v biases). Probed once on a tiny model."""
+    from .config import Config
+    cfg = Config(dim=16, hidden_dim=16, n_layers=1, n_heads=1, n_kv_heads=1, vocab_size=4,
+                 seq_len=4, attention_bias=feature == "attention_bias")
+    from .testing import make_random_model
+    w = make_random_model(cfg, seed=0)
+    if feature == "bits4":
+        w["layers.0.w1"] = QTensor(np.zeros((16, 16), np.uint8), np.ones((16, 2), np.float32), 8,
+                                   np.zeros((16, 2), np.float32), bits=4)
+        try:
+            _engine.Engine(cfg, w, None, 4, 16)
+        except (ValueError, TypeError):
+            return False
+        return True
+    if feature == "attention_bias":
+        def logits(weights):
+            sess = _engine.Session(_engine.Engine(cfg, weights, None, 4, 16), 4, 4, 1)
+            return sess.eval(np.array([1, 2], np.int32), logits="last").copy()
+        w["layers.0.bv"] = np.zeros(16, np.float32)
+        zero = logits(w)
+        w = dict(w, **{"layers.0.bv": np.full(16, 3.0, np.float32)})
+        return not np.array_equal(zero, logits(w))
+    raise ValueError(f"unknown engine feature {feature!r}")
+
+
+def _engine_weights(config: Config, weights: dict) -> dict:
+    """The weights as this engine build takes them: bits-4 QTensors widened exactly to bits 8
+    when it cannot pack 4-bit matrices; a model with q/k/v biases refused when it would
+    ignore them."""
+    from .errors import ModelFormatError
+    if config.attention_bias and not engine_supports("attention_bias"):
+        raise ModelFormatError(f"this build's engine does not apply q/k/v biases, so it cannot "
+                               f"run this {config.arch} model (the NumPy reference can)")
+    if any(isinstance(t, QTensor) and t.bits == 4 for t in weights.values()) \
+            and not engine_supports("bits4"):
+        weights = {k: widen_to_int8(t) if isinstance(t, QTensor) else t for k, t in weights.items()}
+    return weights
+
+
 class Model:
     """A loaded model: weights (read-only, shared by threads) + tokenizer + the C engine."""
 
@@ -90,7 +133,8 @@ class Model:
             context_length = config.seq_len
         self.context_length = _number("context_length", context_length, integer=True, minimum=1,
                                       maximum=config.max_context)
-        self._engine = _engine.Engine(config, weights, simd, self.context_length, act_bits)
+        self._engine = _engine.Engine(config, _engine_weights(config, weights), simd,
+                                      self.context_length, act_bits)
         self.n_threads = default_threads() if n_threads is None else n_threads
         self._pool = []
         self._pool_lock = threading.Lock()
@@ -107,9 +151,10 @@ class Model:
         tokenizer: a path (tokenizer.bin, tokenizer.json or a directory), a Tokenizer, or None
             to take the one the model file carries (GGUF, Hugging Face) or a tokenizer.bin
             beside a llama2.c checkpoint; without one the model works on token ids.
-        dtype: None (as stored: int8 for quantized files, else fp32), "fp32" or "int8"
-            (quantizes at load time with group_size, default 64; GGUF Q8_0/Q4_0/Q4_1 blocks map
-            exactly to int8 groups of 32).
+        dtype: None/"auto" (as stored, exactly: quantized blocks as 4- or 8-bit groups, float
+            weights fp32), "fp32", "int8" or "q4" (8- or 4-bit groups: exact where the file's
+            blocks already are, else quantized at load time with group_size); see
+            llama2c/loaders/dtypes.py.
         n_threads: threads for the kernels (default: the cores this process may use).
         context_length: positions of the KV cache (default: the model's; beyond it only with
             dynamic NTK rope scaling, up to seq_len x factor).
@@ -121,19 +166,8 @@ class Model:
         from .loaders import load_any
         from .tokenizer import Tokenizer
 
-        if dtype not in (None, "fp32", "int8"):
-            raise ValueError(f"dtype must be None, 'fp32' or 'int8', got {dtype!r}")
-        # the loaders' own int8 conversion keeps quantized blocks exact (GGUF)
-        want = "auto" if dtype is None else "int8" if dtype == "int8" and group_size is None else None
-        config, weights, metadata = load_any(path, dtype=want)
-        stored = _weights_dtype(weights)
-        if dtype is None:
-            dtype = "int8" if stored in ("int8", "mixed") else "fp32"
-        if dtype == "fp32" and stored != "fp32":
-            weights = dequantize_weights(weights)
-        elif dtype == "int8" and stored != "int8":
-            gs = group_size or metadata.get("group_size") or 64
-            weights = quantize_weights(config, weights, fit_group_size(config, gs))
+        # dtype/group_size mean the same for every format (llama2c/loaders/dtypes.py)
+        config, weights, metadata = load_any(path, dtype=dtype, group_size=group_size)
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = Tokenizer.load(tokenizer)
         elif tokenizer is None:

@@ -195,8 +195,9 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int,
 # model
 
 class ReferenceModel:
-    """A Llama-architecture transformer in NumPy: batched `logits`, one-step `forward` with a
-    KV cache held on the object, greedy `generate`. Weights: the llama2c.weights dict."""
+    """A Llama-architecture transformer in NumPy (qwen2: plus q/k/v biases): batched `logits`,
+    one-step `forward` with a KV cache held on the object, greedy `generate`. Weights: the
+    llama2c.weights dict (fp32 arrays or QTensors of 4 or 8 bits)."""
 
     def __init__(self, config: Config, weights: dict, act_bits: int = 8):
         if act_bits not in ACT_BITS:
@@ -252,11 +253,15 @@ class ReferenceModel:
             p = f"layers.{l}."
             # attention rmsnorm, then q, k, v projections for these positions
             xb = rmsnorm(x, w[p + "attention_norm"], c.norm_eps)
-            q = rope(matmul(xb, w[p + "wq"], bits), positions, c.rope_theta, c.head_size, freqs=self.freqs)
-            k = rope(matmul(xb, w[p + "wk"], bits), positions, c.rope_theta, c.head_size, freqs=self.freqs)
+            q, k, v = (matmul(xb, w[p + name], bits) for name in ("wq", "wk", "wv"))
+            if c.attention_bias:
+                # qwen2: q_proj/k_proj/v_proj are nn.Linear(..., bias=True); biases before RoPE
+                q, k, v = q + w[p + "bq"], k + w[p + "bk"], v + w[p + "bv"]
+            q = rope(q, positions, c.rope_theta, c.head_size, freqs=self.freqs)
+            k = rope(k, positions, c.rope_theta, c.head_size, freqs=self.freqs)
             # save key, value at these time steps to the kv cache
             key_cache[l, pos0:pos0 + T] = k
-            value_cache[l, pos0:pos0 + T] = matmul(xb, w[p + "wv"], bits)
+            value_cache[l, pos0:pos0 + T] = v
             att = attention(q, key_cache[l], value_cache[l], pos0, c.n_heads, c.n_kv_heads)
             # residual connection: x = x + self.attention.forward(self.attention_norm(x), ...)
             x = x + matmul(att, w[p + "wo"], bits)

@@ -11,6 +11,8 @@ Names follow llama2.c / Meta's checkpoint naming:
     layers.{i}.w2             (dim, hidden_dim)
     norm                      (dim,)
     output                    (vocab_size, dim)   only when the classifier is not shared
+    layers.{i}.bq             (n_heads*head_size,)     q/k/v biases, only when
+    layers.{i}.bk, .bv        (n_kv_heads*head_size,)  config.attention_bias (qwen2)
 Every matrix is (out_features, in_features), row-major, so y = W @ x. Q and K rows use the
 interleaved-pair RoPE convention of llama2.c and GGUF.
 
@@ -18,7 +20,9 @@ int8 format (QTensor): symmetric per-group quantization along the input dimensio
 llama2.c's runq.c and ggml's Q8_0: for each row, each run of `group_size` consecutive values
 shares one float32 scale s = max|w| / 127 and q = round(w / s) in [-127, 127]; w ~= q * s.
 `q` is (rows, cols) int8 and `s` is (rows, cols // group_size) float32: the same two separate
-arrays llama2.c version 2 files store, so those files map without a copy.
+arrays llama2.c version 2 files store, so those files map without a copy. Q and K biases
+follow their rows' interleaved order. bits=4 QTensors (GGUF Q4_0/Q4_1/Q4_K/Q3_K/Q2_K, loaded
+exactly) hold unsigned codes 0..15 in a uint8 `q`, with offsets m: w = q * s + m.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ class QTensor:
     s: np.ndarray          # float32, (rows, cols // group_size)
     group_size: int
     m: np.ndarray | None = None   # float32 per-group offsets, same shape as s: w = q * s + m
+    bits: int = 8          # 8: q int8 in [-127, 127]; 4: q uint8 in [0, 15] (unsigned)
 
     @property
     def shape(self):
@@ -107,6 +112,10 @@ def expected_shapes(cfg) -> dict:
         shapes[p + "w1"] = (h, d)
         shapes[p + "w2"] = (d, h)
         shapes[p + "w3"] = (h, d)
+        if getattr(cfg, "attention_bias", False):   # qwen2: q/k/v projection biases
+            shapes[p + "bq"] = (cfg.n_heads * hs,)
+            shapes[p + "bk"] = (cfg.n_kv_heads * hs,)
+            shapes[p + "bv"] = (cfg.n_kv_heads * hs,)
     return shapes
 
 
@@ -117,9 +126,14 @@ def validate_weights(cfg, weights: dict, source: str = "model") -> None:
             raise ModelFormatError(f"{source}: missing tensor {name!r} (expected shape {shape})")
         t = weights[name]
         if isinstance(t, QTensor):
-            if t.q.shape != shape or t.q.dtype != np.int8:
-                raise ModelFormatError(
-                    f"{source}: tensor {name!r} has shape {t.q.shape} {t.q.dtype}, expected {shape} int8")
+            if t.bits not in (4, 8):
+                raise ModelFormatError(f"{source}: tensor {name!r} has bits={t.bits!r}, expected 4 or 8")
+            qtypes = (np.int8,) if t.bits == 8 else (np.uint8, np.int8)
+            if t.q.shape != shape or t.q.dtype not in qtypes:
+                raise ModelFormatError(f"{source}: tensor {name!r} has shape {t.q.shape} {t.q.dtype}, "
+                                       f"expected {shape} {'int8' if t.bits == 8 else 'uint8'}")
+            if t.bits == 4 and t.q.size and not (0 <= int(t.q.min()) and int(t.q.max()) <= 15):
+                raise ModelFormatError(f"{source}: tensor {name!r}: 4-bit values must lie in 0..15")
             if t.s.shape != (shape[0], shape[1] // t.group_size) or t.s.dtype != np.float32:
                 raise ModelFormatError(f"{source}: tensor {name!r} has scales of shape {t.s.shape}, "
                                        f"expected {(shape[0], shape[1] // t.group_size)}")
@@ -147,7 +161,7 @@ def quantize_weights(cfg, weights: dict, group_size: int = 64, progress=None) ->
     items = list(weights.items())
     for name, t in items:
         if isinstance(t, QTensor) and t.group_size == group_size:
-            out[name] = t
+            out[name] = widen_to_int8(t)
         elif np.ndim(t if not isinstance(t, QTensor) else t.q) == 2:
             out[name] = quantize_q8(as_fp32(t), group_size, name)
         else:
@@ -157,21 +171,29 @@ def quantize_weights(cfg, weights: dict, group_size: int = 64, progress=None) ->
     return out
 
 
+def widen_to_int8(t: QTensor) -> QTensor:
+    """A bits-4 QTensor as a bits-8 one with the same q, s and m (exact: q * s + m is the same
+    float32 computation); bits-8 tensors are returned as they are."""
+    if t.bits == 8:
+        return t
+    return QTensor(t.q.astype(np.int8), t.s, t.group_size, t.m, bits=8)
+
+
 def dequantize_weights(weights: dict) -> dict:
     return {k: as_fp32(v) for k, v in weights.items()}
 
 
-def fit_group_size(config: Config, gs: int) -> int:
+def fit_group_size(config: Config, gs: int, multiple: int = 4) -> int:
     """Largest group size <= gs dividing every matrix input dimension (halving, as llama2.c's
-    export does, down to 4: the kernels take 4 inputs per step), with a warning when it had to
-    back off."""
+    export does, down to `multiple`: the int8 kernels take 4 inputs per step, the 4-bit ones
+    8), with a warning when it had to back off."""
     want = gs
     dims = {config.dim, config.hidden_dim, config.n_heads * config.head_size}
-    while gs > 4 and any(d % gs for d in dims):
+    while gs > multiple and any(d % gs for d in dims):
         gs //= 2
-    if gs % 4 or any(d % gs for d in dims):
-        raise ValueError(f"no group size that is a multiple of 4 divides the model's dimensions "
-                         f"{sorted(dims)}; use dtype='fp32'")
+    if gs % multiple or any(d % gs for d in dims):
+        raise ValueError(f"no group size that is a multiple of {multiple} divides the model's "
+                         f"dimensions {sorted(dims)}; use dtype='fp32'")
     if gs != want:
         warnings.warn(f"group size {want} does not divide the model's dimensions {sorted(dims)}; "
                       f"using {gs}")

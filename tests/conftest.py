@@ -24,6 +24,6 @@ def smollm2_hf_dir(shared_dir, tmp_path_factory) -> Path:
     tokenizer_dir = shared_dir / "models" / "smollm2-hf-tokenizer"
     if not gguf_path.is_file():
         pytest.skip(f"{gguf_path} not found")
-    cfg, weights, _ = load_gguf(gguf_path)
+    cfg, weights, _ = load_gguf(gguf_path, dtype="fp32")
     return write_hf_dir(cfg, weights, tmp_path_factory.mktemp("smollm2-hf"),
                         tokenizer_dir if tokenizer_dir.is_dir() else None)

@@ -243,3 +243,118 @@ def run_python(code: str, env: dict | None = None, timeout: float = 120, drop_en
     full.update(env or {})
     return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
                           timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- ggml blocks
+
+GGML_TYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
+                 "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30}
+BLOCK_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+def random_blocks(type_name: str, n_blocks: int, rng, scale: float = 0.01,
+                  scales=None) -> bytes:
+    """n_blocks random ggml blocks of a block type: every code/scale byte random (so every
+    nibble and high-bit pattern occurs), the f16 fields d (and dmin / m) set to
+    |N(0, scale)|-ish values, or to `scales` (an array of f16 values, cycled) when given."""
+    from llama2c.loaders.ggml_quants import BLOCK_DTYPES
+    dt = BLOCK_DTYPES[type_name]
+    raw = rng.integers(0, 256, size=n_blocks * dt.itemsize, dtype=np.uint8)
+    b = raw.view(dt)
+    for field in ("d", "dmin", "m"):
+        if field in dt.names:
+            if scales is None:
+                v = (scale * rng.standard_normal(n_blocks)).astype(np.float16)
+                if field != "m":
+                    v = np.abs(v)
+            else:
+                v = np.resize(np.asarray(scales, np.float16), n_blocks)
+                v = rng.permutation(v)
+            b[field] = v
+    return raw.tobytes()
+
+
+# K-quant blocks need rows that are multiples of 256: the smallest llama that holds them.
+KQUANT = dict(dim=256, hidden_dim=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=40, seq_len=32)
+# llama2c name -> ggml type of the K-quant fuzz base: every supported block type once.
+KQUANT_TYPES = {"tok_embeddings": "Q8_0", "layers.0.wq": "Q4_K", "layers.0.wk": "Q5_K",
+                "layers.0.wv": "Q6_K", "layers.0.wo": "Q3_K", "layers.0.w1": "Q2_K",
+                "layers.0.w2": "Q5_0", "layers.0.w3": "Q5_1", "output": "Q4_0"}
+
+
+def kquant_llama_gguf(seed: int = 0, scale: float = 0.0005):
+    """(bytes, int_fields, data_offset) of a llama GGUF whose matrices use every block type
+    (KQUANT_TYPES, random blocks), F32 norms and the small SPM tokenizer of tiny_llama_gguf."""
+    from llama2c.loaders.ggml_quants import BLOCK_SIZES
+    cfg = Config(**KQUANT, shared_classifier=False)
+    rng = np.random.default_rng(seed)
+
+    def kquant(entry):
+        name = {v: k for k, v in _GGUF_NAMES.items()}.get(entry[0])
+        kind = KQUANT_TYPES.get(name)
+        if kind is None:
+            return entry
+        n_blocks = int(np.prod(entry[2])) // BLOCK_SIZES[kind]
+        return [entry[0], GGML_TYPE_IDS[kind], entry[2], random_blocks(kind, n_blocks, rng, scale)]
+
+    overrides = {g: kquant for g in _GGUF_NAMES.values()}
+    return tiny_llama_gguf(cfg, seed, tensor_overrides=overrides)
+
+
+_GGUF_NAMES = {"tok_embeddings": "token_embd.weight", "output": "output.weight",
+               **{f"layers.0.{k}": f"blk.0.{v}.weight" for k, v in
+                  {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
+                   "w1": "ffn_gate", "w2": "ffn_down", "w3": "ffn_up"}.items()}}
+
+
+# ----------------------------------------------------------------------------- qwen2
+
+def neox_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of a Q/K weight or bias from llama2c's interleaved-pair layout to the rotate-half
+    layout qwen2 GGUF files store (each head: pair i = rows (i, i + hs/2)), written out
+    row by row so the tests do not reuse the loader's permutation."""
+    hs = w.shape[0] // n_heads
+    out = np.empty_like(w)
+    for h in range(n_heads):
+        for i in range(hs // 2):
+            out[h * hs + i] = w[h * hs + 2 * i]
+            out[h * hs + hs // 2 + i] = w[h * hs + 2 * i + 1]
+    return out
+
+
+def qwen2_gguf(cfg: Config, w: dict, matrix_type: str = "F32", tokenizer: dict | None = None,
+               drop=(), meta_overrides: dict | None = None) -> bytes:
+    """A qwen2 GGUF file (bytes) of llama2c weights `w` (cfg.arch == 'qwen2'): qwen2.* keys,
+    Q/K rows and biases in the rotate-half layout, F32 vectors, matrices F32 or Q8_0."""
+    from llama2c.loaders.ggml_quants import encode_q8_0, quantize_q8_0
+    meta = {"general.architecture": "qwen2",
+            "qwen2.embedding_length": cfg.dim, "qwen2.feed_forward_length": cfg.hidden_dim,
+            "qwen2.block_count": cfg.n_layers, "qwen2.attention.head_count": cfg.n_heads,
+            "qwen2.attention.head_count_kv": cfg.n_kv_heads, "qwen2.context_length": cfg.seq_len,
+            "qwen2.rope.freq_base": float(cfg.rope_theta),
+            "qwen2.attention.layer_norm_rms_epsilon": float(cfg.norm_eps)}
+    meta.update(tokenizer or {})
+    meta.update(meta_overrides or {})
+    layer = {"attention_norm": "attn_norm.weight", "wq": "attn_q.weight", "wk": "attn_k.weight",
+             "wv": "attn_v.weight", "wo": "attn_output.weight", "ffn_norm": "ffn_norm.weight",
+             "w1": "ffn_gate.weight", "w2": "ffn_down.weight", "w3": "ffn_up.weight",
+             "bq": "attn_q.bias", "bk": "attn_k.bias", "bv": "attn_v.bias"}
+    tensors = []
+    for ours, t in w.items():
+        if ours.startswith("layers."):
+            _, i, kind = ours.split(".")
+            theirs = f"blk.{i}.{layer[kind]}"
+            if kind in ("wq", "bq"):
+                t = neox_rows(t, cfg.n_heads)
+            elif kind in ("wk", "bk"):
+                t = neox_rows(t, cfg.n_kv_heads)
+        else:
+            theirs = {"tok_embeddings": "token_embd.weight", "norm": "output_norm.weight",
+                      "output": "output.weight"}[ours]
+        if theirs in drop:
+            continue
+        if t.ndim == 2 and matrix_type == "Q8_0":
+            tensors.append((theirs, GGML_TYPE_IDS["Q8_0"], t.shape, encode_q8_0(quantize_q8_0(t))))
+        else:
+            tensors.append((theirs, 0, t.shape, np.ascontiguousarray(t, dtype="<f4").tobytes()))
+    return gguf_bytes(meta, tensors)[0]

@@ -199,7 +199,7 @@ def test_gguf_tensor_wrong_shape(tmp_path):
     ("llama.attention.head_count_kv", 0, "n_kv_heads must be positive"),
     ("llama.context_length", -1, "seq_len must be positive"),
     ("llama.block_count", "two", "must be an integer"),
-    ("general.architecture", "gpt2", "only 'llama' is supported"),
+    ("general.architecture", "gpt2", "general.architecture is 'gpt2'; supported architectures: llama, qwen2"),
 ])
 def test_gguf_bad_metadata(tmp_path, key, value, match):
     data, _, _ = tiny_llama_gguf(meta_overrides={key: value})

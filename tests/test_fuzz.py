@@ -28,8 +28,8 @@ from hypothesis import strategies as st  # noqa: E402
 import llama2c  # noqa: E402
 from llama2c.errors import Llama2cError  # noqa: E402
 from llama2c.loaders import load_any  # noqa: E402
-from l2c_files import (llama2c_bin_bytes, tiny_llama_gguf, tokenizer_bin_bytes,  # noqa: E402
-                       tokenizer_json_spec)
+from l2c_files import (kquant_llama_gguf, llama2c_bin_bytes, tiny_llama_gguf,  # noqa: E402
+                       tokenizer_bin_bytes, tokenizer_json_spec)
 
 N_EXAMPLES = int(os.environ.get("L2C_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=N_EXAMPLES, deadline=None, database=None,
@@ -185,6 +185,7 @@ def check_tokenizer_file(path: Path, vocab_size=None):
 
 _BIN = {v: llama2c_bin_bytes(_BASE, v) for v in (0, 1, 2)}
 _GGUF, _GGUF_FIELDS, _GGUF_DATA = tiny_llama_gguf()
+_KQ, _KQ_FIELDS, _KQ_DATA = kquant_llama_gguf()
 _TOK_BIN = tokenizer_bin_bytes()
 _TOK_JSON_SPEC = tokenizer_json_spec()
 _TOK_JSON = json.dumps(_TOK_JSON_SPEC, ensure_ascii=False).encode()
@@ -194,6 +195,10 @@ def test_base_files_are_valid():
     for v, data in _BIN.items():
         check_model_file(_write(f"base{v}", data))
     check_model_file(_write("base_gguf", _GGUF))
+    cfg, w, meta = load_any(_write("base_kq", _KQ))
+    assert set(meta["tensor_types"].values()) >= {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q5_0",
+                                                  "Q5_1", "Q4_0", "Q8_0"}
+    assert llama2c.Model.load(_write("base_kq2", _KQ)).generate([1], max_new_tokens=2).token_ids
     m = llama2c.Model.load(_write("base_gguf2", _GGUF))
     assert m.tokenizer is not None and m.generate("hello", max_new_tokens=2).token_ids
     p = _DIR / "base_tok.bin"
@@ -227,6 +232,45 @@ def test_fuzz_gguf():
         check_tokenizer_file(path)
 
     run()
+
+
+def test_fuzz_gguf_block_types():
+    """Every block type (Q2_K..Q6_K, Q5_0, Q5_1, Q4_0, Q8_0) in one file, mutated anywhere:
+    the block data as often as the header (scales become NaN/inf/huge, codes change, blocks
+    are cut short or shifted)."""
+    @FUZZ
+    @given(mutations(len(_KQ), _KQ_FIELDS, len(_KQ)))
+    def run(ops):
+        check_model_file(_write("kq", apply(_KQ, ops)))
+
+    run()
+
+
+def test_block_data_truncated_or_corrupt_raises(tmp_path):
+    """Cut the file inside each block tensor, or give a block a NaN / inf scale: the loader
+    raises ModelFormatError (naming the file) for every dtype, never reads past the end."""
+    from llama2c.loaders.gguf import read_gguf
+    path = _write("kq_cut", _KQ)
+    gf = read_gguf(path)
+    for t in gf.tensors.values():
+        if t.type_name in ("F32",):
+            continue
+        for cut in (t.offset + 1, t.offset + t.nbytes // 2, t.offset + t.nbytes - 1):
+            p = tmp_path / "cut.gguf"
+            p.write_bytes(_KQ[:cut])
+            for dtype in (None, "fp32", "int8", "q4"):
+                with pytest.raises(Llama2cError, match="cut.gguf"):
+                    load_any(p, dtype=dtype)
+        # the f16 d of the tensor's first block: where it sits depends on the type's layout
+        from llama2c.loaders.ggml_quants import BLOCK_DTYPES
+        d_at = t.offset + BLOCK_DTYPES[t.type_name].fields["d"][1]
+        for bad in (np.float16(np.nan), np.float16(np.inf)):
+            b = bytearray(_KQ)
+            b[d_at:d_at + 2] = bad.tobytes()
+            p = tmp_path / "nan.gguf"
+            p.write_bytes(bytes(b))
+            with pytest.raises(Llama2cError, match="NaN or infinite"):
+                load_any(p)
 
 
 def test_fuzz_tokenizer_bin():

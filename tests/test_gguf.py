@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llama2c.errors import ModelFormatError
-from llama2c.loaders.gguf import GGUFTensor, dequantize, load_gguf, q4_to_qtensor, read_gguf
+from llama2c.loaders.gguf import GGUFTensor, as_stored, dequantize, load_gguf, read_gguf
 from llama2c.weights import QTensor, quantize_q8
 from l2c_files import gguf_bytes
 
@@ -187,7 +187,7 @@ def test_invalid_utf8_value_is_kept_as_surrogate_escape(tmp_path):
 @pytest.mark.parametrize("matrix_type", list(TYPE_NAMES))
 def test_load_tiny_llama_fp32(tmp_path, matrix_type):
     expected = write_tiny_llama(tmp_path / "m.gguf", matrix_type)
-    cfg, weights, meta = load_gguf(tmp_path / "m.gguf")
+    cfg, weights, meta = load_gguf(tmp_path / "m.gguf", dtype="fp32")
     t = TINY
     assert (cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size,
             cfg.seq_len) == (t["dim"], t["hidden"], t["layers"], t["heads"], t["kv_heads"], t["vocab"], t["seq"])
@@ -216,10 +216,33 @@ def test_load_unshared_classifier_and_defaults(tmp_path):
     np.testing.assert_array_equal(weights["layers.1.wk"], expected["layers.1.wk"])
 
 
+@pytest.mark.parametrize("matrix_type", list(TYPE_NAMES))
+def test_default_load_is_as_stored(tmp_path, matrix_type):
+    """dtype None: float types as float32 arrays, block types as exact QTensors (bits 4 for
+    Q4_0/Q4_1, 8 for Q8_0) whose values equal the fp32 load."""
+    write_tiny_llama(tmp_path / "m.gguf", matrix_type)
+    _, w, meta = load_gguf(tmp_path / "m.gguf")
+    _, w32, _ = load_gguf(tmp_path / "m.gguf", dtype="fp32")
+    assert load_gguf(tmp_path / "m.gguf", dtype="auto")[0] == load_gguf(tmp_path / "m.gguf")[0]
+    quantized = matrix_type in (Q8_0, Q4_0, Q4_1)
+    assert meta["dtype"] == {Q8_0: "int8", Q4_0: "q4", Q4_1: "q4"}.get(matrix_type, "fp32")
+    assert meta.get("group_size") == (32 if quantized else None)
+    for name, t in w.items():
+        if w32[name].ndim == 1 or not quantized:
+            assert isinstance(t, np.ndarray) and t.dtype == np.float32, name
+            np.testing.assert_array_equal(t, w32[name])
+            continue
+        assert isinstance(t, QTensor) and t.bits == (8 if matrix_type == Q8_0 else 4), name
+        assert t.q.dtype == (np.int8 if t.bits == 8 else np.uint8) and t.group_size == 32
+        np.testing.assert_array_equal(t.dequantize(), w32[name], err_msg=name)
+    if matrix_type == F32:   # F32 matrices are views of the file map, not copies
+        assert not w["layers.0.wq"].flags.owndata and not w["layers.0.wq"].flags.writeable
+
+
 def test_load_int8(tmp_path):
     write_tiny_llama(tmp_path / "q8.gguf", Q8_0)
     write_tiny_llama(tmp_path / "q4.gguf", Q4_1)
-    _, w32, _ = load_gguf(tmp_path / "q8.gguf")
+    _, w32, _ = load_gguf(tmp_path / "q8.gguf", dtype="fp32")
     _, w8, _ = load_gguf(tmp_path / "q8.gguf", dtype="int8")
     gf = read_gguf(tmp_path / "q8.gguf")
     wq = w8["layers.0.wq"]
@@ -238,7 +261,7 @@ def test_load_int8(tmp_path):
 def test_load_int8_maps_blocks_exactly(tmp_path, ggml_type):
     path = tmp_path / "m.gguf"
     expected = write_tiny_llama(path, ggml_type, shared=False)
-    _, w32, _ = load_gguf(path)
+    _, w32, _ = load_gguf(path, dtype="fp32")
     _, w8, meta = load_gguf(path, dtype="int8")
     assert meta["group_size"] == 32
     for name, w in w8.items():
@@ -246,21 +269,21 @@ def test_load_int8_maps_blocks_exactly(tmp_path, ggml_type):
             assert not isinstance(w, QTensor) and w.dtype == np.float32, name
             continue
         assert isinstance(w, QTensor) and w.group_size == 32 and w.q.dtype == np.int8, name
-        assert (w.m is not None) == (ggml_type == Q4_1), name
+        assert w.bits == 8 and (w.m is not None) == (ggml_type != Q8_0), name
         if ggml_type != Q8_0:
-            assert -8 <= w.q.min() and w.q.max() <= 7, name
+            assert 0 <= w.q.min() and w.q.max() <= 15, name
         np.testing.assert_array_equal(w.dequantize(), w32[name], err_msg=name)
         np.testing.assert_array_equal(w.dequantize(), expected[name], err_msg=name)
-    if ggml_type == Q4_1:  # q = nibble - 8, s = d, m = min + 8 d (float32)
+    if ggml_type == Q4_1:  # the 4-bit form widened to int8: q = nibble, s = d, m = min
         blocks = read_gguf(path).tensors["blk.1.ffn_down.weight"].data.reshape(-1, 20)
         d = blocks[:, 0:2].copy().view("<f2")[:, 0].astype(np.float32)
         mins = blocks[:, 2:4].copy().view("<f2")[:, 0].astype(np.float32)
         qs = blocks[:, 4:]
         nib = np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.int8)
         w = w8["layers.1.w2"]
-        np.testing.assert_array_equal(w.q.reshape(-1, 32), nib - 8)
+        np.testing.assert_array_equal(w.q.reshape(-1, 32), nib)
         np.testing.assert_array_equal(w.s.reshape(-1), d)
-        np.testing.assert_array_equal(w.m.reshape(-1), mins + np.float32(8) * d)
+        np.testing.assert_array_equal(w.m.reshape(-1), mins)
 
 
 def test_load_int8_float_sources_and_other_group_sizes(tmp_path):
@@ -272,7 +295,7 @@ def test_load_int8_float_sources_and_other_group_sizes(tmp_path):
     assert w8["layers.0.w1"].m is None
     np.testing.assert_array_equal(w8["layers.0.w1"].q, ref.q)
     np.testing.assert_array_equal(w8["layers.0.w1"].s, ref.s)
-    _, q32, _ = load_gguf(tmp_path / "q4.gguf")
+    _, q32, _ = load_gguf(tmp_path / "q4.gguf", dtype="fp32")
     _, q16, _ = load_gguf(tmp_path / "q4.gguf", dtype="int8", group_size=16)   # requantized
     ref = quantize_q8(q32["layers.0.w1"], 16)
     assert q16["layers.0.w1"].m is None and q16["layers.0.w1"].group_size == 16
@@ -280,22 +303,20 @@ def test_load_int8_float_sources_and_other_group_sizes(tmp_path):
     np.testing.assert_array_equal(q16["layers.0.w1"].s, ref.s)
 
 
-def test_q4_1_offset_rounding_edge_case():
-    """m + 8 d is inexact in float32 only when m and d lie > ~13 binary orders apart; the error
-    then stays below one float32 ulp of the group's 8 d, far under any quantization step."""
+def test_q4_1_extreme_scales_stay_exact():
+    """Q4_1 blocks whose d and min lie far apart in magnitude (where the old int8 mapping
+    q = nibble - 8, m = min + 8 d rounded) map exactly: q = nibble, s = d, m = min."""
     d = np.array([2.0, 1.0], np.float16)
-    mins = np.array([2.0 ** -24, -3.0], np.float16)            # 16 + 2**-24 is not a float32
+    mins = np.array([2.0 ** -24, -3.0], np.float16)
     nib = np.array([np.arange(32) % 16, np.arange(32)[::-1] % 16], np.uint8)
     raw = np.zeros((2, 20), np.uint8)
     raw[:, 0:2] = d.view(np.uint8).reshape(2, 2)
     raw[:, 2:4] = mins.view(np.uint8).reshape(2, 2)
     raw[:, 4:] = nib[:, :16] | (nib[:, 16:] << 4)
     t = GGUFTensor("w", Q4_1, "Q4_1", (2, 32), 0, raw)
-    want = dequantize(t)
-    got = q4_to_qtensor(t).dequantize()
-    np.testing.assert_array_equal(got[1], want[1])             # the common case: exact
-    assert not np.array_equal(got[0], want[0])
-    assert np.abs(got[0] - want[0]).max() <= np.spacing(np.float32(16))
+    got = as_stored(t)
+    assert got.bits == 4 and got.m is not None
+    np.testing.assert_array_equal(got.dequantize().view(np.uint32), dequantize(t).view(np.uint32))
 
 
 # ----------------------------------------------------------------------------- the real model
@@ -309,7 +330,7 @@ def smollm2_path(shared_dir):
 
 
 def test_real_file_config(smollm2_path):
-    cfg, weights, meta = load_gguf(smollm2_path)
+    cfg, weights, meta = load_gguf(smollm2_path, dtype="fp32")
     assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim, cfg.vocab_size,
             cfg.seq_len) == (576, 30, 9, 3, 1536, 49152, 8192)
     assert cfg.rope_theta == 100000.0 and cfg.norm_eps == pytest.approx(1e-5)
@@ -335,16 +356,20 @@ def test_real_file_int8(smollm2_path):
 
 
 def test_real_file_int8_weights_are_exact(smollm2_path):
-    """Q8_0 embedding and Q4_1 matrices map onto QTensors without requantization."""
-    _, w32, meta = load_gguf(smollm2_path)
+    """Q8_0 embedding and Q4_1 matrices map onto QTensors without requantization: as stored
+    (Q4_1 as bits 4) and as int8 (Q4_1 widened), both equal to the fp32 load."""
+    _, w32, meta = load_gguf(smollm2_path, dtype="fp32")
     _, w8, _ = load_gguf(smollm2_path, dtype="int8")
+    _, w4, _ = load_gguf(smollm2_path)
     for name, w in w8.items():
         if not isinstance(w, QTensor):
             assert w32[name].ndim == 1, name
             continue
-        assert w.group_size == 32 and (w.m is not None) == (meta["tensor_types"][name] == "Q4_1"), name
-        ref = w32[name]
-        assert np.abs(w.dequantize() - ref).max() <= 1e-6 * np.abs(ref).max(), name
+        q41 = meta["tensor_types"][name] == "Q4_1"
+        assert w.group_size == 32 and w.bits == 8 and (w.m is not None) == q41, name
+        assert w4[name].bits == (4 if q41 else 8), name
+        np.testing.assert_array_equal(w.dequantize(), w32[name], err_msg=name)
+        np.testing.assert_array_equal(w4[name].dequantize(), w32[name], err_msg=name)
 
 
 def test_real_file_matches_gguf_package(smollm2_path):
@@ -459,15 +484,24 @@ def test_unknown_tensor_type(tmp_path, ggml_type):
         read_gguf(path)
 
 
-def test_unsupported_known_type(tmp_path):
+@pytest.mark.parametrize("ggml_type, type_name, block, size", [
+    (20, "IQ4_NL", 32, 18), (23, "IQ4_XS", 256, 136), (15, "Q8_K", 256, 292),
+    (34, "TQ1_0", 256, 54), (39, "MXFP4", 32, 17), (9, "Q8_1", 32, 40), (28, "F64", 1, 8)])
+@pytest.mark.parametrize("dtype", [None, "fp32", "int8", "q4"])
+def test_unsupported_known_type(tmp_path, ggml_type, type_name, block, size, dtype):
+    """Types llama2c does not read are refused by name (file, tensor, type) whatever the dtype."""
     meta = tiny_llama_meta()
     tensors, _ = tiny_llama_tensors(F32)
-    tensors = [(n, Q4_K, (2, 256), b"\0" * 288) if n == "blk.0.ffn_up.weight" else (n, t, s, r)
-               for n, t, s, r in tensors]
+    shape = (TINY["hidden"], TINY["dim"] * (block // 32 if block > 32 else 1))
+    tensors = [(n, ggml_type, (TINY["hidden"], TINY["dim"]), b"\0" * (TINY["hidden"] * TINY["dim"] // block * size))
+               if n == "blk.0.ffn_up.weight" else (n, t, s, r) for n, t, s, r in tensors]
+    if block > TINY["dim"]:   # rows must hold whole blocks: use a wider row, the shape check comes later
+        tensors = [(n, ggml_type, shape, b"\0" * (shape[0] * shape[1] // block * size))
+                   if n == "blk.0.ffn_up.weight" else (n, t, s, r) for n, t, s, r in tensors]
     write_gguf(tmp_path / "k.gguf", meta, tensors)
-    assert read_gguf(tmp_path / "k.gguf").tensors["blk.0.ffn_up.weight"].type_name == "Q4_K"
-    with pytest.raises(ModelFormatError, match="Q4_K"):
-        load_gguf(tmp_path / "k.gguf")
+    assert read_gguf(tmp_path / "k.gguf").tensors["blk.0.ffn_up.weight"].type_name == type_name
+    with pytest.raises(ModelFormatError, match=f"k.gguf.*'blk.0.ffn_up.weight'.*{type_name}"):
+        load_gguf(tmp_path / "k.gguf", dtype=dtype)
 
 
 def test_tensor_offset_past_eof(tmp_path):
@@ -488,9 +522,10 @@ def test_row_not_multiple_of_block(tmp_path):
         read_gguf(path)
 
 
-def test_non_llama_architecture(tmp_path):
-    write_tiny_llama(tmp_path / "m.gguf", meta=tiny_llama_meta(**{"general.architecture": "qwen2"}))
-    with pytest.raises(ModelFormatError, match="qwen2"):
+@pytest.mark.parametrize("arch", ["phi3", "gemma", "qwen3", "mistral3", None])
+def test_other_architectures_refused_by_name(tmp_path, arch):
+    write_tiny_llama(tmp_path / "m.gguf", meta=tiny_llama_meta(**{"general.architecture": arch}))
+    with pytest.raises(ModelFormatError, match=f"general.architecture is {arch!r}.*llama, qwen2"):
         load_gguf(tmp_path / "m.gguf")
 
 

@@ -242,7 +242,8 @@ def test_load_any_dispatch(tmp_path):
 
 def test_real_weights_roundtrip_through_hf(smollm2_hf_dir, shared_dir):
     """SmolLM2's GGUF weights (dequantized to fp32) written as a HF directory load back equal."""
-    gguf_cfg, gguf_weights, _ = load_gguf(shared_dir / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    gguf_cfg, gguf_weights, _ = load_gguf(shared_dir / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                          dtype="fp32")
     cfg, weights, meta = load_hf(smollm2_hf_dir)
     assert cfg == gguf_cfg
     assert set(weights) == set(gguf_weights)

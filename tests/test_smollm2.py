@@ -105,7 +105,7 @@ def test_long_prompt_matches_reference(golden, fp32):
     ids = fp32.tokenizer.encode(text)[:1000]
     assert len(ids) >= 900
     from llama2c.loaders import load_any
-    cfg, weights, _ = load_any(golden[0])
+    cfg, weights, _ = load_any(golden[0], dtype="fp32")
     ref = ReferenceModel(cfg, weights)
     got = fp32.logits(ids)
     want = ref.logits(ids)

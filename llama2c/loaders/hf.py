@@ -22,8 +22,9 @@ import numpy as np
 
 from ..config import Config
 from ..errors import ModelFormatError
-from ..weights import QTensor, quantize_q8, validate_weights
-from .gguf import bf16_to_f32
+from ..weights import QTensor, validate_weights
+from .dtypes import check_dtype, check_group_size_arg, convert_weights, describe
+from .ggml_quants import bf16_to_f32
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 _ST_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
@@ -37,6 +38,7 @@ _LAYER_TENSORS = {"attention_norm": "input_layernorm", "wq": "self_attn.q_proj",
                   "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
                   "ffn_norm": "post_attention_layernorm", "w1": "mlp.gate_proj",
                   "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
+_BIAS_TENSORS = {"bq": "self_attn.q_proj", "bk": "self_attn.k_proj", "bv": "self_attn.v_proj"}
 # Buffers some checkpoints carry that the engine recomputes itself.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 # Files write_hf_dir copies from a tokenizer directory.
@@ -199,17 +201,25 @@ def _field_float(hf: dict, key: str, source: str, default: float) -> float:
     return float(v)
 
 
-def _check_llama(hf: dict, source: str) -> None:
-    """Only plain Llama: model_type llama (or a LlamaForCausalLM), SiLU, no biases."""
+def _hf_arch(hf: dict, source: str) -> str:
+    """'llama' (model_type llama or a LlamaForCausalLM: SiLU, no biases) or 'qwen2' (the llama
+    block with q/k/v biases, no sliding window); anything else is refused by name."""
     archs = hf.get("architectures") or []
-    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
+    if hf.get("model_type") == "qwen2" or "Qwen2ForCausalLM" in archs:
+        arch = "qwen2"
+        if hf.get("use_sliding_window"):
+            raise ModelFormatError(f"{source}: use_sliding_window = true is not supported")
+    elif hf.get("model_type") == "llama" or "LlamaForCausalLM" in archs:
+        arch = "llama"
+        for key in ("attention_bias", "mlp_bias"):
+            if hf.get(key):
+                raise ModelFormatError(f"{source}: {key} = true is not supported")
+    else:
         raise ModelFormatError(f"{source}: model_type is {hf.get('model_type')!r} "
-                               f"(architectures {archs!r}); only 'llama' is supported")
+                               f"(architectures {archs!r}); supported: 'llama', 'qwen2'")
     if hf.get("hidden_act", "silu") != "silu":
         raise ModelFormatError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            raise ModelFormatError(f"{source}: {key} = true is not supported")
+    return arch
 
 
 def _rope(hf: dict, source: str) -> tuple:
@@ -231,7 +241,7 @@ def _rope(hf: dict, source: str) -> tuple:
 
 def hf_config(hf: dict, source: str, has_lm_head: bool = True) -> Config:
     """Config from a parsed config.json; shared classifier when tied or lm_head is absent."""
-    _check_llama(hf, source)
+    arch = _hf_arch(hf, source)
     theta, scaling = _rope(hf, source)
     n_heads = _field_int(hf, "num_attention_heads", source)
     tied = hf.get("tie_word_embeddings", False)
@@ -249,6 +259,8 @@ def hf_config(hf: dict, source: str, has_lm_head: bool = True) -> Config:
             shared_classifier=bool(tied) or not has_lm_head,
             rope_scaling=scaling,
             head_dim=_field_int(hf, "head_dim", source) if hf.get("head_dim") is not None else None,
+            arch=arch,
+            attention_bias=arch == "qwen2",
         )
     except ModelFormatError as e:
         if str(e).startswith(source):
@@ -258,12 +270,15 @@ def hf_config(hf: dict, source: str, has_lm_head: bool = True) -> Config:
 
 # ----------------------------------------------------------------------------- loading
 
-def hf_tensor_name_map(n_layers: int, shared_classifier: bool) -> dict:
-    """llama2c weight name -> Hugging Face tensor name for every tensor a llama model needs."""
+def hf_tensor_name_map(n_layers: int, shared_classifier: bool, attention_bias: bool = False) -> dict:
+    """llama2c weight name -> Hugging Face tensor name for every tensor the model needs."""
     names = {k: v for k, v in _GLOBAL_TENSORS.items() if k != "output" or not shared_classifier}
     for i in range(n_layers):
         for ours, theirs in _LAYER_TENSORS.items():
             names[f"layers.{i}.{ours}"] = f"model.layers.{i}.{theirs}.weight"
+        if attention_bias:
+            for ours, theirs in _BIAS_TENSORS.items():
+                names[f"layers.{i}.{ours}"] = f"model.layers.{i}.{theirs}.bias"
     return names
 
 
@@ -281,20 +296,22 @@ def _check_tensor_names(model_dir: Path, where: dict, names: dict) -> None:
 
 
 def _load_tensor(where: dict, cfg: Config, ours: str, theirs: str) -> np.ndarray:
-    """One weight as float32 in llama2c's layout (Q/K rows un-permuted to interleaved pairs)."""
+    """One weight as float32 in llama2c's layout (Q/K rows and biases un-permuted to
+    interleaved pairs)."""
     w = where[theirs].float32(theirs)
-    if ours.endswith(".wq"):
+    if ours.endswith((".wq", ".bq")):
         return permute_from_hf(w, cfg.n_heads)
-    if ours.endswith(".wk"):
+    if ours.endswith((".wk", ".bk")):
         return permute_from_hf(w, cfg.n_kv_heads)
     return w
 
 
-def _hf_metadata(model_dir: Path, hf: dict, dtype: str, group_size: int) -> dict:
-    """format, path, config, generation_config, dtype (+ group_size for int8) and bos/eos ids
-    (generation_config.json first)."""
+def _hf_metadata(model_dir: Path, hf: dict, weights: dict) -> dict:
+    """format, path, config, generation_config, dtype and group_size of the weights
+    (loaders.dtypes.describe), and bos/eos ids (generation_config.json first)."""
+    dtype, group_size = describe(weights)
     meta = {"format": "hf", "path": str(model_dir), "config": hf, "dtype": dtype}
-    if dtype == "int8":
+    if group_size is not None:
         meta["group_size"] = group_size
     gen_path = model_dir / "generation_config.json"
     gen = _read_json(gen_path, "generation_config.json") if gen_path.is_file() else {}
@@ -309,14 +326,16 @@ def _hf_metadata(model_dir: Path, hf: dict, dtype: str, group_size: int) -> dict
     return meta
 
 
-def load_hf(path, dtype=None, group_size: int = 64):
-    """Load a Hugging Face Llama directory -> (Config, weights, metadata).
+def load_hf(path, dtype=None, group_size: int | None = None):
+    """Load a Hugging Face Llama or Qwen2 directory -> (Config, weights, metadata).
 
-    dtype None or 'fp32': float32 weights (F32 non-Q/K tensors stay memory-mapped views);
-    dtype 'int8': every matrix quantized with quantize_q8 at `group_size`. Norms stay float32.
+    dtype (the same meaning in every loader, see loaders/dtypes.py): None/'auto' and 'fp32'
+    give float32 weights (F32 non-Q/K tensors stay memory-mapped views); 'int8' quantizes every
+    matrix with quantize_q8 at `group_size` (default 64, halved until it fits), 'q4' to 4
+    bits (default 32). Norms and biases stay float32.
     """
-    if dtype not in (None, "fp32", "float32", "int8"):
-        raise ValueError(f"dtype must be None, 'fp32' or 'int8', got {dtype!r}")
+    dtype = check_dtype(dtype)
+    group_size = check_group_size_arg(group_size)
     model_dir = Path(path)
     if not model_dir.is_dir():
         raise ModelFormatError(f"{path}: not a directory (expected a Hugging Face model directory)")
@@ -326,17 +345,16 @@ def load_hf(path, dtype=None, group_size: int = 64):
     hf = _read_json(config_path, "config.json")
     where = _open_tensors(model_dir)
     cfg = hf_config(hf, str(config_path), has_lm_head="lm_head.weight" in where)
-    if cfg.n_layers * 9 > len(where):   # 9 tensors per layer; checked before naming them all
+    per_layer = 12 if cfg.attention_bias else 9
+    if cfg.n_layers * per_layer > len(where):   # checked before naming them all
         raise ModelFormatError(f"{config_path}: num_hidden_layers is {cfg.n_layers} but the "
                                f"safetensors hold only {len(where)} tensors")
-    names = hf_tensor_name_map(cfg.n_layers, cfg.shared_classifier)
+    names = hf_tensor_name_map(cfg.n_layers, cfg.shared_classifier, cfg.attention_bias)
     _check_tensor_names(model_dir, where, names)
-    weights = {}
-    for ours, theirs in names.items():
-        w = _load_tensor(where, cfg, ours, theirs)
-        weights[ours] = quantize_q8(w, group_size, ours) if dtype == "int8" and w.ndim == 2 else w
+    weights = {ours: _load_tensor(where, cfg, ours, theirs) for ours, theirs in names.items()}
     validate_weights(cfg, weights, source=str(model_dir))
-    return cfg, weights, _hf_metadata(model_dir, hf, "int8" if dtype == "int8" else "fp32", group_size)
+    weights = convert_weights(cfg, weights, dtype, group_size, default=64)
+    return cfg, weights, _hf_metadata(model_dir, hf, weights)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -373,6 +391,10 @@ def _hf_config_json(cfg: Config, token_ids: dict) -> dict:
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
         "torch_dtype": "float32",
     }
+    if cfg.arch == "qwen2":   # Qwen2's q/k/v projections always carry biases
+        hf.update({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+                   "use_sliding_window": False})
+        del hf["attention_bias"], hf["mlp_bias"]
     hf.update(token_ids)
     return hf
 
@@ -393,18 +415,22 @@ def _token_ids(tokenizer_dir: Path | None, bos_token_id, eos_token_id) -> dict:
 
 def write_hf_dir(cfg: Config, weights: dict, out_dir, tokenizer_dir=None, *,
                  bos_token_id=None, eos_token_id=None) -> Path:
-    """Write llama2c weights as a Hugging Face Llama directory (fp32 model.safetensors,
+    """Write llama2c weights as a Hugging Face Llama/Qwen2 directory (fp32 model.safetensors,
     config.json, tokenizer files copied from `tokenizer_dir`); returns the directory.
     QTensors are dequantized; Q/K rows are permuted back to HF's rotate_half layout."""
+    if cfg.rope_freq_factors is not None:
+        raise ValueError("write_hf_dir: config.json cannot carry per-frequency RoPE factors "
+                         "(a GGUF rope_freqs.weight); write GGUF instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
     tensors = {}
-    for ours, theirs in hf_tensor_name_map(cfg.n_layers, cfg.shared_classifier).items():
+    names = hf_tensor_name_map(cfg.n_layers, cfg.shared_classifier, cfg.attention_bias)
+    for ours, theirs in names.items():
         w = weights[ours].dequantize() if isinstance(weights[ours], QTensor) else np.asarray(weights[ours])
-        if ours.endswith(".wq"):
+        if ours.endswith((".wq", ".bq")):
             w = permute_to_hf(w, cfg.n_heads)
-        elif ours.endswith(".wk"):
+        elif ours.endswith((".wk", ".bk")):
             w = permute_to_hf(w, cfg.n_kv_heads)
         tensors[theirs] = w
     write_safetensors(out / "model.safetensors", tensors, {"format": "pt"})

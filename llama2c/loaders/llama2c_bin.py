@@ -37,8 +37,8 @@ import numpy as np
 
 from ..config import Config
 from ..errors import ModelFormatError
-from ..weights import (QTensor, as_fp32, check_group_size, dequantize_weights, fit_group_size,
-                       quantize_q8, quantize_weights, validate_weights)
+from ..weights import QTensor, as_fp32, check_group_size, quantize_q8, validate_weights
+from .dtypes import check_dtype, check_group_size_arg, convert_weights, describe
 
 MAGIC = 0x616B3432            # "ak42" read as a little-endian uint32
 HEADER_SIZE = 256             # v1/v2 header, zero padded
@@ -171,18 +171,22 @@ def _config(dims: dict, shared: bool) -> Config:
     return Config(**dims, rope_theta=ROPE_THETA, norm_eps=NORM_EPS, shared_classifier=shared)
 
 
-def load_llama2c_bin(path, dtype: str | None = None, group_size: int = 64):
+def load_llama2c_bin(path, dtype: str | None = None, group_size: int | None = None):
     """Load a llama2.c .bin checkpoint -> (Config, weights dict, metadata dict).
 
-    dtype: None keeps what the file stores (fp32 for v0/v1, int8 QTensors for v2), 'fp32'
-    dequantizes v2, 'int8' quantizes fp32 files with `group_size` (halved until it divides
-    dim and hidden_dim, with a warning). Stored tensors are read-only views of one np.memmap.
+    dtype (the same meaning in every loader, see loaders/dtypes.py): None/'auto' keeps what the
+    file stores (fp32 for v0/v1, int8 QTensors for v2), 'fp32' dequantizes v2, 'int8'
+    quantizes fp32 files with `group_size` (default 64, halved until it divides dim and
+    hidden_dim, with a warning), 'q4' quantizes every matrix to 4 bits (default group 32).
+    A given group_size also requantizes v2 groups of another size. Stored tensors are
+    read-only views of one np.memmap.
     metadata: format ('llama2c-v0' | 'llama2c-v1' | 'llama2c-v2'), version, path, file_size,
-    shared_classifier, freq_cis (v0: whether the RoPE tables are present), dtype of the
-    returned weights, group_size (of the v2 file, or of the load-time int8 quantization).
+    shared_classifier, freq_cis (v0: whether the RoPE tables are present), dtype and
+    group_size of the returned weights (loaders.dtypes.describe; v2: the file's group size
+    when the weights are fp32).
     """
-    if dtype not in (None, "fp32", "int8"):
-        raise ValueError(f"dtype must be None, 'fp32' or 'int8', got {dtype!r}")
+    dtype = check_dtype(dtype)
+    group_size = check_group_size_arg(group_size)
     path = os.fspath(path)
     source = f"llama2.c checkpoint {path!r}"
     if not os.path.exists(path):
@@ -229,19 +233,13 @@ def load_llama2c_bin(path, dtype: str | None = None, group_size: int = 64):
         off += e.nbytes(group_size_file or 1)
 
     meta = {"format": f"llama2c-v{version}", "version": version, "path": path,
-            "file_size": file_size, "shared_classifier": shared,
-            "dtype": "int8" if version == 2 else "fp32"}
+            "file_size": file_size, "shared_classifier": shared}
     if version == 0:
         meta["freq_cis"] = freq_cis
-    if version == 2:
-        meta["group_size"] = group_size_file
-    if dtype == "fp32" and version == 2:
-        weights = dequantize_weights(weights)
-        meta["dtype"] = "fp32"
-    elif dtype == "int8" and version != 2:
-        gs = fit_group_size(cfg, group_size)
-        weights = quantize_weights(cfg, weights, gs)
-        meta["dtype"], meta["group_size"] = "int8", gs
+    weights = convert_weights(cfg, weights, dtype, group_size, default=64)
+    meta["dtype"], gs = describe(weights)
+    if gs is not None or version == 2:
+        meta["group_size"] = gs if gs is not None else group_size_file
     return cfg, weights, meta
 
 
@@ -261,11 +259,15 @@ def write_llama2c_bin(path, cfg: Config, weights: dict, version: int = 1, group_
     if cfg.head_size * cfg.n_heads != cfg.dim:
         raise ValueError(f"llama2.c files derive head size as dim / n_heads; this model has "
                          f"head size {cfg.head_size} with dim={cfg.dim}, n_heads={cfg.n_heads}")
+    if cfg.arch != "llama" or cfg.attention_bias:
+        raise ValueError(f"llama2.c files hold the plain llama block; this {cfg.arch} model has "
+                         f"q/k/v biases they cannot store (write GGUF instead)")
     validate_weights(cfg, weights, "write_llama2c_bin")
     if version == 2:
         for name, cols in (("dim", cfg.dim), ("hidden_dim", cfg.hidden_dim)):
             check_group_size(group_size, cols, name)
-    if cfg.rope_theta != ROPE_THETA or cfg.norm_eps != NORM_EPS or cfg.rope_type != "default":
+    if (cfg.rope_theta != ROPE_THETA or cfg.norm_eps != NORM_EPS or cfg.rope_type != "default"
+            or cfg.rope_freq_factors is not None):
         warnings.warn(f"llama2.c formats cannot store rope_theta={cfg.rope_theta}, "
                       f"norm_eps={cfg.norm_eps} or rope scaling {cfg.rope_scaling}; readers will "
                       f"assume rope_theta={ROPE_THETA:g}, norm_eps={NORM_EPS:g} and no scaling",
