@@ -82,7 +82,7 @@ def test_smollm2_ids_and_stop(hf_tokenizer):
     ids = chat_prompt_ids(hf_tokenizer, CONVERSATION)
     # special tokens parsed whole, no BOS added (the template writes <|im_start|>, the BOS)
     assert ids[:1] == [1] and ids.count(1) == 5 and ids.count(2) == 4
-    assert ids == hf_tokenizer.encode(SMOLLM2_EXPECTED, bos=False)
+    assert ids == hf_tokenizer.encode(SMOLLM2_EXPECTED, bos=False, special=True)
     assert chat_stop_ids(hf_tokenizer) == (2,)
 
 
@@ -146,8 +146,8 @@ def test_chat_session_keeps_cache(model):
     assert len(pieces) > 1 and second == r2.text
     full = chat_prompt_ids(model.tokenizer, chat.history[:-1])
     assert r2.prompt_token_ids == full
-    assert r2.stats == {"reused": cached, "prefilled": len(full) - cached}
-    assert r2.stats["prefilled"] < 20        # "<|im_end|>\n<|im_start|>user\nAnd of Italy?..."
+    assert r2.usage.cached_tokens == cached and r2.usage.prompt_tokens == len(full)
+    assert len(full) - cached < 20        # "<|im_end|>\n<|im_start|>user\nAnd of Italy?..."
     assert chat.history[-1] == {"role": "assistant", "content": second}
 
     # a fresh one-shot chat over the same history gives the same greedy reply
@@ -161,9 +161,7 @@ def test_chat_session_keeps_cache(model):
 
 
 def test_chat_session_edited_history_and_overflow(model):
-    import llama2c
-    small = llama2c.Model(model.config, model.weights, model.tokenizer, context_length=64)
-    chat = small.new_chat(temperature=0, max_new_tokens=4)
+    chat = model.new_chat(temperature=0, max_new_tokens=4, context_length=64)
     chat.send("Hi")                     # 31 prompt tokens (with the default system message)
     cached = chat.n_tokens
     assert cached == 31 + 3
@@ -171,9 +169,9 @@ def test_chat_session_edited_history_and_overflow(model):
     chat.history[-1]["content"] = "Bonjour, ça va?"
     chat.send("Ok")
     r = chat.last_result
-    assert 31 <= r.stats["reused"] < cached
-    assert r.prompt_token_ids == chat_prompt_ids(small.tokenizer, chat.history[:-1])
-    assert r.stats["prefilled"] == len(r.prompt_token_ids) - r.stats["reused"]
+    assert 31 <= r.usage.cached_tokens < cached
+    assert r.prompt_token_ids == chat_prompt_ids(model.tokenizer, chat.history[:-1])
+    assert r.usage.prompt_tokens == len(r.prompt_token_ids)
     with pytest.raises(ContextLengthError, match="reset"):
         chat.send("Tell me more about it, please, with many details.")
     assert len(chat.history) == 4       # the refused turn is not recorded

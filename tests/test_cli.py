@@ -89,9 +89,9 @@ def test_run_ids_greedy_matches_generate(capsys, small):
     path, _, _ = small
     code, out, err = _run_cli(capsys, "run", path, "--ids", "-i", "5 17 42", "-t", "0", "-n", "20")
     assert code == 0, err
-    expected = Model.load(path).generate([5, 17, 42], max_new_tokens=20 - 3 + 1, temperature=0)
+    expected = Model.load(path).generate([5, 17, 42], max_new_tokens=20, temperature=0)
     assert out == " ".join(map(str, [5, 17, 42] + expected.token_ids)) + "\n"
-    assert len(expected.token_ids) == 18       # run.c: 20 positions, the prompt's included
+    assert len(expected.token_ids) == 20       # -n: tokens to generate (llama.cpp's meaning)
     assert re.search(r"achieved tok/s: [0-9.]+", err)
     assert "prompt: 3 tokens" in err
 
@@ -111,9 +111,10 @@ def test_run_text_prompt_streams_prompt_then_text(capsys, vocab32k):
     code, out, err = _run_cli(capsys, "run", path, "-z", tokenizer, "-i", prompt, "-t", "0", "-n", "12")
     assert code == 0, err
     model = Model.load(path, tokenizer=tokenizer)
-    ids = model.encode_prompt(prompt)
-    expected = model.generate(prompt, max_new_tokens=12 - len(ids) + 1, temperature=0)
+    expected = model.generate(prompt, max_new_tokens=12, temperature=0)
     assert out == prompt + expected.text + "\n"
+    # the continuation keeps its leading space: prompt + text is the decoded sequence
+    assert out[:-1] == model.tokenizer.decode(model.encode_prompt(prompt).tolist() + expected.token_ids)
 
 
 def test_run_same_seed_same_output(capsys, small):
@@ -127,7 +128,11 @@ def test_run_same_seed_same_output(capsys, small):
     (["-p", "2"], "-p/--top-p"),
     (["-t", "abc"], "-t/--temperature"),
     (["-k", "-3"], "-k/--top-k"),
-    (["-n", "x"], "-n/--steps"),
+    (["-n", "x"], "-n/--max-new-tokens"),
+    (["--min-p", "1.5"], "--min-p"),
+    (["--repeat-penalty", "0"], "--repeat-penalty"),
+    (["--presence-penalty", "nan"], "--presence-penalty"),
+    (["-f", "a.txt", "-i", "b"], "-f/--file"),
 ])
 def test_run_bad_parameter_is_usage_error(capsys, small, flags, name):
     code, out, err = _run_cli(capsys, "run", small[0], *flags)
@@ -162,11 +167,21 @@ def test_chat_passes_model_system_and_given_sampling(capsys, monkeypatch, small)
     import llama2c.chat
     calls = []
     monkeypatch.setattr(llama2c.chat, "run_chat_cli", lambda model, **kw: calls.append((model, kw)))
-    code, _, err = _run_cli(capsys, "chat", small[0], "--system", "Be brief.", "-t", "0.5", "-s", "3")
+    code, _, err = _run_cli(capsys, "chat", small[0], "--system", "Be brief.", "-t", "0.5", "-s", "3",
+                            "-n", "7", "--stop", "END", "--min-p", "0.1")
     assert code == 0, err
     (model, kw), = calls
     assert isinstance(model, Model)
-    assert kw == {"system": "Be brief.", "temperature": 0.5, "seed": 3}
+    assert kw == {"system": "Be brief.", "first": None, "temperature": 0.5, "seed": 3,
+                  "max_new_tokens": 7, "top_p": 0.9, "top_k": 0, "min_p": 0.1,
+                  "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                  "penalty_last_n": 64, "stop": ["END"]}
+    # llama2.c's spelling: run -m chat -y SYSTEM, -i the first message
+    calls.clear()
+    code, _, err = _run_cli(capsys, "run", small[0], "-m", "chat", "-y", "Be brief.", "-i", "Hi")
+    assert code == 0, err
+    (_, kw), = calls
+    assert kw["system"] == "Be brief." and kw["first"] == "Hi" and kw["max_new_tokens"] == 256
 
 
 def test_pull_prints_path(capsys, monkeypatch, tmp_path):

@@ -127,6 +127,7 @@ def test_hf_directory_gives_the_same_logits(golden, fp32, smollm2_hf_dir):
 def test_default_load_keeps_the_files_blocks(golden, int8):
     """dtype=None is 'as stored': the GGUF's quantized blocks become exact int8 groups."""
     model = llama2c.Model.load(golden[0], context_length=64)
-    assert model.dtype == "int8" and model.weights["layers.0.wq"].m is not None
-    w, ref = model.weights["layers.0.w2"], int8.weights["layers.0.w2"]
-    assert np.array_equal(w.dequantize(), ref.dequantize())
+    assert model.dtype == "int8" and model.manifest["layers.0.wq"].has_offset
+    assert model.manifest["layers.0.w2"] == int8.manifest["layers.0.w2"]
+    ids = model.tokenizer.encode("The same weights give the same logits.")
+    assert np.array_equal(model.logits(ids), int8.logits(ids))
