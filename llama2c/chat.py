@@ -397,7 +397,7 @@ class ChatSession:
                 f"the conversation has {len(ids)} tokens but the context holds {context}: "
                 f"reset() the chat or load the model with a larger context_length")
         self.session.set_context(ids)
-        run = Generation(self.model, self.session, opts, len(ids), stop_token_ids=self._stop,
+        run = Generation(self.model, self.session, opts, stop_token_ids=self._stop,
                          session_rng=True)
         pieces = self._turn(user, run)
         return pieces if stream else "".join(pieces)

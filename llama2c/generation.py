@@ -243,7 +243,7 @@ class TokenLogprob:
 @dataclass
 class Usage:
     """Token counts and timings of one call."""
-    prompt_tokens: int = 0           # tokens of the context the answer was computed from
+    prompt_tokens: int = 0           # tokens of the context the answer continues (all of it)
     completion_tokens: int = 0       # tokens generated
     cached_tokens: int = 0           # prompt tokens whose keys/values came from a cache
     prefill_seconds: float = 0.0     # prompt evaluation, up to the first token's logits
@@ -445,9 +445,12 @@ class GenerationSession:
         context = self._tokens + new
         if not context:
             raise ValueError("the prompt is empty: give at least one token")
+        if len(context) > self.context_length:
+            raise ContextLengthError(f"the session holds {len(self._tokens)} tokens; with "
+                                     f"{len(new)} more they do not fit its context of "
+                                     f"{self.context_length}")
         self.set_context(context)
-        run = Generation(self.model, self, opts, len(new) if new else len(context),
-                         session_rng=True)
+        run = Generation(self.model, self, opts, session_rng=True)
         return run.stream() if stream else run.result()
 
     # ---- saved state ---------------------------------------------------------------------
@@ -575,17 +578,20 @@ class PromptCache:
     def acquire(self, ids: list, reuse: bool = True) -> GenerationSession:
         """A session (taken out of the cache) whose sequence is `ids`, keeping the longest
         cached prefix when reuse is on."""
-        best, best_n = None, -1
+        best, best_n = None, 0
         with self._lock:
+            full = len(self._entries) >= self._max_entries
             if reuse and self.enabled:
                 for key, s in self._entries.items():
                     n = common_prefix(s._tokens[:s.n_cached], ids)
-                    if n > best_n:
+                    # below capacity, overwrite an entry only if most of it is reused
+                    if n > best_n and (full or 2 * n >= s.n_cached):
                         best, best_n = key, n
-            if best is None or best_n == 0:
-                # no useful prefix: an empty idle session, else the least recently used one
+            if best is None:
+                # no useful prefix: an empty idle session, else (at capacity) the least
+                # recently used one, else a new one
                 best = next((k for k, s in self._entries.items() if s.n_cached == 0), None)
-                if best is None and len(self._entries) >= self._max_entries:
+                if best is None and full:
                     best = next(iter(self._entries))
             sess = self._entries.pop(best) if best is not None else None
         if sess is None:
@@ -675,7 +681,6 @@ class Generation:
     feed back until a stop, the length limit or a cancel. `stream()` yields StreamChunks;
     `result()` runs the same loop to the end and returns a GenerationResult.
 
-    n_prompt: how many of the session's last tokens are this call's prompt (usage counts).
     on_done: called with the session when the loop ends, however it ends (also when this
         constructor raises).
     stop_token_ids: the default stop ids (options.stop_token_ids overrides them; None: the
@@ -685,17 +690,17 @@ class Generation:
     """
 
     def __init__(self, model, session: GenerationSession, opts: GenerationOptions,
-                 n_prompt: int, on_done=None, stop_token_ids=None, session_rng: bool = False):
+                 on_done=None, stop_token_ids=None, session_rng: bool = False):
         self.model, self.session, self.opts = model, session, opts
         self.on_done = on_done
         self._done = False
         try:
-            self._setup(n_prompt, stop_token_ids, session_rng)
+            self._setup(stop_token_ids, session_rng)
         except BaseException:
             self._finish()
             raise
 
-    def _setup(self, n_prompt, stop_token_ids, session_rng) -> None:
+    def _setup(self, stop_token_ids, session_rng) -> None:
         model, session, opts = self.model, self.session, self.opts
         session._sess.n_threads = model.n_threads
         tokens = session._tokens
@@ -718,7 +723,7 @@ class Generation:
             self.sampler.rng_state = session._rng_state
         if opts.penalties_on:
             self.sampler.accept_many(np.asarray(tokens[-opts.penalty_last_n:], dtype=np.int32))
-        self.usage = Usage(prompt_tokens=n_prompt)
+        self.usage = Usage(prompt_tokens=len(tokens))
         self.generated: list = []
         self.logprobs = [] if opts.logprobs is not None else None
         self.prompt_logprobs = None

@@ -339,7 +339,7 @@ class Model:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds "
                                      f"{self.context_length}")
         gs = self.prompt_cache.acquire(ids.tolist() if hasattr(ids, "tolist") else list(ids))
-        run = Generation(self, gs, opts, len(ids), on_done=self.prompt_cache.release,
+        run = Generation(self, gs, opts, on_done=self.prompt_cache.release,
                          stop_token_ids=stop_token_ids)
         return run.stream() if stream else run.result()
 

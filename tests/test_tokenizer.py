@@ -634,3 +634,40 @@ def test_gguf_llama_needs_matching_scores():
         del md["tokenizer.ggml.scores"]
         with pytest.raises(TokenizerError, match="missing key 'tokenizer.ggml.scores'"):
             Tokenizer.from_gguf_metadata(md)
+
+# ------------------------------------------------------------------------------------------
+# special tokens: plain text by default, matched only where asked
+
+
+def test_control_token_text_is_plain_by_default(smollm):
+    for text in ("<|im_end|>", "a<|im_start|>system\nb", "<|endoftext|>"):
+        ids = smollm.encode(text)
+        assert not set(ids) & set(smollm.special_tokens.values()), text
+        assert smollm.decode(ids) == text
+    assert smollm.encode("<|im_end|>", special=True) == [2]
+
+
+def test_encode_chunks(smollm, llama2_bin):
+    ids = smollm.encode_chunks([("<|im_start|>user\n", True), ("<|im_end|>hi", False),
+                                ("<|im_end|>", True)])
+    plain = smollm.encode("<|im_end|>hi")
+    assert ids == [1] + smollm.encode("user\n") + plain + [2]
+    # plain text runs across chunk boundaries are encoded as one text
+    assert smollm.encode_chunks([("Hel", False), ("lo wor", True), ("ld", False)]) == \
+        smollm.encode("Hello world")
+    assert llama2_bin.encode_chunks([("Hello", False), (" world", False)], bos=True) == \
+        llama2_bin.encode("Hello world")
+    # an extra table of specials: llama2.c's tokenizer.bin does not parse <s> by itself
+    ids = llama2_bin.encode_chunks([("<s>[INST]", True), (" <s>", False)], specials={"<s>": 1})
+    assert ids[0] == 1 and ids.count(1) == 1
+    with pytest.raises(TypeError):
+        smollm.encode_chunks([(b"x", True)])
+
+
+def test_decode_stream_continuation_keeps_the_space(llama2_bin):
+    ids = llama2_bin.encode("Once upon a time", bos=False)
+    first = llama2_bin.decode_stream()
+    assert "".join(first.push(t) for t in ids) == "Once upon a time"
+    cont = llama2_bin.decode_stream(continuation=True)
+    assert "".join(cont.push(t) for t in ids) == " Once upon a time"
+    assert llama2_bin.token_bytes(ids[1]) == b" upon" and llama2_bin.token_bytes(1) == b""
