@@ -347,8 +347,8 @@ class ChatSession:
 
     Each send() renders the whole conversation with the chat template but runs only the
     tokens the cache does not hold yet: normally the end of the last reply and the new turn.
-    Its own options (the defaults of send()) are generate()'s; seed=None draws from the
-    session's RNG stream.
+    Its own options (the defaults of send()) are generate()'s; `seed` seeds the session's RNG
+    stream, which every turn continues (a send(seed=...) uses its own).
 
     history: the messages so far (the system message first, if any).
     n_tokens: positions of the KV cache in use.
@@ -362,10 +362,10 @@ class ChatSession:
         self.system = system
         self.tools = tools
         self.options = dict(options)
+        seed = self.options.pop("seed", None)
         self._tokenizer = require_tokenizer(model)
         self._stop = chat_stop_ids(self._tokenizer)
-        self.session = model.new_session(context_length=context_length,
-                                         seed=options.get("seed"))
+        self.session = model.new_session(context_length=context_length, seed=seed)
         self.reset()
 
     def reset(self) -> None:

@@ -23,6 +23,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -123,10 +124,12 @@ class GenerationOptions:
                                 for i in ids}))
         v["stop_token_ids"] = ids
         lp = o["logprobs"]
-        if lp is not None and not (isinstance(lp, bool) and lp is False):
-            lp = 1 if lp is True else number("logprobs", lp, integer=True, maximum=MAX_LOGPROBS)
-        else:
+        if lp is None or lp is False:
             lp = None
+        elif lp is True:                  # the chosen tokens' logprobs, no alternatives
+            lp = 0
+        else:
+            lp = number("logprobs", lp, integer=True, maximum=MAX_LOGPROBS)
         v["logprobs"] = lp
         if not isinstance(o["echo"], bool):
             raise ValueError(f"echo must be True or False, got {o['echo']!r}")
@@ -150,14 +153,15 @@ class GenerationOptions:
                                             self.presence_penalty != 0.0 or
                                             self.frequency_penalty != 0.0)
 
-    def sampler(self, vocab_size: int, seed: int) -> "_engine.Sampler":
-        """The C sampler for these options, its RNG seeded with `seed`."""
+    def sampler(self, vocab_size: int, seed: int, context: int) -> "_engine.Sampler":
+        """The C sampler for these options, its RNG seeded with `seed` (the penalty window is
+        at most the context)."""
+        window = min(self.penalty_last_n, context) if self.penalties_on else 0
         return _engine.Sampler(vocab_size, self.temperature, self.top_p, self.top_k, seed,
                                min_p=self.min_p, repetition_penalty=self.repetition_penalty,
                                presence_penalty=self.presence_penalty,
                                frequency_penalty=self.frequency_penalty,
-                               penalty_last_n=self.penalty_last_n if self.penalties_on else 0,
-                               logit_bias=dict(self.logit_bias) or None)
+                               penalty_last_n=window, logit_bias=dict(self.logit_bias) or None)
 
 
 OPTION_NAMES = tuple(GenerationOptions.__dataclass_fields__)
@@ -322,7 +326,7 @@ class StreamChunk:
     logprobs: list | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
-    prompt_logprobs: list | None = None   # first chunk, with echo=True
+    prompt_logprobs: list | None = None   # with echo=True, on the first chunk only
     stop_sequence: str | int | None = None
 
     def __str__(self) -> str:
@@ -374,8 +378,10 @@ class GenerationSession:
     with the same draws. Not shared between threads.
     """
 
-    def __init__(self, model, engine_session, seed: int | None = None):
-        self.model = model
+    def __init__(self, model, engine_session, seed: int | None = None, weak: bool = False):
+        # a prompt cache's sessions refer to their model weakly: no model <-> cache cycle
+        self._model = weakref.ref(model) if weak else model
+        self._weak = weak
         self._sess = engine_session
         self._tokens: list = []
         self._logits = None          # logits after _tokens[-1] when the cache holds them all
@@ -385,6 +391,10 @@ class GenerationSession:
                                                     maximum=2**64 - 1), 0)[1]
 
     # ---- state ---------------------------------------------------------------------------
+
+    @property
+    def model(self):
+        return self._model() if self._weak else self._model
 
     @property
     def context_length(self) -> int:
@@ -532,10 +542,10 @@ class PromptCache:
     max_entries: sessions kept.
     """
 
-    def __init__(self, bytes_per_token: int, factory, max_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+    def __init__(self, model, max_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
                  max_entries: int = DEFAULT_PROMPT_CACHE_ENTRIES):
-        self.bytes_per_token = int(bytes_per_token)
-        self._factory = factory               # () -> GenerationSession
+        self.bytes_per_token = int(model._kv_bytes_per_token())
+        self._model = weakref.ref(model)      # the model owns the cache
         self._entries: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
         self.max_bytes = max_bytes
@@ -584,8 +594,9 @@ class PromptCache:
             if reuse and self.enabled:
                 for key, s in self._entries.items():
                     n = common_prefix(s._tokens[:s.n_cached], ids)
-                    # below capacity, overwrite an entry only if most of it is reused
-                    if n > best_n and (full or 2 * n >= s.n_cached):
+                    # below capacity, take over an entry only if it covers half the prompt
+                    # or all of the entry is reused (llama.cpp's slot similarity rule)
+                    if n > best_n and (full or 2 * n >= len(ids) or n == s.n_cached):
                         best, best_n = key, n
             if best is None:
                 # no useful prefix: an empty idle session, else (at capacity) the least
@@ -595,7 +606,9 @@ class PromptCache:
                     best = next(iter(self._entries))
             sess = self._entries.pop(best) if best is not None else None
         if sess is None:
-            sess = self._factory()
+            model = self._model()
+            sess = GenerationSession(model, model._engine_session(model.context_length), seed=1,
+                                     weak=True)
         if not reuse or not self.enabled:
             sess.reset()
         sess._sess.n_threads = sess.model.n_threads
@@ -718,7 +731,7 @@ class Generation:
         seed = opts.seed
         if seed is None:
             seed = 1 if self.own_rng else int.from_bytes(os.urandom(8), "little")
-        self.sampler = opts.sampler(model.vocab_size, seed)
+        self.sampler = opts.sampler(model.vocab_size, seed, context)
         if self.own_rng:
             self.sampler.rng_state = session._rng_state
         if opts.penalties_on:
@@ -734,6 +747,7 @@ class Generation:
         self._deadline = None if opts.max_time is None else self._t0 + opts.max_time
         self._started = False
         self._usage_final = False
+        self._prompt_lp_sent = False
 
     # ---- public ------------------------------------------------------------------------
 
@@ -828,8 +842,6 @@ class Generation:
             if self.finish_reason is not None:
                 yield self._final("", [], None)
                 return
-            if self.prompt_logprobs is not None:
-                yield StreamChunk("", [], prompt_logprobs=self.prompt_logprobs)
             sess, sampler = gs._sess, self.sampler
             V = model.vocab_size
             buf = np.empty((1, V), np.float32)
@@ -860,7 +872,7 @@ class Generation:
                     yield self._final(text, [t], lp, decoder, stops)
                     return
                 self.text_parts.append(text)
-                yield StreamChunk(text, [t], lp)
+                yield StreamChunk(text, [t], lp, prompt_logprobs=self._take_prompt_logprobs())
                 feed[0] = t
                 sess.eval(feed, logits="all", out=buf)         # the forward pass, in C
                 row = buf[0]
@@ -891,7 +903,15 @@ class Generation:
         self.usage.decode_seconds = time.perf_counter() - self._t0 - self.usage.prefill_seconds
         self._usage_final = True
         return StreamChunk(text, ids, lp, self.finish_reason, replace(self.usage),
+                           prompt_logprobs=self._take_prompt_logprobs(),
                            stop_sequence=self.stop_sequence)
+
+    def _take_prompt_logprobs(self):
+        """The prompt's logprobs for the first chunk of a stream only."""
+        if self._prompt_lp_sent:
+            return None
+        self._prompt_lp_sent = True
+        return self.prompt_logprobs
 
     def _finish(self) -> None:
         if self._done:

@@ -92,8 +92,7 @@ class Model:
         self.fingerprint = weights_fingerprint(config, weights, {
             "act_bits": act_bits, "manifest": [(t.name, t.dtype, t.group_size, t.has_offset)
                                                for t in self.manifest.values()]})
-        self.prompt_cache = PromptCache(self._kv_bytes_per_token(), self._cache_session,
-                                        max_bytes=prompt_cache_bytes)
+        self.prompt_cache = PromptCache(self, max_bytes=prompt_cache_bytes)
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -194,9 +193,6 @@ class Model:
     def _engine_session(self, context: int):
         """A C session (KV cache of `context` positions) of this model's engine."""
         return _engine.Session(self._engine, context, PREFILL_CHUNK, self.n_threads)
-
-    def _cache_session(self) -> GenerationSession:
-        return GenerationSession(self, self._engine_session(self.context_length), seed=1)
 
     def new_session(self, context_length: int | None = None,
                     seed: int | None = None) -> GenerationSession:

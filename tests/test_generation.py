@@ -556,3 +556,30 @@ def test_special_text_in_a_prompt_is_plain_by_default(model):
     parsed = model.generate("<|im_end|>", max_new_tokens=1, temperature=0, special=True)
     assert parsed.prompt_token_ids == [1, 4]
     assert plain.prompt_token_ids == tok.encode("<|im_end|>")
+
+
+def test_echo_on_a_stream_and_logprobs_true(model):
+    kw = dict(max_new_tokens=4, temperature=0, stop_token_ids=[], echo=True)
+    r = model.generate("the cat sat", logprobs=True, **kw)
+    assert all(lp.top == [] for lp in r.logprobs) and len(r.logprobs) == 4
+    chunks = list(model.generate("the cat sat", stream=True, logprobs=2, **kw))
+    assert chunks[0].prompt_logprobs is not None and len(chunks[0].prompt_logprobs) == len(
+        r.prompt_token_ids)
+    assert all(c.prompt_logprobs is None for c in chunks[1:])
+    # echo with nothing to generate: the prompt's logprobs alone (OpenAI's scoring idiom)
+    only = list(model.generate("the cat sat", stream=True, logprobs=0,
+                               **{**kw, "max_new_tokens": 0}))
+    assert len(only) == 1 and only[0].finish_reason == "length" and only[0].prompt_logprobs
+
+
+def test_huge_penalty_window_is_clamped_to_the_context(model):
+    r = model.generate("the cat", max_new_tokens=4, repetition_penalty=1.2,
+                       penalty_last_n=10**9, temperature=0, stop_token_ids=[])
+    assert len(r.token_ids) == 4
+
+
+def test_chat_session_seed_makes_the_conversation_reproducible(model):
+    def talk():
+        chat = model.new_chat(temperature=1.0, max_new_tokens=8, seed=5)
+        return [chat.send("the cat"), chat.send("the dog")]
+    assert talk() == talk()
