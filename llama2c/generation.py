@@ -387,8 +387,8 @@ class GenerationSession:
         self._logits = None          # logits after _tokens[-1] when the cache holds them all
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
-        self._rng_state = _engine.random_f32(number("seed", seed, integer=True,
-                                                    maximum=2**64 - 1), 0)[1]
+        self._rng_state = _engine.seed_state(number("seed", seed, integer=True,
+                                                    maximum=2**64 - 1))
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -719,6 +719,8 @@ class Generation:
         tokens = session._tokens
         self.prompt_ids = list(tokens)
         context = session.context_length
+        if not tokens:
+            raise ValueError("the prompt is empty: give at least one token")
         if len(tokens) > context:
             raise ContextLengthError(f"the prompt has {len(tokens)} tokens but the context holds "
                                      f"{context}")
@@ -743,11 +745,14 @@ class Generation:
         self.finish_reason = None
         self.stop_sequence = None
         self.text_parts: list = []
-        self._t0 = time.perf_counter()
-        self._deadline = None if opts.max_time is None else self._t0 + opts.max_time
+        self._t0 = time.perf_counter()      # reset when the loop starts (a stream may wait)
+        self._deadline = None
         self._started = False
         self._usage_final = False
         self._prompt_lp_sent = False
+        self._t_prefill = None
+        self._decoder = None
+        self._stops = _StopText(())
 
     # ---- public ------------------------------------------------------------------------
 
@@ -815,82 +820,104 @@ class Generation:
         gs._logits = logits
         return logits
 
-    def _chunks(self):
-        """The loop, yielding StreamChunks (the last with finish_reason and usage)."""
+    def begin(self) -> None:
+        """Start the clock and the text decoder (the loop calls it; so does a driver that runs
+        the forward passes itself, before its prefill)."""
         if self._started:
             raise RuntimeError("a generation runs once")
         self._started = True
-        gs, opts, model = self.session, self.opts, self.model
-        tok = model.tokenizer
-        stops = _StopText(opts.stop)
-        decoder = None
+        tok = self.model.tokenizer
+        self._t0 = time.perf_counter()
+        self._deadline = None if self.opts.max_time is None else self._t0 + self.opts.max_time
+        self._stops = _StopText(self.opts.stop)
+        self._decoder = None
         if tok is not None:
             # the text continues the prompt's (keeps a leading space) if the prompt shows any
-            visible = any(tok.token_bytes(t) for t in reversed(gs._tokens))
-            decoder = tok.decode_stream(continuation=visible)
-        k = opts.logprobs
-        t_prefill = None
+            visible = any(tok.token_bytes(t) for t in reversed(self.session._tokens))
+            self._decoder = tok.decode_stream(continuation=visible)
+
+    def prefilled(self, cancelled: bool = False) -> StreamChunk | None:
+        """Mark the end of the prefill; returns the final chunk if generation ends here
+        (cancelled, or nothing to generate), else None."""
+        self._t_prefill = time.perf_counter()
+        self.usage.prefill_seconds = self._t_prefill - self._t0
+        if cancelled:
+            self.finish_reason = "cancelled"
+        elif self.max_new <= 0:
+            self.finish_reason = "length"
+        return self._final("", [], None) if self.finish_reason is not None else None
+
+    def step(self, logits: np.ndarray) -> StreamChunk:
+        """One token from the logits (vocab,) after the last fed token: sample it (the C
+        chain), its logprobs, the stop checks, its text. Returns its chunk; the last one has
+        finish_reason set. Unless finished, the driver feeds self.generated[-1] next and calls
+        step() with the logits after it. (The loop here drives it with Session.eval; a batched
+        scheduler can drive many generations with one forward pass per step.)"""
+        gs, k = self.session, self.opts.logprobs
+        t = self.sampler.sample(logits)
+        self.sampler.accept(t)
+        lp = _logprob_rows(logits[None], np.array([t], np.int32), k) if k is not None else None
+        gs._tokens.append(t)
+        gs._logits = None
+        self.generated.append(t)
+        if lp is not None:
+            self.logprobs += lp
+        text = ""
+        if t in self.stop_ids:
+            self.finish_reason, self.stop_sequence = "stop", t
+        elif self._decoder is not None:
+            text = self._stops.push(self._decoder.push(t))
+            if self._stops.matched is not None:
+                self.finish_reason, self.stop_sequence = "stop", self._stops.matched
+        if self.finish_reason is None:
+            if len(self.generated) >= self.max_new:
+                self.finish_reason = "length"
+            elif self._cancelled():
+                self.finish_reason = "cancelled"
+        if self.finish_reason is not None:
+            return self._final(text, [t], lp)
+        self.text_parts.append(text)
+        return StreamChunk(text, [t], lp, prompt_logprobs=self._take_prompt_logprobs())
+
+    def _chunks(self):
+        """The loop, yielding StreamChunks (the last with finish_reason and usage)."""
+        self.begin()
+        gs = self.session
         try:
             try:
-                logits = self._prefill(gs)
+                row = self._prefill(gs)
+                final = self.prefilled()
             except (_Cancelled, GenerationCancelled):
-                self.finish_reason = "cancelled"
-            t_prefill = time.perf_counter()
-            self.usage.prefill_seconds = t_prefill - self._t0
-            if self.finish_reason is None and self.max_new <= 0:
-                self.finish_reason = "length"
-            if self.finish_reason is not None:
-                yield self._final("", [], None)
+                final = self.prefilled(cancelled=True)
+            if final is not None:
+                yield final
                 return
-            sess, sampler = gs._sess, self.sampler
-            V = model.vocab_size
-            buf = np.empty((1, V), np.float32)
+            sess = gs._sess
+            buf = np.empty((1, self.model.vocab_size), np.float32)
             feed = np.empty(1, np.int32)
-            row = logits
             while True:
-                t = sampler.sample(row)                       # the sampler chain, in C
-                sampler.accept(t)
-                lp = _logprob_rows(row[None], np.array([t], np.int32), k) if k is not None else None
-                gs._tokens.append(t)
-                gs._logits = None
-                self.generated.append(t)
-                if lp is not None:
-                    self.logprobs += lp
-                text = ""
-                if t in self.stop_ids:
-                    self.finish_reason, self.stop_sequence = "stop", t
-                elif decoder is not None:
-                    text = stops.push(decoder.push(t))
-                    if stops.matched is not None:
-                        self.finish_reason, self.stop_sequence = "stop", stops.matched
-                if self.finish_reason is None:
-                    if len(self.generated) >= self.max_new:
-                        self.finish_reason = "length"
-                    elif self._cancelled():
-                        self.finish_reason = "cancelled"
-                if self.finish_reason is not None:
-                    yield self._final(text, [t], lp, decoder, stops)
+                chunk = self.step(row)                         # the sampler chain, in C
+                yield chunk
+                if chunk.finish_reason is not None:
                     return
-                self.text_parts.append(text)
-                yield StreamChunk(text, [t], lp, prompt_logprobs=self._take_prompt_logprobs())
-                feed[0] = t
+                feed[0] = self.generated[-1]
                 sess.eval(feed, logits="all", out=buf)         # the forward pass, in C
                 row = buf[0]
         finally:
-            if t_prefill is None:
-                t_prefill = time.perf_counter()
-                self.usage.prefill_seconds = t_prefill - self._t0
+            if self._t_prefill is None:
+                self.prefilled()
             if not self._usage_final:
                 self.usage.completion_tokens = len(self.generated)
-                self.usage.decode_seconds = time.perf_counter() - t_prefill
+                self.usage.decode_seconds = time.perf_counter() - self._t_prefill
             if self.finish_reason is None:
                 self.finish_reason = "cancelled"        # closed stream, exception
             self._finish()
 
-    def _final(self, text, ids, lp, decoder=None, stops=None) -> StreamChunk:
+    def _final(self, text, ids, lp) -> StreamChunk:
         """The last chunk: the text still held back is released unless a stop string ended
         the text (the bytes of an unfinished character flush as U+FFFD; they can still
         complete a stop string)."""
+        decoder, stops = self._decoder, self._stops
         if decoder is not None and not isinstance(self.stop_sequence, str):
             text += stops.push(decoder.flush())
             if stops.matched is not None:
@@ -912,6 +939,11 @@ class Generation:
             return None
         self._prompt_lp_sent = True
         return self.prompt_logprobs
+
+    def finish(self) -> None:
+        """End the generation (idempotent): the session's RNG advances, on_done runs. A driver
+        that runs the forward passes itself calls it when done (or abandoning)."""
+        self._finish()
 
     def _finish(self) -> None:
         if self._done:

@@ -117,6 +117,11 @@ cdef class Sampler:
         l2c_sampler_reset_window(&self.sp)
 
 
+def seed_state(uint64_t seed):
+    """The RNG state a sampler seeded with `seed` starts from (Sampler.rng_state)."""
+    return l2c_seed_state(seed)
+
+
 def random_f32(uint64_t state, int64_t n):
     """(draws float32 (n,), the state after them): l2c_random_f32 from `state` (0 = as seed 0)."""
     out = np.empty(n, dtype=np.float32)
