@@ -401,6 +401,12 @@ class GenerationSession:
         return self._sess.context
 
     @property
+    def engine_session(self):
+        """The C session under this one (llama2c._engine.Session: eval, truncate, n_tokens,
+        ...), for a driver that runs the forward passes itself and calls Generation.step."""
+        return self._sess
+
+    @property
     def tokens(self) -> list:
         return list(self._tokens)
 
@@ -854,8 +860,7 @@ class Generation:
         step() with the logits after it. (The loop here drives it with Session.eval; a batched
         scheduler can drive many generations with one forward pass per step.)"""
         gs, k = self.session, self.opts.logprobs
-        t = self.sampler.sample(logits)
-        self.sampler.accept(t)
+        t = self.sampler.sample_accept(logits)
         lp = _logprob_rows(logits[None], np.array([t], np.int32), k) if k is not None else None
         gs._tokens.append(t)
         gs._logits = None

@@ -97,6 +97,16 @@ cdef class Sampler:
             tok = l2c_sample(&self.sp, &logits[0])
         return tok
 
+    def sample_accept(self, const float[::1] logits):
+        """sample() then accept() the token, in one call (the generation loop's)."""
+        if logits.shape[0] != self.sp.vocab_size:
+            raise _shape_error("logits", (logits.shape[0],), (self.sp.vocab_size,))
+        cdef int32_t tok
+        with nogil:
+            tok = l2c_sample(&self.sp, &logits[0])
+            l2c_sampler_accept(&self.sp, tok)
+        return tok
+
     def accept(self, int32_t token):
         """Push a token into the penalty window (the oldest leaves a full window)."""
         _check(l2c_sampler_accept(&self.sp, token), "accept")

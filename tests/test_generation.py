@@ -591,23 +591,24 @@ def test_chat_session_seed_makes_the_conversation_reproducible(model):
 def test_an_external_driver_gets_the_same_tokens(model):
     """What a batched scheduler does: run the forward passes itself and call step() with the
     logits (here with a plain engine session), for the same result as generate()."""
-    from llama2c.generation import Generation, GenerationOptions, GenerationSession
+    from llama2c.generation import Generation, GenerationOptions
     opts = GenerationOptions.make(model.vocab_size, max_new_tokens=12, temperature=0.9,
                                   seed=4, stop=["zz"], logprobs=1)
     want = model.generate("the cat sat", max_new_tokens=12, temperature=0.9, seed=4,
                           stop=["zz"], logprobs=1)
-    gs = GenerationSession(model, model._engine_session(64))
+    gs = model.new_session(context_length=64)
     gs.set_context(model.encode_prompt("the cat sat").tolist())
     run = Generation(model, gs, opts)
     run.begin()
-    row = gs._sess.eval(np.asarray(gs.tokens, np.int32), logits="last")
+    engine = gs.engine_session
+    row = engine.eval(np.asarray(gs.tokens, np.int32), logits="last")
     assert run.prefilled() is None
     chunks = []
     while True:
         chunks.append(run.step(row))
         if chunks[-1].finish_reason is not None:
             break
-        row = gs._sess.eval(np.array([run.generated[-1]], np.int32), logits="last")
+        row = engine.eval(np.array([run.generated[-1]], np.int32), logits="last")
     run.finish()
     text, ids = joined(chunks)
     assert ids == want.token_ids and text == want.text

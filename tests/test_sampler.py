@@ -209,6 +209,18 @@ def test_distribution_of_each_truncation():
     np.testing.assert_allclose(freq(E.Sampler(6, 0.5, seed=5)), sq, atol=0.015)
 
 
+def test_sample_accept_is_sample_then_accept():
+    logits = fixed_logits(300, 5)
+    kw = dict(repetition_penalty=1.5, penalty_last_n=8)
+    a, b = E.Sampler(300, 1.0, seed=9, **kw), E.Sampler(300, 1.0, seed=9, **kw)
+    got = [a.sample_accept(logits) for _ in range(40)]
+    want = []
+    for _ in range(40):
+        want.append(b.sample(logits))
+        b.accept(want[-1])
+    assert got == want and a.window_len == 8
+
+
 def test_rng_state_continues_the_stream():
     logits = fixed_logits(300, 2)
     a = E.Sampler(300, 1.0, seed=77)
