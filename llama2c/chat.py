@@ -409,8 +409,9 @@ class ChatSession:
                     yield chunk.text
         finally:
             result = run.make_result()
-            self.history += [user, {"role": "assistant", "content": result.text}]
-            self.last_result = result
+            if result.token_ids or result.finish_reason != "cancelled":
+                self.history += [user, {"role": "assistant", "content": result.text}]
+            self.last_result = result          # (a turn cancelled before any token is not kept)
 
 # ------------------------------------------------------------------------------------------
 # interactive loop

@@ -616,3 +616,13 @@ def test_an_external_driver_gets_the_same_tokens(model):
     assert [lp.token_id for lp in got] == [lp.token_id for lp in want.logprobs]
     np.testing.assert_allclose([lp.logprob for lp in got], [lp.logprob for lp in want.logprobs],
                                atol=1e-5)
+
+
+def test_chat_turn_cancelled_before_any_token_is_not_kept(model):
+    chat = model.new_chat(temperature=0, max_new_tokens=5)
+    token = CancelToken()
+    token.cancel()
+    assert chat.send("the cat", cancel=token) == ""
+    assert chat.history == [] and chat.last_result.finish_reason == "cancelled"
+    chat.send("the cat")
+    assert len(chat.history) == 2
