@@ -246,23 +246,79 @@ int l2c_forward(const l2c_model *m, l2c_state *s, const int32_t *tokens, int64_t
 
 // ---------------------------------------------------------------------------------------------
 // sampler
+//
+// l2c_sample applies this chain to the logits l (vocab_size,) of the last position, each step
+// on the previous one's output (the order of Hugging Face's logits processors; llama.cpp's
+// default chain applies the temperature after top-k/top-p/min-p instead):
+//   1. logit bias:  l[id] += bias for each (id, bias) of l2c_sampler_set_bias (-inf bans id)
+//   2. penalties over the window of the last penalty_last_n accepted tokens (the caller
+//      accepts the context, prompt included, then each sampled token), once per distinct
+//      token t seen c > 0 times there (llama.cpp's rules; repetition as Hugging Face's):
+//        l[t] = l[t] > 0 ? l[t] / repetition_penalty : l[t] * repetition_penalty
+//        l[t] -= c * frequency_penalty + presence_penalty
+//   3. temperature 0: return argmax l (the lowest id among equal maxima); no random draw.
+//   4. temperature T: p_i = exp((l_i - max l) * (1/T)) in float (a vectorizable exp within 2 ulp;
+//      0 below exp(-87.3); NaN logits count as -inf), unnormalized (max p = 1);
+//      with top-k only over the k tokens of step 5.
+//   5. top-k (0 < k < vocab): keep the k largest l (ties: lower id first).
+//   6. top-p (< 1): scanning by descending p (ties: lower id first), keep tokens up to and
+//      including the first at which the kept mass (double) reaches top_p * z, z = the mass
+//      of all tokens left by step 5 (summed by id, or in descending order after top-k).
+//   7. min-p (> 0): of those, keep the tokens with p >= min_p (= min_p * max p).
+//   8. draw: coin = l2c_random_f32 (one per call at T > 0); return the first kept token whose
+//      cumulative mass (double) exceeds coin * kept mass, scanning by descending p when any
+//      of steps 5-7 is on, else by id.
+// A temperature so small that 1/T overflows is greedy; greedy ignores NaN logits.
+
+typedef struct {
+    float temperature;          // 0 = greedy
+    float top_p;                // in [0, 1]; 1 = off
+    float min_p;                // in [0, 1]; 0 = off
+    int64_t top_k;              // 0 (or >= vocab_size) = off
+    float repetition_penalty;   // > 0; 1 = off
+    float presence_penalty;     // 0 = off
+    float frequency_penalty;    // 0 = off
+    int64_t penalty_last_n;     // window of the penalties; 0 = off
+} l2c_sampler_params;
 
 typedef struct {
     int64_t vocab_size;
-    float temperature;   // 0 = greedy (argmax)
-    float top_p;         // nucleus; >= 1 or <= 0 disables
-    int64_t top_k;       // <= 0 or >= vocab disables
-    uint64_t rng_state;  // xorshift64* state, never 0
-    float *probs;        // (vocab_size,) scratch
-    int32_t *idx;        // (vocab_size,) scratch
+    l2c_sampler_params p;
+    uint64_t rng_state;         // xorshift64* state, never 0
+    int64_t n_bias;
+    int32_t *bias_ids;          // (n_bias,)
+    float *bias;                // (n_bias,)
+    int32_t *window;            // (penalty_last_n,) ring of accepted tokens; NULL: no penalties
+    int64_t window_len, window_pos;
+    int32_t *counts;            // (vocab_size,) occurrences in the window
+    float *work;                // (vocab_size,) logits after steps 1-2
+    float *probs;               // (vocab_size,) scratch
+    int32_t *idx, *idx2;        // (vocab_size,) scratch
+    double *block_sum;          // (vocab_size / 512 + 1,) scratch
+    double *hist;               // (4096,) scratch
 } l2c_sampler;
 
-int l2c_sampler_init(l2c_sampler *sp, int64_t vocab_size, float temperature, float top_p,
-                     int64_t top_k, uint64_t seed);
+void l2c_sampler_params_default(l2c_sampler_params *p);  // every step off, temperature 1
+// L2C_OK, L2C_ERR_ARG (a parameter out of range, see l2c_sampler_params) or L2C_ERR_NOMEM.
+int l2c_sampler_init(l2c_sampler *sp, int64_t vocab_size, const l2c_sampler_params *p,
+                     uint64_t seed);
 void l2c_sampler_free(l2c_sampler *sp);
+// Replace the logit bias with n (ids[i], bias[i]) pairs (copied). L2C_ERR_TOKEN for an id out
+// of range, L2C_ERR_ARG for a NaN or +inf bias.
+int l2c_sampler_set_bias(l2c_sampler *sp, const int32_t *ids, const float *bias, int64_t n);
+// Push a token into the penalty window (a no-op without penalties); L2C_ERR_TOKEN if out of range.
+int l2c_sampler_accept(l2c_sampler *sp, int32_t token);
+void l2c_sampler_reset_window(l2c_sampler *sp);
 // Pick the next token from logits (vocab_size,); logits are not modified.
 int32_t l2c_sample(l2c_sampler *sp, const float *logits);
 float l2c_random_f32(uint64_t *state);
+uint64_t l2c_seed_state(uint64_t seed);  // the xorshift state a seed starts from
+
+// Log-softmax of logits (n,) (the model's raw distribution, before any sampler step):
+// *token_lp = log p(token) (token -1: none), and the k most likely ids with their logprobs in
+// descending order (ties: lower id first) into top_ids/top_lp (k,); scratch: work (n,), scratch (k,).
+int l2c_logprobs(float *token_lp, int32_t *top_ids, float *top_lp, const float *logits,
+                 int64_t n, int32_t token, int64_t k, float *work, int32_t *scratch);
 
 // Run prompt (prefill, if n_prompt > 0) then sample up to max_new tokens, each fed back,
 // stopping after a token in stop[0..n_stop). out receives the generated ids, *n_out their

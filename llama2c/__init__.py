@@ -1,25 +1,33 @@
 """llama2c: fast CPU inference of Llama-architecture language models.
 
     >>> import llama2c
-    >>> model = llama2c.Model.load("stories15M.bin", tokenizer="tokenizer.bin")
-    >>> print(model.generate("Once upon a time", max_new_tokens=64).text)
+    >>> model = llama2c.Model.load("smollm2")
+    >>> print(model.generate("Once upon a time", max_new_tokens=64, stop=["\\n\\n"]).text)
 
 The compiled engine is imported on first use, so pure-Python parts (llama2c.reference,
 llama2c.tokenizer, the loaders) import without it.
 """
 from .config import Config
-from .errors import Llama2cError, ModelFormatError, TokenizerError, ContextLengthError
+from .errors import (Llama2cError, ModelFormatError, TokenizerError, ContextLengthError,
+                     GenerationCancelled)
 
 __version__ = "0.1.0"
 
-__all__ = ["Model", "Tokenizer", "Config", "GenerationResult", "kernel_info", "Llama2cError",
-           "ModelFormatError", "TokenizerError", "ContextLengthError", "__version__"]
+_GENERATION = ("GenerationResult", "GenerationStream", "GenerationSession", "StreamChunk",
+               "Usage", "TokenLogprob", "ScoreResult", "CancelToken", "GenerationOptions")
+
+__all__ = ["Model", "Tokenizer", "Config", "kernel_info", "Llama2cError", "ModelFormatError",
+           "TokenizerError", "ContextLengthError", "GenerationCancelled", "__version__",
+           *_GENERATION]
 
 
 def __getattr__(name):
-    if name in ("Model", "GenerationResult"):
-        from . import model
-        return getattr(model, name)
+    if name == "Model":
+        from .model import Model
+        return Model
+    if name in _GENERATION:
+        from . import generation
+        return getattr(generation, name)
     if name == "Tokenizer":
         from .tokenizer import Tokenizer
         return Tokenizer

@@ -1,11 +1,16 @@
-"""Chat with a model: chat templates, one-shot chat, multi-turn sessions and the chat REPL.
+"""Chat with a model: chat templates, multi-turn sessions and the chat REPL.
 
-Conversations are lists of messages, `{"role": "system" | "user" | "assistant", "content": str}`.
-They are rendered to text with the model's chat template (GGUF `tokenizer.chat_template`, or
-the Hugging Face tokenizer_config.json / chat_template.jinja) exactly as transformers'
-`apply_chat_template` renders it, then tokenized without adding special tokens the template
-already wrote. Models without a template get ChatML when their vocabulary has `<|im_start|>`,
+Conversations are lists of messages, `{"role": ..., "content": str | [{"type": "text",
+"text": ...}, ...]}` (text parts are joined with newlines), as OpenAI-style apps send them;
+other keys (name, tool_calls, ...) reach the template untouched. They are rendered with the
+model's chat template (GGUF `tokenizer.chat_template`, or the Hugging Face
+tokenizer_config.json / chat_template.jinja) exactly as transformers' `apply_chat_template`
+renders them. Models without a template get ChatML when their vocabulary has `<|im_start|>`,
 else the Llama 2 chat format.
+
+Special tokens are never injected: the template's own markup is encoded with its control
+tokens, every message's content as plain text, so a user who types "<|im_end|>" gets the
+characters, not the token (see chat_prompt_ids).
 
     >>> chat = model.new_chat(system="You are terse.", temperature=0)
     >>> chat.send("Name a colour.")
@@ -15,19 +20,18 @@ else the Llama 2 chat format.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import re
+import secrets
+import signal
 import sys
-import time
+import threading
 from datetime import datetime
 from functools import lru_cache
 
-import numpy as np
-
-from . import _engine
 from .errors import ContextLengthError, Llama2cError, TokenizerError
-from .model import PREFILL_CHUNK, GenerationResult, _number
+from .generation import CancelToken, Generation, GenerationOptions
 
 # Literal end-of-turn tokens of common templates; one that the template writes and the
 # vocabulary has as a special token also stops generation.
@@ -56,12 +60,13 @@ LLAMA2_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}"
     "{% endif %}{% endfor %}")
 
-SAMPLING_DEFAULTS = dict(max_new_tokens=256, temperature=1.0, top_p=0.9, top_k=0, seed=None)
+RESERVED_TEMPLATE_VARS = ("messages", "tools", "documents", "add_generation_prompt")
 
 
 class ChatTemplateError(Llama2cError, ValueError):
     """A chat template failed to render (a syntax error, or the template refused the
-    conversation through raise_exception)."""
+    conversation through raise_exception), or its markup cannot be told from message content
+    that holds control-token text."""
 
 # ------------------------------------------------------------------------------------------
 # templates
@@ -111,67 +116,213 @@ def _token_text(tokenizer, token_id):
     text = tokenizer.id_to_token(token_id) if token_id is not None else None
     return text.strip() if text else None
 
+# ------------------------------------------------------------------------------------------
+# messages
 
-def _check_messages(messages) -> list:
-    if isinstance(messages, (str, bytes)) or not hasattr(messages, "__iter__"):
+
+def normalize_messages(messages) -> list:
+    """Messages as the template reads them: copies whose content is a string (text parts
+    joined with newlines) or None. ValueError naming the message and field for anything
+    malformed."""
+    if isinstance(messages, (str, bytes, dict)) or not hasattr(messages, "__iter__"):
         raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, "
                          f"got {type(messages).__name__}")
-    messages = list(messages)
+    out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ValueError(f"messages[{i}] must be a dict with a string 'role', got {m!r}")
-    return messages
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', "
+                             f"got {type(m).__name__}")
+        role = m.get("role")
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"messages[{i}]['role'] must be a non-empty string, got {role!r}")
+        content = m.get("content")
+        if isinstance(content, (list, tuple)):
+            texts = []
+            for j, part in enumerate(content):
+                if isinstance(part, str):
+                    texts.append(part)
+                    continue
+                if not isinstance(part, dict):
+                    raise ValueError(f"messages[{i}]['content'][{j}] must be a dict "
+                                     f"{{'type': 'text', 'text': ...}}, got {type(part).__name__}")
+                if part.get("type", "text") != "text":
+                    raise ValueError(f"messages[{i}]['content'][{j}]: only 'text' parts are "
+                                     f"supported, got type {part.get('type')!r}")
+                if not isinstance(part.get("text"), str):
+                    raise ValueError(f"messages[{i}]['content'][{j}]['text'] must be a string, "
+                                     f"got {part.get('text')!r}")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        elif content is not None and not isinstance(content, str):
+            raise ValueError(f"messages[{i}]['content'] must be a string or a list of text "
+                             f"parts, got {type(content).__name__}")
+        if content is None and "tool_calls" not in m and role != "assistant":
+            raise ValueError(f"messages[{i}] has no 'content'")
+        out.append({**m, "content": content})
+    return out
 
 
-def render_chat(tokenizer, messages, add_generation_prompt: bool = True) -> str:
-    """The conversation as the model's chat template writes it (transformers'
-    apply_chat_template(messages, tokenize=False, add_generation_prompt=...))."""
-    import jinja2
-    messages = _check_messages(messages)
+@lru_cache(maxsize=8)
+def _special_pattern(tokenizer):
+    """A regex matching any control-token text of the tokenizer (None if it has none)."""
+    names = set(tokenizer.special_tokens) | set(_markers(tokenizer))
+    names = sorted((n for n in names if n), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, names))) if names else None
+
+
+def _markers(tokenizer) -> dict:
+    """BOS/EOS texts a template writes but the tokenizer does not match by itself (llama2.c's
+    tokenizer.bin): text -> id, matched in the template's markup only."""
+    specials = tokenizer.special_tokens
+    return {t: i for t, i in ((_token_text(tokenizer, tokenizer.bos_id), tokenizer.bos_id),
+                              (_token_text(tokenizer, tokenizer.eos_id), tokenizer.eos_id))
+            if t and t not in specials}
+
+
+def _check_plain(tokenizer, value, where: str) -> None:
+    """Strings outside message contents (roles, names, tools, template variables) reach the
+    markup: refuse control-token text there."""
+    pattern = _special_pattern(tokenizer)
+    if pattern is None:
+        return
+    if isinstance(value, str):
+        m = pattern.search(value)
+        if m:
+            raise ValueError(f"{where} contains the control-token text {m.group()!r}")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(tokenizer, k, f"{where} key")
+            _check_plain(tokenizer, v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for j, v in enumerate(value):
+            _check_plain(tokenizer, v, f"{where}[{j}]")
+
+# ------------------------------------------------------------------------------------------
+# rendering and encoding
+
+
+def _template_context(tokenizer, add_generation_prompt, tools, template_kwargs) -> dict:
+    kwargs = dict(template_kwargs or {})
+    reserved = set(kwargs) & set(RESERVED_TEMPLATE_VARS)
+    if reserved:
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}")
+    if tools is not None and (isinstance(tools, (str, bytes, dict)) or not hasattr(tools, "__iter__")):
+        raise ValueError(f"tools must be a list of tool definitions, got {type(tools).__name__}")
     tokens = {name: _token_text(tokenizer, token_id)
               for name, token_id in (("bos_token", tokenizer.bos_id),
                                      ("eos_token", tokenizer.eos_id))}
-    tokens = {name: text for name, text in tokens.items() if text is not None}
+    ctx = {name: text for name, text in tokens.items() if text is not None}
+    ctx.update(kwargs)
+    ctx.update(tools=list(tools) if tools is not None else None, documents=None,
+               add_generation_prompt=bool(add_generation_prompt))
+    return ctx
+
+
+def _render(tokenizer, messages, ctx) -> str:
+    import jinja2
     try:
-        return _compile(chat_template(tokenizer)).render(
-            messages=messages, tools=None, documents=None,
-            add_generation_prompt=add_generation_prompt, **tokens)
+        return _compile(chat_template(tokenizer)).render(messages=messages, **ctx)
     except jinja2.TemplateError as exc:
         raise ChatTemplateError(f"the chat template refused the conversation: {exc}") from None
 
 
-def encode_chat(tokenizer, text: str) -> list:
-    """Token ids of a rendered conversation.
+def render_chat(tokenizer, messages, add_generation_prompt: bool = True, tools=None,
+                template_kwargs: dict | None = None) -> str:
+    """The conversation as the model's chat template writes it (transformers'
+    apply_chat_template(messages, tokenize=False, add_generation_prompt=..., tools=...,
+    **template_kwargs))."""
+    messages = normalize_messages(messages)
+    return _render(tokenizer, messages,
+                   _template_context(tokenizer, add_generation_prompt, tools, template_kwargs))
 
-    Like apply_chat_template(tokenize=True), special tokens the template wrote are not added
-    again; the model's BOS is added only when the text does not start with it. BOS/EOS texts
-    that the tokenizer does not parse itself (llama2.c's tokenizer.bin) become their ids.
+
+def _align(text: str, pieces: list, contents: list):
+    """Split `text` (the real rendering) along `pieces` of the placeholder rendering:
+    markup strings at even places, content indices at odd ones. A content may appear as the
+    template changed it (stripped); the first consistent reading wins (depth-first search).
+    Returns [(text, is_markup), ...] or None."""
+    stack = [(0, 0, None)]       # (piece index, position in text, path as a linked list)
+    while stack:
+        j, pos, path = stack.pop()
+        if j == len(pieces):
+            if pos == len(text):
+                segments = []
+                while path is not None:
+                    segments.append(path[0])
+                    path = path[1]
+                return segments[::-1]
+            continue
+        if j % 2 == 0:
+            markup = pieces[j]
+            if text.startswith(markup, pos):
+                stack.append((j + 1, pos + len(markup), ((markup, True), path)))
+            continue
+        c = contents[pieces[j]]
+        for cand in reversed(list(dict.fromkeys((c, c.strip(), c.lstrip(), c.rstrip())))):
+            if text.startswith(cand, pos):
+                stack.append((j + 1, pos + len(cand), ((cand, False), path)))
+    return None
+
+
+def chat_prompt_ids(tokenizer, messages, add_generation_prompt: bool = True, tools=None,
+                    template_kwargs: dict | None = None) -> list:
+    """Token ids of a conversation, with no control token coming from message content.
+
+    The template is rendered twice: with the real contents (the text transformers would
+    produce) and with a unique placeholder per content; the placeholder rendering tells which
+    spans of the real text are the template's markup. The whole text is then encoded in one
+    piece (so it tokenizes as transformers tokenizes it) with control-token text matched only
+    inside markup. BOS is added only when the template did not write it. If the spans cannot
+    be told apart (a template that rewrites contents), the text is encoded as a whole when no
+    content holds control-token text, else ChatTemplateError. Control-token text in roles,
+    tools or template variables raises ValueError.
     """
+    messages = normalize_messages(messages)
+    ctx = _template_context(tokenizer, add_generation_prompt, tools, template_kwargs)
+    for i, m in enumerate(messages):
+        _check_plain(tokenizer, {k: v for k, v in m.items() if k != "content"}, f"messages[{i}]")
+    _check_plain(tokenizer, tools, "tools")
+    _check_plain(tokenizer, template_kwargs, "chat_template_kwargs")
+    text = _render(tokenizer, messages, ctx)
+    nonce = secrets.token_hex(8)
+    contents, masked = [], []
+    for m in messages:
+        if isinstance(m["content"], str):
+            masked.append({**m, "content": f"\x00{nonce}:{len(contents)}\x00"})
+            contents.append(m["content"])
+        else:
+            masked.append(m)
+    pieces = re.split(f"\x00{nonce}:(\\d+)\x00", _render(tokenizer, masked, ctx))
+    pieces = [p if j % 2 == 0 else int(p) for j, p in enumerate(pieces)]
+    segments = _align(text, pieces, contents)
+    if segments is None:
+        pattern = _special_pattern(tokenizer)
+        if pattern is not None and any(pattern.search(c) for c in contents):
+            raise ChatTemplateError(
+                "the chat template changes message contents in a way that hides where they "
+                "are, and a message holds control-token text; refusing to encode it")
+        segments = [(text, True)]
+    return encode_segments(tokenizer, segments)
+
+
+def encode_segments(tokenizer, segments) -> list:
+    """Ids of the rendered chat text given as (text, is_markup) segments (see
+    chat_prompt_ids): control-token text matched only in markup, BOS added unless the text
+    starts with it (as apply_chat_template(tokenize=True) does)."""
     bos_text = _token_text(tokenizer, tokenizer.bos_id)
-    ids = []
-    if not (bos_text and text.startswith(bos_text)) and tokenizer.add_bos \
-            and tokenizer.bos_id is not None:
-        ids.append(tokenizer.bos_id)
-    specials = tokenizer.special_tokens
-    markers = {t: i for t, i in ((bos_text, tokenizer.bos_id),
-                                 (_token_text(tokenizer, tokenizer.eos_id), tokenizer.eos_id))
-               if t and t not in specials}
-    start = 0
-    if markers:
-        pattern = re.compile("|".join(map(re.escape, sorted(markers, key=len, reverse=True))))
-        for m in pattern.finditer(text):
-            if m.start() > start:
-                ids += tokenizer.encode(text[start:m.start()], bos=False)
-            ids.append(markers[m.group()])
-            start = m.end()
-    if start < len(text):
-        ids += tokenizer.encode(text[start:], bos=False)
-    return ids
+    text = "".join(t for t, _ in segments)
+    add_bos = not (bos_text and text.startswith(bos_text)) and tokenizer.add_bos \
+        and tokenizer.bos_id is not None
+    markers = _markers(tokenizer)
+    specials = {**tokenizer.special_tokens, **markers} if markers else None
+    return tokenizer.encode_chunks(segments, bos=add_bos, specials=specials)
 
 
-def chat_prompt_ids(tokenizer, messages, add_generation_prompt: bool = True) -> list:
-    """render_chat then encode_chat."""
-    return encode_chat(tokenizer, render_chat(tokenizer, messages, add_generation_prompt))
+def encode_chat(tokenizer, text: str) -> list:
+    """Ids of a rendered conversation taken wholly as template markup (control-token text
+    anywhere in it becomes control tokens). Prefer chat_prompt_ids, which keeps message
+    contents plain."""
+    return encode_segments(tokenizer, [(text, True)])
 
 
 def chat_stop_ids(tokenizer) -> tuple:
@@ -182,162 +333,119 @@ def chat_stop_ids(tokenizer) -> tuple:
     return tuple(sorted(ids))
 
 
-def _tokenizer(model):
+def require_tokenizer(model):
     if model.tokenizer is None:
         raise TokenizerError("chat needs a tokenizer: load the model with tokenizer=PATH")
     return model.tokenizer
 
 # ------------------------------------------------------------------------------------------
-# one-shot chat
-
-
-def chat(model, messages, stream: bool = False, **sampling):
-    """Model.chat: answer the last message of `messages` (see Model.generate for sampling)."""
-    tokenizer = _tokenizer(model)
-    ids = chat_prompt_ids(tokenizer, messages)
-    return model.generate(ids, stream=stream, stop_token_ids=chat_stop_ids(tokenizer), **sampling)
-
-# ------------------------------------------------------------------------------------------
 # multi-turn sessions
 
 
-def _common_prefix(a: list, b: list) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _sampler(vocab_size, temperature, top_p, top_k, seed):
-    """A validated engine sampler (seed None: a random one)."""
-    if seed is None:
-        seed = int.from_bytes(os.urandom(8), "little")
-    return _engine.Sampler(vocab_size, _number("temperature", temperature),
-                           _number("top_p", top_p, maximum=1.0),
-                           _number("top_k", top_k, integer=True),
-                           _number("seed", seed, integer=True, maximum=2**64 - 1))
-
-
 class ChatSession:
-    """A conversation that keeps its KV cache between turns.
+    """A conversation that keeps its KV cache between turns (Model.new_chat()).
 
-    Each send() renders the whole conversation with the chat template but prefills only the
-    tokens the cache does not hold yet: the ids already fed are compared with the new
-    rendering, and only from the first difference on (normally: the end of the last reply)
-    is anything run again.
+    Each send() renders the whole conversation with the chat template but runs only the
+    tokens the cache does not hold yet: normally the end of the last reply and the new turn.
+    Its own options (the defaults of send()) are generate()'s; `seed` seeds the session's RNG
+    stream, which every turn continues (a send(seed=...) uses its own).
 
     history: the messages so far (the system message first, if any).
     n_tokens: positions of the KV cache in use.
-    last_result: a GenerationResult for the last turn; its stats hold `prefilled` (tokens run
-        through the model before sampling) and `reused` (cached positions kept).
+    last_result: the GenerationResult of the last turn (usage.cached_tokens: positions kept).
     """
 
-    def __init__(self, model, system: str | None = None, **sampling):
-        unknown = set(sampling) - set(SAMPLING_DEFAULTS)
-        if unknown:
-            raise TypeError(f"unknown sampling arguments: {', '.join(sorted(unknown))}")
+    def __init__(self, model, system: str | None = None, context_length: int | None = None,
+                 tools=None, **options):
+        GenerationOptions.make(model.vocab_size, **options)        # fail early
         self.model = model
         self.system = system
-        self.sampling = {**SAMPLING_DEFAULTS, **sampling}
-        self._tokenizer = _tokenizer(model)
+        self.tools = tools
+        self.options = dict(options)
+        seed = self.options.pop("seed", None)
+        self._tokenizer = require_tokenizer(model)
         self._stop = chat_stop_ids(self._tokenizer)
-        self._session = _engine.Session(model._engine, model.context_length, PREFILL_CHUNK,
-                                        model.n_threads)
+        self.session = model.new_session(context_length=context_length, seed=seed)
         self.reset()
 
     def reset(self) -> None:
         """Forget the conversation (the system message stays)."""
         self.history = [{"role": "system", "content": self.system}] if self.system else []
-        self._cached = []        # ids whose K/V the cache holds, at positions 0..n-1
+        self.session.reset()
         self.last_result = None
 
     @property
     def n_tokens(self) -> int:
-        return len(self._cached)
+        return self.session.n_cached
 
-    def send(self, user_text: str, stream: bool = False, max_new_tokens=None, temperature=None,
-             top_p=None, top_k=None, seed=None):
-        """Add a user message and generate the reply (arguments left None take the session's
-        values). Returns the reply text, or with stream=True an iterator of its pieces; the
-        reply joins the history when it is complete (or when the iterator is closed early)."""
-        if not isinstance(user_text, str):
-            raise TypeError(f"send() expects str, got {type(user_text).__name__}")
-        given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                     top_k=top_k, seed=seed)
-        opts = {**self.sampling, **{k: v for k, v in given.items() if v is not None}}
-        max_new = _number("max_new_tokens", opts.pop("max_new_tokens"), integer=True)
-        sampler = _sampler(self.model.vocab_size, **opts)
-        user = {"role": "user", "content": user_text}
-        ids = chat_prompt_ids(self._tokenizer, self.history + [user])
-        if len(ids) > self._session.context:
+    @property
+    def context_length(self) -> int:
+        return self.session.context_length
+
+    def send(self, content, stream: bool = False, cancel=None, **options):
+        """Add a user message (a string or a list of text parts) and generate the reply.
+        Options override the session's for this turn. Returns the reply text, or with
+        stream=True an iterator of its pieces; the reply joins the history when it is
+        complete (or when the iterator is closed early)."""
+        user = normalize_messages([{"role": "user", "content": content}])[0]
+        opts = GenerationOptions.make(self.model.vocab_size,
+                                      **{**self.options, **options, "cancel": cancel})
+        ids = chat_prompt_ids(self._tokenizer, self.history + [user], tools=self.tools)
+        context = self.session.context_length
+        if len(ids) > context:
             raise ContextLengthError(
-                f"the conversation has {len(ids)} tokens but the context holds "
-                f"{self._session.context}: reset() the chat or load the model with a larger "
-                f"context_length")
-        # keep the cached prefix the new rendering shares; at least one token must be run
-        # to get logits to sample from
-        keep = min(_common_prefix(self._cached, ids), len(ids) - 1)
-        pieces = self._turn(user, ids, keep, max_new, sampler)
+                f"the conversation has {len(ids)} tokens but the context holds {context}: "
+                f"reset() the chat or load the model with a larger context_length")
+        self.session.set_context(ids)
+        run = Generation(self.model, self.session, opts, stop_token_ids=self._stop,
+                         session_rng=True)
+        pieces = self._turn(user, run)
         return pieces if stream else "".join(pieces)
 
-    def _turn(self, user, ids, keep, max_new, sampler):
-        """Prefill ids[keep:] at position keep, then yield reply pieces; record the turn."""
-        t0 = time.perf_counter()
-        first = None
-        reply = []
-        decoder = self._tokenizer.decode_stream()
-        self._session.n_threads = self.model.n_threads
+    def _turn(self, user, run):
         try:
-            for tok in self._tokens(ids, keep, max_new, sampler):
-                if first is None:
-                    first = time.perf_counter() - t0
-                reply.append(tok)
-                if tok not in self._stop:
-                    piece = decoder.push(tok)
-                    if piece:
-                        yield piece
-            tail = decoder.flush()
-            if tail:
-                yield tail
+            for chunk in run.stream():
+                if chunk.text:
+                    yield chunk.text
         finally:
-            self._record(user, reply, ids, keep, first or 0.0, time.perf_counter() - t0)
-
-    def _tokens(self, ids, keep, max_new, sampler):
-        """Sampled ids, one engine call each; self._cached tracks what the cache holds (the
-        last sampled id is never fed: the next turn's rendering feeds it)."""
-        del self._cached[keep:]
-        feed = ids[keep:]
-        stop = np.asarray(self._stop, dtype=np.int32)
-        for _ in range(max_new):
-            if len(self._cached) + len(feed) > self._session.context:
-                break
-            tok = int(self._session.generate(np.asarray(feed, dtype=np.int32),
-                                              len(self._cached), 1, sampler, stop)[0])
-            self._cached += feed
-            feed = [tok]
-            yield tok
-            if tok in self._stop:
-                break
-
-    def _record(self, user, reply, ids, keep, prompt_seconds, seconds):
-        text_ids = reply[:-1] if reply and reply[-1] in self._stop else reply
-        text = self._tokenizer.decode(text_ids)
-        self.history += [user, {"role": "assistant", "content": text}]
-        reason = "stop" if len(text_ids) < len(reply) else "length"
-        self.last_result = GenerationResult(
-            text, reply, list(ids), reason, prompt_seconds=prompt_seconds,
-            generate_seconds=seconds, stats={"prefilled": len(ids) - keep, "reused": keep})
+            result = run.make_result()
+            if result.token_ids or result.finish_reason != "cancelled":
+                self.history += [user, {"role": "assistant", "content": result.text}]
+            self.last_result = result          # (a turn cancelled before any token is not kept)
 
 # ------------------------------------------------------------------------------------------
 # interactive loop
 
 
-def run_chat_cli(model, system: str | None = None, **sampling) -> None:
+@contextlib.contextmanager
+def sigint_cancels(token: CancelToken):
+    """While active, a first Ctrl-C sets `token` (the generation stops cleanly); a second one
+    raises KeyboardInterrupt. A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if token.is_set():
+            raise KeyboardInterrupt
+        token.cancel()
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def run_chat_cli(model, system: str | None = None, first: str | None = None,
+                 context_length: int | None = None, **options) -> None:
     """Chat on the terminal: read lines after "> " until EOF or /exit (/reset starts over),
-    stream each reply to stdout and its speed to stderr. Works with piped stdin too."""
-    session = ChatSession(model, system=system, **sampling)
+    stream each reply to stdout and its statistics to stderr; `first` is sent before reading.
+    Ctrl-C during a reply stops it (what was said so far stays); at the prompt it exits.
+    Works with piped stdin too."""
+    session = ChatSession(model, system=system, context_length=context_length, **options)
+    if first:
+        _reply(session, first)
     while True:
         try:
             line = input("> ")
@@ -356,23 +464,26 @@ def run_chat_cli(model, system: str | None = None, **sampling) -> None:
 
 
 def _reply(session: ChatSession, text: str) -> None:
-    """Stream one reply; Ctrl-C stops it (what was said so far stays in the history)."""
+    """Stream one reply; Ctrl-C stops it and the statistics so far are printed."""
+    token = CancelToken()
     try:
-        pieces = session.send(text, stream=True)
-        try:
-            for piece in pieces:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        finally:
-            pieces.close()
-    except KeyboardInterrupt:
-        pass
+        with sigint_cancels(token):
+            pieces = session.send(text, stream=True, cancel=token)
+            try:
+                for piece in pieces:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            finally:
+                pieces.close()
     except ContextLengthError as exc:
         print(f"error: {exc} (type /reset)", file=sys.stderr)
         return
     print()
     r = session.last_result
     if r is not None:
-        print(f"[{len(r.token_ids)} tokens, {r.tokens_per_second:.1f} tok/s; prompt "
-              f"{r.stats['prefilled']} new tokens in {r.prompt_seconds:.2f}s, "
-              f"context {session.n_tokens}/{session.model.context_length}]", file=sys.stderr)
+        u = r.usage
+        note = " (stopped)" if r.finish_reason == "cancelled" else ""
+        print(f"[{u.completion_tokens} tokens{note}, {u.decode_tokens_per_second:.1f} tok/s; "
+              f"prompt {u.prompt_tokens - u.cached_tokens} new tokens ({u.cached_tokens} cached) "
+              f"in {u.prefill_seconds:.2f}s, context {session.n_tokens}/"
+              f"{session.context_length}]", file=sys.stderr)

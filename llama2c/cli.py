@@ -1,7 +1,7 @@
 """The `llama2c` command line (also `python -m llama2c`).
 
-    llama2c run model.bin -z tokenizer.bin -i "Once upon a time" -n 256   generate, like llama2.c's run
-    llama2c chat [MODEL] --system "You are terse."                      interactive chat
+    llama2c run [MODEL] -i "Once upon a time" -n 256 --stop "."          generate, like llama2.c's run
+    llama2c chat [MODEL] -y "You are terse."                             interactive chat
     llama2c pull [NAME]                                                  download a model
     llama2c quantize IN OUT [--group-size N]                             -> llama2.c v2 int8 file
     llama2c convert IN OUT --dtype fp32|int8 [--format v1|v2|hf]         between formats
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import math
 import os
@@ -70,6 +69,8 @@ def _ranged(convert, what: str, lo=None, hi=None, note: str = ""):
 
 TEMPERATURE = _ranged(float, "a number", 0.0, note=" (0 is greedy decoding)")
 TOP_P = _ranged(float, "a number", 0.0, 1.0)
+PENALTY = _ranged(float, "a number", -2.0, 2.0)
+REPEAT_PENALTY = _ranged(float, "a number", 1e-6, note=" (1 is off)")
 COUNT = _ranged(int, "an integer", 0)
 POSITIVE = _ranged(int, "an integer", 1)
 SEED = _ranged(int, "an integer", 0, 2**64 - 1)
@@ -105,21 +106,35 @@ def _add_load_options(p, tokenizer: bool = True) -> None:
                         "(llama2.c runq.c's: faster prefill, coarser)")
 
 
-def _add_sampling(p, defaults: bool) -> None:
-    """Sampling flags: run.c's defaults, or (chat) none, leaving unset ones to the callee."""
-    def default(value, text):
-        return (value, f" (default {text})") if defaults else (None, "")
-    value, note = default(1.0, "1.0")
-    p.add_argument("-t", "--temperature", type=TEMPERATURE, default=value, metavar="TEMP",
-                   help="sampling temperature, 0 = greedy" + note)
-    value, note = default(0.9, "0.9")
-    p.add_argument("-p", "--top-p", type=TOP_P, default=value, metavar="TOPP",
-                   help="nucleus sampling threshold in [0, 1], 1 = off" + note)
-    value, note = default(0, "0")
-    p.add_argument("-k", "--top-k", type=COUNT, default=value, metavar="TOPK",
-                   help="sample from the K most likely tokens only, 0 = off" + note)
+def _add_generation(p) -> None:
+    """Generation flags shared by run and chat (same meaning and defaults in both)."""
+    p.add_argument("-t", "--temperature", type=TEMPERATURE, default=1.0, metavar="TEMP",
+                   help="sampling temperature, 0 = greedy (default 1.0)")
+    p.add_argument("-p", "--top-p", type=TOP_P, default=0.9, metavar="TOPP",
+                   help="nucleus sampling threshold in [0, 1], 1 = off (default 0.9)")
+    p.add_argument("-k", "--top-k", type=COUNT, default=0, metavar="TOPK",
+                   help="sample from the K most likely tokens only, 0 = off (default 0)")
+    p.add_argument("--min-p", type=TOP_P, default=0.0, metavar="P",
+                   help="drop tokens less likely than P x the most likely one, 0 = off "
+                        "(default 0)")
+    p.add_argument("--repeat-penalty", type=REPEAT_PENALTY, default=1.0, metavar="R",
+                   help="divide the positive logits (multiply the negative ones) of tokens "
+                        "seen in the last --repeat-last-n tokens, 1 = off (default 1.0)")
+    p.add_argument("--presence-penalty", type=PENALTY, default=0.0, metavar="P",
+                   help="subtract P from the logits of tokens seen (default 0)")
+    p.add_argument("--frequency-penalty", type=PENALTY, default=0.0, metavar="F",
+                   help="subtract F x count from the logits of tokens seen (default 0)")
+    p.add_argument("--repeat-last-n", type=COUNT, default=64, metavar="N",
+                   help="tokens (prompt included) the penalties look back over (default 64)")
     p.add_argument("-s", "--seed", type=SEED, metavar="SEED",
-                   help="random seed (default: time-based)")
+                   help="random seed (default: random)")
+    p.add_argument("-n", "--max-new-tokens", type=COUNT, default=256, metavar="N",
+                   help="most tokens to generate (per reply in chat); 0 = until the context "
+                        "is full (default 256)")
+    p.add_argument("--stop", action="append", default=None, metavar="STR",
+                   help="stop before this text (repeatable)")
+    p.add_argument("--context", type=POSITIVE, dest="context_length", metavar="N",
+                   help="positions of the KV cache (default: the model's context length)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,26 +146,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="generate text from a prompt (llama2.c's run)",
                        description="Generate text from a prompt, streaming it to stdout; speed "
-                                   "statistics go to stderr. Flags follow llama2.c's run.")
+                                   "statistics go to stderr. Flags follow llama2.c's run "
+                                   "(-m chat: chat, as `llama2c chat`). Ctrl-C stops the "
+                                   "generation and prints the statistics so far.")
     _add_model(p, optional=True)
     p.add_argument("-i", "--prompt", metavar="PROMPT",
-                   help="input prompt (with --ids: space-separated token ids)")
-    _add_sampling(p, defaults=True)
-    p.add_argument("-n", "--steps", type=COUNT, default=256, metavar="STEPS",
-                   help="total positions, prompt included, as in run.c; 0 = the context length "
-                        "(default 256)")
+                   help="input prompt (with --ids: space-separated token ids; -m chat: the "
+                        "first user message)")
+    p.add_argument("-f", "--file", metavar="FILE", help="read the prompt from a UTF-8 text file")
+    _add_generation(p)
+    p.add_argument("-m", "--mode", choices=("generate", "chat"), default="generate",
+                   help="generate (default) or chat, as llama2.c's run")
+    p.add_argument("-y", "--system", metavar="SYSTEM", help="system prompt (chat mode)")
     p.add_argument("--ids", action="store_true",
                    help="the prompt is token ids; without a tokenizer the output is ids too")
+    p.add_argument("--special", action="store_true",
+                   help="parse control-token text in the prompt (e.g. <|im_start|>) as control "
+                        "tokens; by default it is plain text")
     _add_load_options(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("chat", help="chat interactively with an instruction-tuned model",
-                       description="Chat with a model that has a chat template.")
+                       description="Chat with a model that has a chat template; the KV cache "
+                                   "is kept between turns. /reset starts over, /exit quits; "
+                                   "Ctrl-C stops a reply.")
     _add_model(p, optional=True)
-    p.add_argument("--system", metavar="TEXT", help="system prompt")
-    _add_sampling(p, defaults=False)
-    p.add_argument("-n", "--max-new-tokens", type=POSITIVE, metavar="N",
-                   help="longest reply in tokens")
+    p.add_argument("-y", "--system", metavar="SYSTEM", help="system prompt")
+    p.add_argument("-i", "--prompt", metavar="PROMPT", help="first user message")
+    p.add_argument("-f", "--file", metavar="FILE", help="read the first user message from a file")
+    _add_generation(p)
     _add_load_options(p)
     p.set_defaults(func=cmd_chat)
 
@@ -231,9 +255,11 @@ def _note(message: str) -> None:
 
 
 def _model_path(args) -> str:
-    """MODEL, or the default model (downloaded on first use)."""
+    """MODEL (a path or a registry name such as smollm2), or the default model (downloaded
+    on first use)."""
     if args.model is not None:
-        return args.model
+        from .model import resolve_model_path
+        return resolve_model_path(args.model)
     from .hub import default_model_path
     return str(default_model_path(pull=True))
 
@@ -244,7 +270,8 @@ def _load(args, path: str, dtype: str | None = None):
     return Model.load(path, tokenizer=getattr(args, "tokenizer", None),
                       dtype=dtype or getattr(args, "dtype", None),
                       n_threads=getattr(args, "threads", None), simd=getattr(args, "simd", None),
-                      act_bits=getattr(args, "act_bits", 16))
+                      act_bits=getattr(args, "act_bits", 16),
+                      context_length=getattr(args, "context_length", None))
 
 
 def _size(nbytes: float) -> str:
@@ -273,39 +300,38 @@ def _parse_ids(text: str) -> list:
     return ids
 
 
-def _prompt_ids(model, args) -> list:
+def _prompt_text(args):
+    """-i PROMPT or the contents of -f FILE (not both), or None."""
+    if args.file is not None:
+        if args.prompt is not None:
+            raise UsageError("argument -f/--file: not allowed with -i/--prompt")
+        return _read_text(args.file)
+    return args.prompt
+
+
+def _prompt_ids(model, args, text) -> list:
     """The prompt as token ids: --ids, text through the tokenizer, or just BOS."""
     tok = model.tokenizer
-    if args.ids and args.prompt is not None:
-        return _parse_ids(args.prompt)
+    if args.ids and text is not None:
+        return _parse_ids(text)
     if tok is None:
-        if args.prompt:
+        if text:
             raise UsageError("argument -i/--prompt: the model has no tokenizer; give one with "
                              "-z TOKENIZER, or pass token ids with --ids")
         return [LLAMA2C_BOS_ID]
-    ids = list(tok.encode(args.prompt or "", bos=True))
+    ids = list(tok.encode(text or "", bos=True, special=args.special))
     if not ids and tok.bos_id is None:
         raise UsageError("argument -i/--prompt: this model needs a prompt (its tokenizer adds no BOS)")
     return ids or [int(tok.bos_id)]
 
 
-def _max_new_tokens(steps: int, n_prompt: int, context: int) -> int:
-    """run.c's budget: `steps` positions in all (0 or too many = the context), the prompt's
-    among them, each position after the prompt's first producing one token."""
-    if steps == 0 or steps > context:
-        steps = context
-    return max(steps - n_prompt + 1, 0)
-
-
-def _token_stream(model, ids, args):
-    """Generated token ids, one at a time: model.generate(stream=True) on a tokenizer-less
-    view of the model (sharing its engine and weights), so each item is exactly one token."""
-    view = copy.copy(model)
-    view.tokenizer = None
-    seed = args.seed if args.seed is not None else time.time_ns() % 2**64
-    return view.generate(ids, max_new_tokens=_max_new_tokens(args.steps, len(ids), model.context_length),
-                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                         seed=seed, stream=True, stop_token_ids=model.stop_ids())
+def generation_options(args, context_length: int) -> dict:
+    """Model.generate options from the flags of run/chat."""
+    return dict(max_new_tokens=args.max_new_tokens or context_length,
+                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                min_p=args.min_p, repetition_penalty=args.repeat_penalty,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                penalty_last_n=args.repeat_last_n, seed=args.seed, stop=args.stop)
 
 
 def _write(text: str) -> None:
@@ -315,47 +341,57 @@ def _write(text: str) -> None:
 
 
 def cmd_run(args) -> int:
-    """Generate from a prompt like run.c: prompt then continuation on stdout, speed on stderr."""
+    """Generate from a prompt like run.c: prompt then continuation on stdout, speed on stderr;
+    -m chat runs the chat loop instead."""
+    if args.mode == "chat":
+        return cmd_chat(args)
+    if args.system is not None:
+        raise UsageError("argument -y/--system: only with -m chat")
+    from .chat import sigint_cancels
+    from .generation import CancelToken
+    text = _prompt_text(args)
     model = _load(args, _model_path(args))
-    ids = _prompt_ids(model, args)
+    ids = _prompt_ids(model, args, text)
     tok = model.tokenizer
-    decoder = tok.decode_stream() if tok is not None else None
-    stream = _token_stream(model, ids, args)
-    if decoder is None:
+    if tok is None:
         _write(" ".join(map(str, ids)))
     else:
-        _write(args.prompt if args.prompt is not None and not args.ids else tok.decode(ids))
-    t0 = time.perf_counter()
-    t_first, n = t0, 0
-    for token in stream:
-        if n == 0:
-            t_first = time.perf_counter()
-        n += 1
-        _write(f" {token}" if decoder is None else decoder.push(token))
-    t_end = time.perf_counter()
-    _write(("" if decoder is None else decoder.flush()) + "\n")
-    _report_speed(len(ids), n, t_first - t0, t_end - t_first)
-    return 0
+        _write(text if text is not None and not args.ids else tok.decode(ids))
+    token = CancelToken()
+    with sigint_cancels(token):
+        stream = model.generate(ids, stream=True, cancel=token,
+                                **generation_options(args, model.context_length))
+        try:
+            for chunk in stream:
+                _write("".join(f" {t}" for t in chunk.token_ids) if tok is None else chunk.text)
+        finally:
+            stream.close()
+    _write("\n")
+    _report_speed(stream.usage, stream.finish_reason)
+    return 130 if stream.finish_reason == "cancelled" and token.is_set() else 0
 
 
-def _report_speed(n_prompt: int, n_new: int, first_seconds: float, decode_seconds: float) -> None:
-    """run.c's `achieved tok/s` (decode, after the first token) and the prompt's statistics."""
-    if n_new:
-        _note(f"prompt: {n_prompt} tokens, first token after {first_seconds * 1000:.1f} ms "
-              f"({n_prompt / first_seconds:.1f} tok/s prefill)")
-    rate = (n_new - 1) / decode_seconds if n_new > 1 and decode_seconds > 0 else 0.0
-    print(f"achieved tok/s: {rate:.2f} ({n_new} tokens generated)", file=sys.stderr)
+def _report_speed(usage, finish_reason) -> None:
+    """run.c's `achieved tok/s` (decode) and the prompt's statistics, on stderr."""
+    if usage.completion_tokens:
+        _note(f"prompt: {usage.prompt_tokens} tokens ({usage.cached_tokens} cached), first token "
+              f"after {usage.prefill_seconds * 1000:.1f} ms "
+              f"({usage.prefill_tokens_per_second:.1f} tok/s prefill)")
+    stopped = ", stopped" if finish_reason == "cancelled" else ""
+    print(f"achieved tok/s: {usage.decode_tokens_per_second:.2f} ({usage.completion_tokens} "
+          f"tokens generated{stopped})", file=sys.stderr)
 
 
 # ---- chat, pull --------------------------------------------------------------------------------
 
 def cmd_chat(args) -> int:
-    """Interactive chat (llama2c.chat.run_chat_cli); only the sampling flags given are passed."""
-    from .chat import run_chat_cli
+    """Interactive chat (llama2c.chat.run_chat_cli) with the generation flags."""
+    from . import chat
+    first = _prompt_text(args)
     model = _load(args, _model_path(args))
-    sampling = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "seed", "max_new_tokens")
-                if getattr(args, k) is not None}
-    return run_chat_cli(model, system=args.system, **sampling) or 0
+    chat.run_chat_cli(model, system=args.system, first=first,
+                      **generation_options(args, model.context_length))
+    return 0
 
 
 def cmd_pull(args) -> int:
@@ -642,7 +678,7 @@ def cmd_info(args) -> int:
     print(f"format: {meta.get('format', 'unknown')}")
     print(f"dtype: {model.dtype}" + (f" (group size {meta['group_size']})" if model.dtype == "int8"
                                      and meta.get("group_size") else ""))
-    print(f"tensors: {len(model.weights)}")
+    print(f"tensors: {len(model.manifest)}")
     print(f"weight bytes/token: {model.weight_bytes()} ({_size(model.weight_bytes())})")
     print("config:")
     for key, value in model.config.to_dict().items():

@@ -1,22 +1,20 @@
-"""The user-facing model: load a checkpoint, compute logits, generate text.
+"""The user-facing model: load a checkpoint, compute logits and scores, generate text.
 
-    model = Model.load("stories15M.bin", tokenizer="tokenizer.bin")
+    model = Model.load("smollm2")                     # a registry name, a file or a directory
     result = model.generate("Once upon a time", max_new_tokens=100, temperature=0.8, seed=42)
-    print(result.text)
+    print(result.text, result.finish_reason, result.usage)
 
-The heavy lifting (prefill, the per-token loop, sampling) runs in C with the GIL released;
-this layer checks arguments, tokenizes, and keeps a small pool of per-call sessions so that
-several Python threads can generate from one model at the same time.
+The forward pass and the sampler run in C with the GIL released; the token loop, stop
+strings, log-probabilities, sessions and the prompt cache live in llama2c.generation, which
+every entry point here (generate, chat, new_session, load_state) calls. The weights are handed
+to the C engine, which packs them; the model keeps only a manifest of them (names, shapes,
+types, bytes). Several Python threads may generate from one model at once.
 """
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 import os
-import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,51 +23,47 @@ from . import _engine
 from ._threads import default_threads, in_forked_child
 from .config import Config
 from .errors import ContextLengthError, TokenizerError
+from .generation import (DEFAULT_PROMPT_CACHE_BYTES, PREFILL_CHUNK, Generation,
+                         GenerationOptions, GenerationResult, GenerationSession, PromptCache,
+                         ScoreResult, load_state, number, weights_fingerprint)
 from .weights import QTensor, validate_weights, widen_to_int8
 
-# Tokens per prefill chunk: the batched kernels read each weight once per chunk.
-PREFILL_CHUNK = 64
+__all__ = ["Model", "GenerationResult", "TensorInfo", "PREFILL_CHUNK"]
 
 
-@dataclass
-class GenerationResult:
-    """What generate() returns."""
-    text: str | None                 # decoded generated text (None without a tokenizer)
-    token_ids: list                  # generated ids (the stop token included when hit)
-    prompt_token_ids: list           # the prompt as fed to the model
-    finish_reason: str               # "stop" (a stop token) or "length" (budget or context)
-    prompt_seconds: float = 0.0      # prefill time (up to the first sampled token)
-    generate_seconds: float = 0.0    # time of the whole call
-    stats: dict = field(default_factory=dict)
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Decode speed: generated tokens per second after the prefill."""
-        n = len(self.token_ids)
-        t = self.generate_seconds - self.prompt_seconds
-        return n / t if t > 0 and n else 0.0
-
-    def __str__(self) -> str:
-        return self.text if self.text is not None else " ".join(map(str, self.token_ids))
+@dataclass(frozen=True)
+class TensorInfo:
+    """One weight tensor as loaded (the engine holds the data)."""
+    name: str
+    shape: tuple
+    dtype: str             # "fp32", "int8" or "q4" (4-bit values)
+    group_size: int        # values per scale (0 for fp32)
+    has_offset: bool       # per-group offsets (w = q * s + m)
+    nbytes: int            # bytes of values, scales and offsets
 
 
-def _number(name, value, *, integer=False, minimum=0.0, maximum=None):
-    """Validate a numeric sampling argument; raise ValueError naming it."""
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
-            integer and not isinstance(value, numbers.Integral)):
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        rng = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name} must be {rng}, got {value!r}")
-    return int(value) if integer else float(value)
+def _tensor_info(name, t) -> TensorInfo:
+    if isinstance(t, QTensor):
+        nbytes = t.q.nbytes + t.s.nbytes + (t.m.nbytes if t.m is not None else 0)
+        kind = "q4" if getattr(t, "bits", 8) == 4 else "int8"
+        return TensorInfo(name, tuple(t.q.shape), kind, int(t.group_size), t.m is not None, nbytes)
+    return TensorInfo(name, tuple(np.shape(t)), "fp32", 0, False, int(np.asarray(t).nbytes))
 
 
-def _weights_dtype(weights: dict) -> str:
-    kinds = {isinstance(t, QTensor) for t in weights.values() if np.ndim(getattr(t, "q", t)) == 2}
-    return "int8" if kinds == {True} else "fp32" if kinds == {False} else "mixed"
+def _manifest_dtype(manifest: dict) -> str:
+    kinds = {t.dtype for t in manifest.values() if len(t.shape) == 2}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def resolve_model_path(path) -> str:
+    """A model path, or a registry name (llama2c.hub.REGISTRY, e.g. "smollm2") resolved to its
+    cached file (downloaded on first use) when no such file or directory exists."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        from . import hub
+        if p in hub.REGISTRY:
+            return str(hub.pull(p))
+    return p
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,14 +109,15 @@ def _engine_weights(config: Config, weights: dict) -> dict:
 
 
 class Model:
-    """A loaded model: weights (read-only, shared by threads) + tokenizer + the C engine."""
+    """A loaded model: the C engine (weights packed, read-only, shared by threads), its
+    tokenizer, and a cache of recent sessions (prompt_cache)."""
 
     def __init__(self, config: Config, weights: dict, tokenizer=None, n_threads: int | None = None,
                  context_length: int | None = None, simd: str | None = None,
-                 metadata: dict | None = None, act_bits: int = 16):
+                 metadata: dict | None = None, act_bits: int = 16,
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES):
         validate_weights(config, weights)
         self.config = config
-        self.weights = weights
         self.metadata = dict(metadata or {})
         if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
             raise TokenizerError(
@@ -131,22 +126,28 @@ class Model:
         self.tokenizer = tokenizer
         if context_length is None:
             context_length = config.seq_len
-        self.context_length = _number("context_length", context_length, integer=True, minimum=1,
-                                      maximum=config.max_context)
+        self.context_length = number("context_length", context_length, integer=True, minimum=1,
+                                     maximum=config.max_context)
+        self.n_threads = default_threads() if n_threads is None else n_threads
         self._engine = _engine.Engine(config, _engine_weights(config, weights), simd,
                                       self.context_length, act_bits)
-        self.n_threads = default_threads() if n_threads is None else n_threads
-        self._pool = []
-        self._pool_lock = threading.Lock()
+        # what the model keeps of the weights: their description, not their arrays
+        self.manifest = {name: _tensor_info(name, t) for name, t in weights.items()}
+        self.fingerprint = weights_fingerprint(config, weights, {
+            "act_bits": act_bits, "manifest": [(t.name, t.dtype, t.group_size, t.has_offset)
+                                               for t in self.manifest.values()]})
+        self.prompt_cache = PromptCache(self, max_bytes=prompt_cache_bytes)
 
     # ---- construction ----------------------------------------------------------------------
 
     @classmethod
     def load(cls, path, tokenizer=None, dtype: str | None = None, n_threads: int | None = None,
              context_length: int | None = None, group_size: int | None = None,
-             simd: str | None = None, act_bits: int = 16) -> "Model":
-        """Load a model file: a llama2.c checkpoint (.bin v0/v1/v2), a GGUF file, or a Hugging
-        Face directory.
+             simd: str | None = None, act_bits: int = 16,
+             prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES) -> "Model":
+        """Load a model: a llama2.c checkpoint (.bin v0/v1/v2), a GGUF file, a Hugging Face
+        directory, or a registry name ("smollm2": downloaded once into the cache, see
+        llama2c.hub).
 
         tokenizer: a path (tokenizer.bin, tokenizer.json or a directory), a Tokenizer, or None
             to take the one the model file carries (GGUF, Hugging Face) or a tokenizer.bin
@@ -159,13 +160,14 @@ class Model:
         context_length: positions of the KV cache (default: the model's; beyond it only with
             dynamic NTK rope scaling, up to seq_len x factor).
         simd: kernel table ("auto", "generic", "avx2", "avx512"); default LLAMA2C_SIMD or auto.
-        act_bits: activations of the int8 matmuls: 16 (two int8 planes, the default: about as
-            accurate as the int8 weights allow) or 8 (llama2.c runq.c's scheme: faster prefill,
-            coarser).
+        act_bits: activations of the int8 matmuls: 16 (two int8 planes, the default) or 8.
+        prompt_cache_bytes: budget of the prompt cache (keys/values of recent prompts reused by
+            generate and chat); 0 turns it off. Also settable as model.prompt_cache.max_bytes.
         """
         from .loaders import load_any
         from .tokenizer import Tokenizer
 
+        path = resolve_model_path(path)
         # dtype/group_size mean the same for every format (llama2c/loaders/dtypes.py)
         config, weights, metadata = load_any(path, dtype=dtype, group_size=group_size)
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -173,7 +175,8 @@ class Model:
         elif tokenizer is None:
             tokenizer = _tokenizer_from_model(path, metadata, config.vocab_size)
         model = cls(config, weights, tokenizer, n_threads=n_threads, context_length=context_length,
-                    simd=simd, metadata=metadata, act_bits=act_bits)
+                    simd=simd, metadata=metadata, act_bits=act_bits,
+                    prompt_cache_bytes=prompt_cache_bytes)
         model.path = str(path)
         return model
 
@@ -186,12 +189,12 @@ class Model:
 
     @n_threads.setter
     def n_threads(self, n):
-        self._n_threads = _number("n_threads", n, integer=True, minimum=1)
+        self._n_threads = number("n_threads", n, integer=True, minimum=1)
 
     @property
     def dtype(self) -> str:
-        """'fp32', 'int8' or 'mixed': the element type of the weight matrices."""
-        return _weights_dtype(self.weights)
+        """'fp32', 'int8', 'q4' or 'mixed': the element type of the weight matrices."""
+        return _manifest_dtype(self.manifest)
 
     @property
     def simd(self) -> str:
@@ -208,49 +211,84 @@ class Model:
 
     def weight_bytes(self) -> int:
         """Bytes of weights read per decoded token (every matrix once, one embedding row)."""
-        def nbytes(t):
-            if isinstance(t, QTensor):
-                return t.q.nbytes + t.s.nbytes + (t.m.nbytes if t.m is not None else 0)
-            return t.nbytes
-
-        total = sum(nbytes(t) for name, t in self.weights.items() if name != "tok_embeddings")
+        total = sum(t.nbytes for name, t in self.manifest.items() if name != "tok_embeddings")
         if self.config.shared_classifier:
-            total += nbytes(self.weights["tok_embeddings"])
+            total += self.manifest["tok_embeddings"].nbytes
         return total
 
     # ---- sessions ----------------------------------------------------------------------------
 
-    def _checkout(self):
-        with self._pool_lock:
-            sess = self._pool.pop() if self._pool else None
-        if sess is None:
-            sess = _engine.Session(self._engine, self.context_length, PREFILL_CHUNK, self.n_threads)
-        sess.n_threads = self.n_threads
-        return sess
+    def _kv_bytes_per_token(self) -> int:
+        c = self.config
+        return 2 * c.n_layers * c.n_kv_heads * c.head_size * 4
 
-    def _checkin(self, sess) -> None:
-        with self._pool_lock:
-            if len(self._pool) < 2:
-                self._pool.append(sess)
+    def _engine_session(self, context: int):
+        """A C session (KV cache of `context` positions) of this model's engine."""
+        return _engine.Session(self._engine, context, PREFILL_CHUNK, self.n_threads)
 
-    # ---- logits --------------------------------------------------------------------------------
+    def new_session(self, context_length: int | None = None,
+                    seed: int | None = None) -> GenerationSession:
+        """A llama2c.generation.GenerationSession: a token sequence with its own KV cache and
+        RNG stream, continued by session.generate(prompt or None, **options); save_state()
+        and Model.load_state() carry it across processes. context_length: positions of its
+        cache (default and maximum: the model's)."""
+        ctx = self.context_length if context_length is None else number(
+            "context_length", context_length, integer=True, minimum=1, maximum=self.context_length)
+        return GenerationSession(self, self._engine_session(ctx), seed=seed)
+
+    def load_state(self, data) -> GenerationSession:
+        """A session from GenerationSession.save_state()'s bytes or a file holding them; it
+        continues exactly where the saved one was. ValueError for a state of another model."""
+        return load_state(self, data, self._engine_session)
+
+    # ---- logits and scores ---------------------------------------------------------------------
 
     def logits(self, token_ids) -> np.ndarray:
         """float32 (len(token_ids), vocab_size): the logits after each token, computed from
-        position 0 with a fresh cache (one batched prefill)."""
+        position 0 (one batched prefill)."""
         ids = self._ids(token_ids)
         if len(ids) == 0:
             raise ValueError("logits: token_ids is empty")
         if len(ids) > self.context_length:
             raise ContextLengthError(
                 f"{len(ids)} tokens do not fit the context of {self.context_length}")
-        out = np.empty((len(ids), self.config.vocab_size), dtype=np.float32)
-        sess = self._checkout()
+        gs = self.prompt_cache.acquire(ids.tolist(), reuse=False)
         try:
-            sess.forward(ids, 0, out)
+            out = gs._sess.eval(ids, logits="all")
+            gs._logits = out[-1].copy()
         finally:
-            self._checkin(sess)
+            self.prompt_cache.release(gs)
         return out
+
+    def score(self, text_or_ids, top_logprobs: int = 0, special: bool = False) -> ScoreResult:
+        """Log-probability of each token of a text (tokenized with BOS when the tokenizer adds
+        one) or of a list of ids, given the tokens before it: the model's raw distribution
+        (log-softmax of the logits), computed by the batched prefill. The first token is not
+        scored. top_logprobs=k also returns the k most likely tokens at each position."""
+        k = number("top_logprobs", top_logprobs, integer=True, maximum=20)
+        ids = self.encode_prompt(text_or_ids, special=special)
+        if len(ids) < 2:
+            raise ValueError("score: give at least two tokens (the first is not scored)")
+        if len(ids) > self.context_length:
+            raise ContextLengthError(
+                f"{len(ids)} tokens do not fit the context of {self.context_length}")
+        n, V = len(ids), self.vocab_size
+        lp = np.empty(n - 1, np.float32)
+        top_ids = np.empty((n - 1, k), np.int32)
+        top_lp = np.empty((n - 1, k), np.float32)
+        rows = np.empty((min(PREFILL_CHUNK, n), V), np.float32)
+        gs = self.prompt_cache.acquire(ids.tolist(), reuse=False)
+        try:
+            for start in range(0, n - 1, PREFILL_CHUNK):
+                end = min(start + PREFILL_CHUNK, n - 1)      # rows start..end-1 predict ids[start+1..end]
+                out = gs._sess.eval(ids[start:end], logits="all", out=rows[:end - start])
+                a, b, c = _engine.logprobs(out, ids[start + 1:end + 1], k)
+                lp[start:end], top_ids[start:end], top_lp[start:end] = a, b, c
+        finally:
+            self.prompt_cache.release(gs)
+        return ScoreResult([int(t) for t in ids], lp, top_ids, top_lp)
+
+    # ---- tokens --------------------------------------------------------------------------------
 
     def _ids(self, token_ids) -> np.ndarray:
         try:
@@ -264,13 +302,14 @@ class Model:
             raise ValueError(f"token id {bad} is outside [0, {self.config.vocab_size})")
         return np.ascontiguousarray(ids, dtype=np.int32)
 
-    def encode_prompt(self, prompt, bos: bool = True) -> np.ndarray:
-        """A text (tokenized, with BOS when the tokenizer adds one) or a list of ids."""
+    def encode_prompt(self, prompt, bos: bool = True, special: bool = False) -> np.ndarray:
+        """A text (tokenized, with BOS when the tokenizer adds one; control-token text is
+        plain text unless special=True) or a list of ids, as int32 ids."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise TokenizerError("this model has no tokenizer: pass token ids, or load it with "
                                      "tokenizer=PATH")
-            return self._ids(self.tokenizer.encode(prompt, bos=bos))
+            return self._ids(self.tokenizer.encode(prompt, bos=bos, special=special))
         return self._ids(prompt)
 
     def stop_ids(self) -> tuple:
@@ -283,105 +322,78 @@ class Model:
 
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 0.9, top_k: int = 0, seed: int | None = None,
-                 stream: bool = False, stop_token_ids=None):
+                 stream: bool = False, stop_token_ids=None, *, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, penalty_last_n: int = 64, logit_bias=None,
+                 stop=None, logprobs: int | None = None, echo: bool = False,
+                 max_time: float | None = None, cancel=None, special: bool = False):
         """Continue `prompt` (a text or a list of token ids) by up to max_new_tokens tokens.
 
-        temperature 0 is greedy decoding; otherwise tokens are drawn from softmax(logits / T),
-        restricted to the top_k most likely (0 = no limit) and to the smallest set whose
-        probability exceeds top_p (1.0 = no limit). A seed makes the draw reproducible.
-        Generation stops after a stop token (default: the tokenizer's end-of-sequence ids),
-        after max_new_tokens, or when the context is full.
+        Sampling, in this order (csrc/llama2c.h documents each rule): logit_bias ({id: bias},
+        -inf bans), repetition_penalty / presence_penalty / frequency_penalty over the last
+        penalty_last_n tokens (prompt included), temperature (0 = greedy: the argmax after
+        bias and penalties), top_k (0 = off), top_p (1 = off), min_p (0 = off); seed makes the
+        draws reproducible.
+        Generation ends at a stop token (stop_token_ids; default: the tokenizer's
+        end-of-sequence ids) or a stop string (stop="..." or a list; not part of the text),
+        after max_new_tokens, when the context is full, or at a cancel (cancel: a
+        CancelToken or threading.Event; max_time: seconds), even during a long prefill.
+        logprobs=k (0..20): each generated token's log-probability and its k most likely
+        alternatives under the model's raw distribution (log-softmax of the logits, before
+        bias, penalties, temperature and truncation); echo=True adds the prompt tokens'.
+        special=True parses control-token text in a text prompt ("<|im_end|>") as control
+        tokens; by default it is plain text.
+        The keys and values of the longest prefix shared with a recent call are reused
+        (prompt_cache); results are the same with and without.
 
-        Returns a GenerationResult, or with stream=True an iterator of text pieces (of token
-        ids when the model has no tokenizer) that add up to the same text.
+        Returns a GenerationResult; with stream=True a GenerationStream of StreamChunks (text
+        delta, token ids, logprobs; the last one with finish_reason and usage) that adds up
+        to the same text and ids.
         """
-        max_new_tokens = _number("max_new_tokens", max_new_tokens, integer=True)
-        temperature = _number("temperature", temperature)
-        top_p = _number("top_p", top_p, maximum=1.0)
-        top_k = _number("top_k", top_k, integer=True)
-        if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little")
-        seed = _number("seed", seed, integer=True, maximum=2**64 - 1)
-        ids = self.encode_prompt(prompt)
+        opts = GenerationOptions.make(
+            self.vocab_size, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, seed=seed, stop_token_ids=stop_token_ids, min_p=min_p,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, penalty_last_n=penalty_last_n,
+            logit_bias=logit_bias, stop=stop, logprobs=logprobs, echo=echo, max_time=max_time,
+            cancel=cancel)
+        return self._generate(self.encode_prompt(prompt, special=special), opts, stream)
+
+    def _generate(self, ids, opts: GenerationOptions, stream: bool, stop_token_ids=None):
+        """The one path of generate() and chat(): a cached session, then the core loop."""
         if len(ids) == 0:
             raise ValueError("the prompt is empty: give at least one token")
         if len(ids) > self.context_length:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds "
                                      f"{self.context_length}")
-        stop = self.stop_ids() if stop_token_ids is None else tuple(
-            _number("stop token id", i, integer=True, maximum=self.config.vocab_size - 1)
-            for i in stop_token_ids)
-        stop_arr = np.asarray(stop, dtype=np.int32)
-        # no more than the context can hold (the last sampled token need not be fed back)
-        max_new_tokens = min(max_new_tokens, self.context_length - len(ids) + 1)
-        top_k = min(top_k, self.config.vocab_size)
-        sampler = _engine.Sampler(self.config.vocab_size, temperature, top_p, top_k, seed)
-        if stream:
-            return self._stream(ids, max_new_tokens, sampler, stop_arr)
-        t0 = time.perf_counter()
-        sess = self._checkout()
-        try:
-            # prefill (batched), then the sample -> feed-back loop from its logits; both in C
-            # with the GIL released
-            sess.forward(ids, 0)
-            t1 = time.perf_counter()
-            if max_new_tokens == 0:
-                out = np.zeros(0, dtype=np.int32)
-            else:
-                out = sess.generate(ids[:0], len(ids), max_new_tokens, sampler, stop_arr)
-        finally:
-            self._checkin(sess)
-        elapsed = time.perf_counter() - t0
-        out = [int(t) for t in out]
-        reason = "stop" if out and out[-1] in stop else "length"
-        text = self.tokenizer.decode(out) if self.tokenizer is not None else None
-        return GenerationResult(text, out, [int(t) for t in ids], reason, prompt_seconds=t1 - t0,
-                                generate_seconds=elapsed)
-
-    def _stream(self, ids, max_new_tokens, sampler, stop_arr):
-        """Yield pieces token by token; each step is one C call with the GIL released."""
-        stop = set(int(i) for i in stop_arr)
-        decoder = self.tokenizer.decode_stream() if self.tokenizer is not None else None
-        sess = self._checkout()
-        try:
-            pending, pos = ids, 0
-            for _ in range(max_new_tokens):
-                if pos + len(pending) > self.context_length:
-                    break
-                tok = int(sess.generate(pending, pos, 1, sampler, stop_arr)[0])
-                pos += len(pending)
-                pending = np.asarray([tok], dtype=np.int32)
-                if decoder is None:
-                    yield tok
-                else:
-                    piece = decoder.push(tok)
-                    if piece:
-                        yield piece
-                if tok in stop:
-                    break
-            if decoder is not None:
-                tail = decoder.flush()
-                if tail:
-                    yield tail
-        finally:
-            self._checkin(sess)
+        gs = self.prompt_cache.acquire(ids.tolist() if hasattr(ids, "tolist") else list(ids))
+        run = Generation(self, gs, opts, on_done=self.prompt_cache.release,
+                         stop_token_ids=stop_token_ids)
+        return run.stream() if stream else run.result()
 
     # ---- chat ---------------------------------------------------------------------------------
 
-    def chat(self, messages, max_new_tokens: int = 256, temperature: float = 1.0,
-             top_p: float = 0.9, top_k: int = 0, seed: int | None = None, stream: bool = False):
-        """Answer a conversation: `messages` ([{"role": ..., "content": ...}, ...]) rendered with
-        the model's chat template (add_generation_prompt=True), generation stopping at the
-        end-of-turn token. Sampling arguments and the result are those of generate().
-        For a multi-turn conversation that keeps the KV cache, use new_chat()."""
-        from .chat import chat
-        return chat(self, messages, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_p=top_p, top_k=top_k, seed=seed, stream=stream)
+    def chat(self, messages, *, tools=None, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None, stream: bool = False, **options):
+        """Answer a conversation: `messages` ([{"role": ..., "content": str or [{"type":
+        "text", "text": ...}, ...]}, ...]) rendered with the model's chat template (tools and
+        chat_template_kwargs passed to it), the template's markup encoded as control tokens and
+        every message's content as plain text, generation stopping at the end-of-turn token.
+        Options and the result are those of generate(). For a conversation that keeps its KV
+        cache between turns, see new_chat(); repeated histories also hit the prompt cache."""
+        from .chat import chat_prompt_ids, chat_stop_ids, require_tokenizer
+        tok = require_tokenizer(self)
+        opts = GenerationOptions.make(self.vocab_size, **options)
+        ids = chat_prompt_ids(tok, messages, add_generation_prompt=add_generation_prompt,
+                              tools=tools, template_kwargs=chat_template_kwargs)
+        return self._generate(self._ids(ids), opts, stream, stop_token_ids=chat_stop_ids(tok))
 
-    def new_chat(self, system: str | None = None, **sampling):
-        """A llama2c.chat.ChatSession: a conversation that keeps its KV cache between turns."""
+    def new_chat(self, system: str | None = None, *, context_length: int | None = None,
+                 **options):
+        """A llama2c.chat.ChatSession: a conversation that keeps its KV cache between turns;
+        options are the defaults of its send()."""
         from .chat import ChatSession
-        return ChatSession(self, system=system, **sampling)
+        return ChatSession(self, system=system, context_length=context_length, **options)
 
     def __repr__(self) -> str:
         c = self.config

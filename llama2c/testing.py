@@ -48,3 +48,50 @@ def make_random_qwen2(seed: int = 0, **overrides) -> tuple:
     RoPE pairs; write it with llama2c.loaders.gguf.write_gguf to get a qwen2 GGUF file)."""
     cfg = qwen2_config(**overrides)
     return cfg, make_random_model(cfg, seed)
+
+
+# A small sentencepiece-style vocabulary with multi-character pieces, control tokens and a
+# ChatML template, so that text-level behaviour (stop strings, chat templates, special tokens)
+# can be tested on random-weight models without any file.
+TOY_PIECES = (["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+              + ["<0xE2>", "<0x82>", "<0xAC>"]        # the bytes of "€", split over 3 tokens
+              + ["▁", ".", ",", "!", "?", "\n", "'"]
+              + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+              + ["▁the", "▁cat", "▁sat", "▁on", "▁mat", "ing", "▁a", "▁dog", "▁ran", "er",
+                 "▁stop", "▁hello", "▁world", "llo", "▁wor", "ld", "▁and", "▁then", "th", "he",
+                 "an", "at", "on", "▁s", "▁t", "▁c", "▁d", "▁m", "▁h", "▁w", "é", "▁été",
+                 "user", "assistant", "system", "im", "end", "start", "<", ">", "|", "_"])
+TOY_CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+              "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def toy_tokenizer(chat_template: str | None = TOY_CHATML):
+    """A Tokenizer over TOY_PIECES (GGUF 'llama' style: BOS 1, EOS 2, control tokens
+    <|im_start|> 3 and <|im_end|> 4; three byte tokens; other characters are <unk>)."""
+    from .tokenizer import Tokenizer
+    n = len(TOY_PIECES)
+    types = [2, 3, 3, 3, 3] + [6] * 3 + [1] * (n - 8)
+    scores = [0.0] * 8 + [float(len(p)) - i * 1e-3 for i, p in enumerate(TOY_PIECES[8:])]
+    md = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": list(TOY_PIECES),
+          "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types,
+          "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+          "tokenizer.ggml.eot_token_id": 4, "tokenizer.ggml.add_bos_token": True}
+    if chat_template is not None:
+        md["tokenizer.chat_template"] = chat_template
+    return Tokenizer.from_gguf_metadata(md, "toy tokenizer")
+
+
+def toy_model(seed: int = 0, dim: int = 64, n_layers: int = 2, seq_len: int = 512,
+              int8: bool = False, **kw):
+    """A random-weight Model over toy_tokenizer()'s vocabulary."""
+    from .model import Model
+    from .weights import quantize_weights
+    cfg = Config(dim=dim, hidden_dim=2 * dim + 32, n_layers=n_layers, n_heads=4, n_kv_heads=2,
+                 vocab_size=len(TOY_PIECES), seq_len=seq_len)
+    weights = make_random_model(cfg, seed)
+    # peakier logits than unit-scale activations give: sampled text looks less uniform
+    weights["tok_embeddings"] *= 3.0
+    if int8:
+        weights = quantize_weights(cfg, weights, 32)
+    return Model(cfg, weights, toy_tokenizer(), **kw)

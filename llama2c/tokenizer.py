@@ -11,8 +11,9 @@ Two kinds, chosen by the vocabulary:
   a ByteLevel pre-tokenizer. The text is cut by a regex, its UTF-8 bytes are mapped to
   GPT-2's printable alphabet and merged by rank.
 
-Special tokens written in the text (`<|im_start|>`, ...) are matched whole first, except for
-llama2.c's tokenizer.bin, which, like llama2.c, never parses them.
+Special tokens written in the text (`<|im_start|>`, ...) are ordinary text by default;
+encode(text, special=True) matches them whole first (except for llama2.c's tokenizer.bin,
+which, like llama2.c, never parses them), and encode_chunks mixes both (chat templates).
 
     >>> tok = Tokenizer.load("tokenizer.bin")
     >>> tok.decode(tok.encode("Hello world"))
@@ -183,15 +184,46 @@ class Tokenizer:
     # --------------------------------------------------------------------------------------
     # encoding
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list:
-        """Token ids for text; bos/eos add BOS (if this model adds one) and EOS."""
+    def encode(self, text: str, bos: bool = True, eos: bool = False,
+               special: bool = False) -> list:
+        """Token ids for text; bos/eos add BOS (if this model adds one) and EOS.
+
+        special=False (the default, as llama-cpp-python's tokenize): control-token text in
+        `text` ("<|im_end|>", "<s>", ...) is ordinary text, encoded piece by piece, so user
+        text can never produce a control token. special=True matches those strings whole as
+        their tokens (Hugging Face's default; use it only for text you wrote yourself).
+        """
         if not isinstance(text, str):
             raise TypeError(f"encode() expects str, got {type(text).__name__}")
+        return self.encode_chunks([(text, bool(special))], bos=bos, eos=eos)
+
+    def encode_chunks(self, chunks, bos: bool = False, eos: bool = False,
+                      specials: dict | None = None) -> list:
+        """Token ids of the concatenation of chunks, a list of (text, parse_special) pairs.
+
+        Control-token text is matched only inside chunks whose flag is True (a token must lie
+        within one such chunk); everywhere else it is ordinary text. The text between matched
+        tokens is encoded as one piece across chunk boundaries, so a rendered chat template
+        tokenizes exactly as if it were one string, except that message contents cannot
+        contain control tokens. specials: the token text -> id table to match (default: this
+        tokenizer's special_tokens).
+        """
+        split = self._split_specials if specials is None else special_token_splitter(specials)
+        fragments = []          # (text, special id or None), plain runs merged
+        for text, parse in chunks:
+            if not isinstance(text, str):
+                raise TypeError(f"encode_chunks() expects (str, bool) pairs, got "
+                                f"{type(text).__name__}")
+            for fragment, special_id in (split(text) if parse else [(text, None)]):
+                if special_id is None and fragments and fragments[-1][1] is None:
+                    fragments[-1] = (fragments[-1][0] + fragment, None)
+                else:
+                    fragments.append((fragment, special_id))
         ids = []
         if bos and self._add_bos and self._bos_id is not None:
             ids.append(self._bos_id)
         at_start, after_special = True, False
-        for fragment, special_id in self._split_specials(text):
+        for fragment, special_id in fragments:
             if special_id is not None:
                 ids.append(special_id)
                 after_special = True
@@ -215,9 +247,15 @@ class Tokenizer:
             first = first and self._check_id(token_id) in self._hidden
         return b"".join(chunks).decode("utf-8", self._utf8_errors)
 
-    def decode_stream(self) -> "StreamDecoder":
-        """A decoder fed one id at a time, returning text as complete characters arrive."""
-        return StreamDecoder(self)
+    def decode_stream(self, continuation: bool = False) -> "StreamDecoder":
+        """A decoder fed one id at a time, returning text as complete characters arrive.
+        continuation=True: the ids continue earlier text (a prompt), so the first piece keeps
+        its leading space (sentencepiece drops it only at the start of a text)."""
+        return StreamDecoder(self, continuation)
+
+    def token_bytes(self, token_id) -> bytes:
+        """The bytes token_id contributes to decoded text (b"" for control tokens)."""
+        return self._token_bytes(self._check_id(token_id))
 
     def _check_id(self, token_id) -> int:
         if not isinstance(token_id, numbers.Integral) or not 0 <= token_id < len(self._tokens):
@@ -266,10 +304,10 @@ class StreamDecoder:
     the pushes' outputs plus flush() always equal Tokenizer.decode of all the ids.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, continuation: bool = False):
         self._tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors=tokenizer._utf8_errors)
-        self._first = True
+        self._first = not continuation
 
     def push(self, token_id) -> str:
         data = self._tokenizer._render(token_id, self._first)
@@ -313,10 +351,11 @@ def _from_llama2c_bin(path: Path, vocab_size) -> Tokenizer:
     pieces = {t: i for i, t in enumerate(tokens) if i not in excluded}
 
     def pre_tokenize(fragment, at_start, after_special):
-        # sentencepiece's dummy prefix; a '▁' typed in the text is a space to sentencepiece
-        # (llama2.c would byte-encode it)
+        # sentencepiece's dummy prefix (also after a BOS/EOS a chat template wrote, as
+        # Hugging Face's legacy Llama tokenizer and llama.cpp add it); a '▁' typed in the
+        # text is a space to sentencepiece (llama2.c would byte-encode it)
         fragment = fragment.replace(SPM_SPACE, " ")
-        return [" " + fragment if at_start else fragment]
+        return [" " + fragment if at_start or after_special else fragment]
 
     return Tokenizer(tokens=tokens, kind="spm",
                      word_encoder=WordEncoder(pieces, score_cost(pieces, scores),

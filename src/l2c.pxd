@@ -120,17 +120,33 @@ cdef extern from "llama2c.h" nogil:
     int l2c_forward(const l2c_model *m, l2c_state *s, const int32_t *tokens, int64_t n, int64_t pos0,
                     float *logits_all)
 
-    ctypedef struct l2c_sampler:
-        int64_t vocab_size
+    ctypedef struct l2c_sampler_params:
         float temperature
         float top_p
+        float min_p
         int64_t top_k
-        uint64_t rng_state
+        float repetition_penalty
+        float presence_penalty
+        float frequency_penalty
+        int64_t penalty_last_n
 
-    int l2c_sampler_init(l2c_sampler *sp, int64_t vocab_size, float temperature, float top_p,
-                         int64_t top_k, uint64_t seed)
+    ctypedef struct l2c_sampler:
+        int64_t vocab_size
+        l2c_sampler_params p
+        uint64_t rng_state
+        int64_t window_len
+
+    void l2c_sampler_params_default(l2c_sampler_params *p)
+    int l2c_sampler_init(l2c_sampler *sp, int64_t vocab_size, const l2c_sampler_params *p, uint64_t seed)
     void l2c_sampler_free(l2c_sampler *sp)
+    int l2c_sampler_set_bias(l2c_sampler *sp, const int32_t *ids, const float *bias, int64_t n)
+    int l2c_sampler_accept(l2c_sampler *sp, int32_t token)
+    void l2c_sampler_reset_window(l2c_sampler *sp)
     int32_t l2c_sample(l2c_sampler *sp, const float *logits)
+    float l2c_random_f32(uint64_t *state)
+    uint64_t l2c_seed_state(uint64_t seed)
+    int l2c_logprobs(float *token_lp, int32_t *top_ids, float *top_lp, const float *logits,
+                     int64_t n, int32_t token, int64_t k, float *work, int32_t *scratch)
     int l2c_generate(const l2c_model *m, l2c_state *s, l2c_sampler *sp, const int32_t *prompt,
                      int64_t n_prompt, int64_t pos0, int32_t *out, int64_t max_new,
                      const int32_t *stop, int64_t n_stop, int64_t *n_out)

@@ -5,6 +5,7 @@ import math
 import os
 import re
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -89,9 +90,9 @@ def test_run_ids_greedy_matches_generate(capsys, small):
     path, _, _ = small
     code, out, err = _run_cli(capsys, "run", path, "--ids", "-i", "5 17 42", "-t", "0", "-n", "20")
     assert code == 0, err
-    expected = Model.load(path).generate([5, 17, 42], max_new_tokens=20 - 3 + 1, temperature=0)
+    expected = Model.load(path).generate([5, 17, 42], max_new_tokens=20, temperature=0)
     assert out == " ".join(map(str, [5, 17, 42] + expected.token_ids)) + "\n"
-    assert len(expected.token_ids) == 18       # run.c: 20 positions, the prompt's included
+    assert len(expected.token_ids) == 20       # -n: tokens to generate (llama.cpp's meaning)
     assert re.search(r"achieved tok/s: [0-9.]+", err)
     assert "prompt: 3 tokens" in err
 
@@ -111,9 +112,10 @@ def test_run_text_prompt_streams_prompt_then_text(capsys, vocab32k):
     code, out, err = _run_cli(capsys, "run", path, "-z", tokenizer, "-i", prompt, "-t", "0", "-n", "12")
     assert code == 0, err
     model = Model.load(path, tokenizer=tokenizer)
-    ids = model.encode_prompt(prompt)
-    expected = model.generate(prompt, max_new_tokens=12 - len(ids) + 1, temperature=0)
+    expected = model.generate(prompt, max_new_tokens=12, temperature=0)
     assert out == prompt + expected.text + "\n"
+    # the continuation keeps its leading space: prompt + text is the decoded sequence
+    assert out[:-1] == model.tokenizer.decode(model.encode_prompt(prompt).tolist() + expected.token_ids)
 
 
 def test_run_same_seed_same_output(capsys, small):
@@ -127,7 +129,11 @@ def test_run_same_seed_same_output(capsys, small):
     (["-p", "2"], "-p/--top-p"),
     (["-t", "abc"], "-t/--temperature"),
     (["-k", "-3"], "-k/--top-k"),
-    (["-n", "x"], "-n/--steps"),
+    (["-n", "x"], "-n/--max-new-tokens"),
+    (["--min-p", "1.5"], "--min-p"),
+    (["--repeat-penalty", "0"], "--repeat-penalty"),
+    (["--presence-penalty", "nan"], "--presence-penalty"),
+    (["-f", "a.txt", "-i", "b"], "-f/--file"),
 ])
 def test_run_bad_parameter_is_usage_error(capsys, small, flags, name):
     code, out, err = _run_cli(capsys, "run", small[0], *flags)
@@ -162,11 +168,21 @@ def test_chat_passes_model_system_and_given_sampling(capsys, monkeypatch, small)
     import llama2c.chat
     calls = []
     monkeypatch.setattr(llama2c.chat, "run_chat_cli", lambda model, **kw: calls.append((model, kw)))
-    code, _, err = _run_cli(capsys, "chat", small[0], "--system", "Be brief.", "-t", "0.5", "-s", "3")
+    code, _, err = _run_cli(capsys, "chat", small[0], "--system", "Be brief.", "-t", "0.5", "-s", "3",
+                            "-n", "7", "--stop", "END", "--min-p", "0.1")
     assert code == 0, err
     (model, kw), = calls
     assert isinstance(model, Model)
-    assert kw == {"system": "Be brief.", "temperature": 0.5, "seed": 3}
+    assert kw == {"system": "Be brief.", "first": None, "temperature": 0.5, "seed": 3,
+                  "max_new_tokens": 7, "top_p": 0.9, "top_k": 0, "min_p": 0.1,
+                  "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                  "penalty_last_n": 64, "stop": ["END"]}
+    # llama2.c's spelling: run -m chat -y SYSTEM, -i the first message
+    calls.clear()
+    code, _, err = _run_cli(capsys, "run", small[0], "-m", "chat", "-y", "Be brief.", "-i", "Hi")
+    assert code == 0, err
+    (_, kw), = calls
+    assert kw["system"] == "Be brief." and kw["first"] == "Hi" and kw["max_new_tokens"] == 256
 
 
 def test_pull_prints_path(capsys, monkeypatch, tmp_path):
@@ -346,3 +362,117 @@ def test_info(capsys, small):
     assert "format: llama2c-v1" in out and "dtype: fp32" in out
     assert f"tensors: {2 * 9 + 2}" in out and f"dim: {cfg.dim}" in out
     assert "tokenizer: none" in out and "kernel_info:" in out
+
+
+# ---- run: prompt files, stop strings, registry names, Ctrl-C, --help vs README ------------
+
+def test_run_prompt_file_and_stop(capsys, vocab32k, tmp_path):
+    path, tokenizer = vocab32k
+    prompt = "Once upon a time"
+    (tmp_path / "p.txt").write_text(prompt, encoding="utf-8")
+    base = ["run", path, "-z", tokenizer, "-t", "0", "-n", "12"]
+    code, out_i, _ = _run_cli(capsys, *base, "-i", prompt)
+    code_f, out_f, _ = _run_cli(capsys, *base, "-f", tmp_path / "p.txt")
+    assert code == code_f == 0 and out_i == out_f
+    text = out_i[len(prompt):-1]
+    stop = text[4:6]
+    code, out, err = _run_cli(capsys, *base, "-i", prompt, "--stop", stop, "--stop", "\x01")
+    assert code == 0, err
+    assert out == prompt + text[:text.find(stop)] + "\n"
+
+
+def test_model_and_run_resolve_registry_names(capsys, monkeypatch, tmp_path, small):
+    """A registry name loads from the cache directory (pre-filled here: no network)."""
+    import hashlib
+    import shutil
+    from llama2c import hub
+    path, _, _ = small
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy(path, cache / "small.bin")
+    data = (cache / "small.bin").read_bytes()
+    monkeypatch.setitem(hub.REGISTRY, "tiny-test", hub.Entry(
+        package="llm-tiny-test", version="0", member="llm_tiny_test/small.bin",
+        sha256=hashlib.sha256(data).hexdigest(), size=len(data)))
+    monkeypatch.setenv("LLAMA2C_CACHE", str(cache))
+    monkeypatch.setenv("LLAMA2C_PYPI_URL", "http://127.0.0.1:9")     # any download would fail
+    monkeypatch.setattr(hub, "_installed_file", lambda entry: None)
+    m = Model.load("tiny-test")
+    assert m.path == str(cache / "small.bin")
+    code, out, err = _run_cli(capsys, "run", "tiny-test", "--ids", "-i", "1 2", "-t", "0", "-n", "4")
+    assert code == 0, err
+    assert out.split()[:2] == ["1", "2"] and len(out.split()) == 6
+
+
+def test_run_smollm2_by_name_from_a_prefilled_cache(capsys, monkeypatch, tmp_path, shared_dir):
+    from llama2c import hub
+    gguf = shared_dir / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.is_file():
+        pytest.skip(f"{gguf} not found")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / hub.REGISTRY["smollm2"].filename).symlink_to(gguf)
+    monkeypatch.setenv("LLAMA2C_CACHE", str(cache))
+    monkeypatch.setenv("LLAMA2C_PYPI_URL", "http://127.0.0.1:9")
+    monkeypatch.setattr(hub, "_installed_file", lambda entry: None)
+    code, out, err = _run_cli(capsys, "run", "smollm2", "-i", "The capital of France is",
+                              "-t", "0", "-n", "4", "--context", "64")
+    assert code == 0, err
+    assert out.startswith("The capital of France is Paris")
+
+
+def test_ctrl_c_stops_run_and_prints_stats(tmp_path):
+    """SIGINT while `llama2c run` streams: the generation stops, the stats so far are printed
+    and the exit code is 130."""
+    import signal
+    cfg = dict(SMALL, seq_len=8192)
+    path = tmp_path / "long.bin"
+    _write_random(path, cfg)
+    env = dict(os.environ)
+    root = str(Path(llama2c.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen([sys.executable, "-m", "llama2c", "run", str(path), "--ids", "-i", "1",
+                             "-t", "0", "-n", "0", "--threads", "1"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    try:
+        head = b""
+        while len(head) < 2:                          # the prompt, then tokens stream
+            head += proc.stdout.read(2 - len(head))
+        assert head == b"1 "
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "achieved tok/s" in err and "stopped" in err
+    n = int(re.search(r"\((\d+) tokens generated", err).group(1))
+    assert 0 < n < 8192 and len(out.split()) == n
+
+
+def _flags(text):
+    return set(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", text))
+
+
+@pytest.mark.parametrize("command", ["run", "chat"])
+def test_help_matches_readme(capsys, command):
+    """Every option of `llama2c run --help` (and chat) is in the README's CLI table row, and
+    the row names no other."""
+    import argparse
+    from llama2c.cli import build_parser
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    section = readme.read_text(encoding="utf-8").split("## Command line", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith(f"| `{command}")]
+    assert len(rows) == 1, f"one row for `{command}` in the README's CLI table"
+    code, out, _ = _run_cli(capsys, command, "--help")
+    assert code == 0
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    options = [a.option_strings for a in sub.choices[command]._actions
+               if a.option_strings and "--help" not in a.option_strings]
+    documented = _flags(rows[0].split("|")[1])
+    for strings in options:
+        assert documented & set(strings), f"{strings} of `{command} --help` not in the README"
+        assert set(strings) <= _flags(out)
+    known = {s for strings in options for s in strings}
+    assert documented <= known, documented - known

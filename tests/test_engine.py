@@ -161,7 +161,8 @@ def test_streaming_yields_same_tokens_as_blocking():
     model, _ = model_pair("gqa-unshared")
     kw = dict(max_new_tokens=25, temperature=0.8, top_k=40, seed=5, stop_token_ids=[])
     blocking = model.generate([3, 4, 5], **kw).token_ids
-    assert list(model.generate([3, 4, 5], stream=True, **kw)) == blocking
+    streamed = model.generate([3, 4, 5], stream=True, **kw)
+    assert [t for chunk in streamed for t in chunk.token_ids] == blocking
 
 
 def test_generation_stops_at_stop_token_and_context():
@@ -171,7 +172,7 @@ def test_generation_stops_at_stop_token_and_context():
     out = model.generate([1], max_new_tokens=20, temperature=0, stop_token_ids=[stop])
     assert out.token_ids == free[: free.index(stop) + 1] and out.finish_reason == "stop"
     assert 0 < out.prompt_seconds < out.generate_seconds and out.tokens_per_second > 0
-    short = llama2c.Model(model.config, model.weights, context_length=10)
+    short = llama2c.Model(model.config, make_random_model(model.config, 0), context_length=10)
     out = short.generate([1, 2, 3], max_new_tokens=100, temperature=0, stop_token_ids=[])
     assert out.finish_reason == "length" and len(out.token_ids) == 10 - 3 + 1
 

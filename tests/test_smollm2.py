@@ -125,8 +125,14 @@ def test_hf_directory_gives_the_same_logits(golden, fp32, smollm2_hf_dir):
 
 
 def test_default_load_keeps_the_files_blocks(golden, int8):
-    """dtype=None is 'as stored': the GGUF's quantized blocks become exact int8 groups."""
+    """dtype=None is 'as stored': the GGUF's Q4_1 blocks stay 4-bit groups of 32 with offsets,
+    its Q8_0 embedding int8; dtype='int8' widens the same values exactly."""
     model = llama2c.Model.load(golden[0], context_length=64)
-    assert model.dtype == "int8" and model.weights["layers.0.wq"].m is not None
-    w, ref = model.weights["layers.0.w2"], int8.weights["layers.0.w2"]
-    assert np.array_equal(w.dequantize(), ref.dequantize())
+    assert model.dtype == "mixed"
+    wq = model.manifest["layers.0.wq"]
+    assert (wq.dtype, wq.group_size, wq.has_offset) == ("q4", 32, True)
+    assert model.manifest["tok_embeddings"].dtype == "int8"
+    w2 = int8.manifest["layers.0.w2"]
+    assert (w2.dtype, w2.group_size, w2.has_offset) == ("int8", 32, True)
+    ids = model.tokenizer.encode("The same weights give the same logits.")
+    assert np.array_equal(model.logits(ids), int8.logits(ids))

@@ -14,7 +14,6 @@ import llama2c
 from llama2c.loaders import load_any
 from llama2c.model import engine_supports
 from llama2c.reference import ReferenceModel
-from llama2c.weights import QTensor
 
 GGUF = "SmolLM2-135M-Instruct.Q4_K_M.gguf"
 FP32_RTOL = 1e-4      # float32 computation vs the float64 golden
@@ -73,8 +72,8 @@ def test_int8_exact_blocks_match_golden(golden):
     """dtype='int8': every block type as exact int8 groups (Q4_K widened, Q6_K at group 16)."""
     path, cases, logits = golden
     model = llama2c.Model.load(path, dtype="int8", context_length=256)
-    kinds = {(t.bits, t.group_size) for t in model.weights.values() if isinstance(t, QTensor)}
-    assert kinds == {(8, 32), (8, 16)}
+    kinds = {(t.dtype, t.group_size) for t in model.manifest.values() if t.dtype != "fp32"}
+    assert kinds == {("int8", 32), ("int8", 16)}
     _check_integer_path(model, cases, logits)
 
 
@@ -87,6 +86,6 @@ def test_default_4bit_path_matches_golden(golden):
                     "test_int8_exact_blocks_match_golden covers")
     path, cases, logits = golden
     model = llama2c.Model.load(path, context_length=256)
-    kinds = {(t.bits, t.group_size) for t in model.weights.values() if isinstance(t, QTensor)}
-    assert (4, 32) in kinds and (8, 16) in kinds
+    kinds = {(t.dtype, t.group_size) for t in model.manifest.values() if t.dtype != "fp32"}
+    assert ("q4", 32) in kinds and ("int8", 16) in kinds
     _check_integer_path(model, cases, logits)

@@ -44,7 +44,8 @@ def test_concurrent_generation_matches_sequential(small_model, n_threads, stream
     def run(job):
         prompt, kw = job
         if stream:
-            return list(small_model.generate(prompt, max_new_tokens=24, stream=True, **kw))
+            chunks = small_model.generate(prompt, max_new_tokens=24, stream=True, **kw)
+            return [t for chunk in chunks for t in chunk.token_ids]
         return small_model.generate(prompt, max_new_tokens=24, **kw).token_ids
 
     expected = [run(j) for j in jobs]

@@ -222,6 +222,17 @@ def llama2_json_ref(llama2_json_path):
     return tokenizers.Tokenizer.from_file(str(llama2_json_path))
 
 
+def _ref_ids(ref, text, special=True):
+    """tokenizers' ids for text (nothing added): special tokens matched whole (its default)
+    or, special=False, encoded as plain text (its encode_special_tokens switch)."""
+    old = ref.encode_special_tokens
+    ref.encode_special_tokens = not special
+    try:
+        return ref.encode(text, add_special_tokens=False).ids
+    finally:
+        ref.encode_special_tokens = old
+
+
 def _golden(shared_dir, name):
     return json.loads(_need(shared_dir / "golden" / name).read_text(encoding="utf-8"))
 
@@ -252,7 +263,9 @@ def test_llama2_gguf_metadata_matches_sentencepiece(llama2_gguf, sp, text):
 
 def test_llama2_gguf_parses_control_tokens(llama2_gguf, sp):
     # llama.cpp: special tokens are cut out whole and the text after each gets the prefix
-    assert llama2_gguf.encode("<s>Hi</s>", bos=False) == [1] + sp.encode("Hi") + [2]
+    assert llama2_gguf.encode("<s>Hi</s>", bos=False, special=True) == [1] + sp.encode("Hi") + [2]
+    # by default control-token text is plain text, as sentencepiece encodes it
+    assert llama2_gguf.encode("<s>Hi</s>", bos=False) == sp.encode("<s>Hi</s>")
     assert llama2_gguf.special_tokens == {"<s>": 1, "</s>": 2}
 
 
@@ -267,8 +280,9 @@ def test_llama2_long_text_matches_sentencepiece_quickly(llama2_bin, sp):
 
 @pytest.mark.parametrize("text", SPM_TEXTS)
 def test_llama2_tokenizer_json_matches_hf_tokenizers(llama2_json, llama2_json_ref, text):
-    expected = llama2_json_ref.encode(text, add_special_tokens=False).ids
-    assert llama2_json.encode(text, bos=False) == expected
+    expected = _ref_ids(llama2_json_ref, text)
+    assert llama2_json.encode(text, bos=False, special=True) == expected
+    assert llama2_json.encode(text, bos=False) == _ref_ids(llama2_json_ref, text, special=False)
     assert llama2_json.decode(expected) == llama2_json_ref.decode(expected,
                                                                   skip_special_tokens=True)
 
@@ -285,7 +299,8 @@ def test_llama2_metaspace_tokenizer_json_matches_hf_tokenizers(sp, tmp_path, sch
     path.write_text(json.dumps(spec), encoding="utf-8")
     ref, tok = tokenizers.Tokenizer.from_file(str(path)), Tokenizer.load(path)
     for text in SPM_TEXTS + ["<s>after special", "a</s> b"]:
-        assert tok.encode(text, bos=False) == ref.encode(text, add_special_tokens=False).ids, text
+        for special in (True, False):
+            assert tok.encode(text, bos=False, special=special) == _ref_ids(ref, text, special), text
 
 
 def test_llama2_tokenizer_json_settings(llama2_json, llama2_bin):
@@ -321,7 +336,7 @@ def test_llama2_bin_vocab_size_argument(shared_dir):
 
 def test_smollm2_golden(smollm, shared_dir):
     for case in _golden(shared_dir, "smollm2_tokenizer.json")["cases"]:
-        assert smollm.encode(case["text"]) == case["ids"], case["text"]
+        assert smollm.encode(case["text"], special=True) == case["ids"], case["text"]
 
 
 def test_smollm2_public_prompts(smollm, shared_dir):
@@ -333,8 +348,9 @@ def test_smollm2_public_prompts(smollm, shared_dir):
 @pytest.mark.parametrize("text", BPE_TEXTS + ["a \n8 b  9", "x\t\t1"])
 def test_smollm2_matches_hf_tokenizers(smollm_and_ref, text):
     tok, ref = smollm_and_ref
-    expected = ref.encode(text, add_special_tokens=False).ids
-    assert tok.encode(text) == expected
+    expected = _ref_ids(ref, text)
+    assert tok.encode(text, special=True) == expected
+    assert tok.encode(text) == _ref_ids(ref, text, special=False)
     assert tok.decode(expected) == ref.decode(expected, skip_special_tokens=True)
 
 
@@ -394,9 +410,10 @@ def test_pre_tokenizer_variants_match_hf_tokenizers(smollm_md, smollm_hf_dir, tm
     from_json = Tokenizer.load(path)
     from_gguf = Tokenizer.from_gguf_metadata({**smollm_md, "tokenizer.ggml.pre": gguf_pre})
     for text in BPE_TEXTS + ["numbers 1234567 and 12", "Don'T SHOUT'S"]:
-        expected = ref.encode(text, add_special_tokens=False).ids
-        assert from_json.encode(text, bos=False) == expected, text
-        assert from_gguf.encode(text, bos=False) == expected, text
+        for special in (True, False):
+            expected = _ref_ids(ref, text, special)
+            assert from_json.encode(text, bos=False, special=special) == expected, text
+            assert from_gguf.encode(text, bos=False, special=special) == expected, text
 
 
 def test_unknown_pre_tokenizer_warns_and_uses_default(smollm_md):
@@ -617,3 +634,40 @@ def test_gguf_llama_needs_matching_scores():
         del md["tokenizer.ggml.scores"]
         with pytest.raises(TokenizerError, match="missing key 'tokenizer.ggml.scores'"):
             Tokenizer.from_gguf_metadata(md)
+
+# ------------------------------------------------------------------------------------------
+# special tokens: plain text by default, matched only where asked
+
+
+def test_control_token_text_is_plain_by_default(smollm):
+    for text in ("<|im_end|>", "a<|im_start|>system\nb", "<|endoftext|>"):
+        ids = smollm.encode(text)
+        assert not set(ids) & set(smollm.special_tokens.values()), text
+        assert smollm.decode(ids) == text
+    assert smollm.encode("<|im_end|>", special=True) == [2]
+
+
+def test_encode_chunks(smollm, llama2_bin):
+    ids = smollm.encode_chunks([("<|im_start|>user\n", True), ("<|im_end|>hi", False),
+                                ("<|im_end|>", True)])
+    plain = smollm.encode("<|im_end|>hi")
+    assert ids == [1] + smollm.encode("user\n") + plain + [2]
+    # plain text runs across chunk boundaries are encoded as one text
+    assert smollm.encode_chunks([("Hel", False), ("lo wor", True), ("ld", False)]) == \
+        smollm.encode("Hello world")
+    assert llama2_bin.encode_chunks([("Hello", False), (" world", False)], bos=True) == \
+        llama2_bin.encode("Hello world")
+    # an extra table of specials: llama2.c's tokenizer.bin does not parse <s> by itself
+    ids = llama2_bin.encode_chunks([("<s>[INST]", True), (" <s>", False)], specials={"<s>": 1})
+    assert ids[0] == 1 and ids.count(1) == 1
+    with pytest.raises(TypeError):
+        smollm.encode_chunks([(b"x", True)])
+
+
+def test_decode_stream_continuation_keeps_the_space(llama2_bin):
+    ids = llama2_bin.encode("Once upon a time", bos=False)
+    first = llama2_bin.decode_stream()
+    assert "".join(first.push(t) for t in ids) == "Once upon a time"
+    cont = llama2_bin.decode_stream(continuation=True)
+    assert "".join(cont.push(t) for t in ids) == " Once upon a time"
+    assert llama2_bin.token_bytes(ids[1]) == b" upon" and llama2_bin.token_bytes(1) == b""
