@@ -244,7 +244,7 @@ class ChatSession:
         self._tokenizer = _tokenizer(model)
         self._stop = chat_stop_ids(self._tokenizer)
         self._session = _engine.Session(model._engine, model.context_length, PREFILL_CHUNK,
-                                        model.n_threads)
+                                        model.n_threads, kv_dtype=model.kv_dtype)
         self.reset()
 
     def reset(self) -> None:

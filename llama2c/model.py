@@ -76,8 +76,9 @@ class Model:
 
     def __init__(self, config: Config, weights: dict, tokenizer=None, n_threads: int | None = None,
                  context_length: int | None = None, simd: str | None = None,
-                 metadata: dict | None = None, act_bits: int = 16):
+                 metadata: dict | None = None, act_bits: int = 16, kv_dtype: str = "f16"):
         validate_weights(config, weights)
+        self.kv_dtype = _engine.kv_dtype_name(kv_dtype)   # KV cache element type of sessions
         self.config = config
         self.weights = weights
         self.metadata = dict(metadata or {})
@@ -100,7 +101,7 @@ class Model:
     @classmethod
     def load(cls, path, tokenizer=None, dtype: str | None = None, n_threads: int | None = None,
              context_length: int | None = None, group_size: int | None = None,
-             simd: str | None = None, act_bits: int = 16) -> "Model":
+             simd: str | None = None, act_bits: int = 16, kv_dtype: str = "f16") -> "Model":
         """Load a model file: a llama2.c checkpoint (.bin v0/v1/v2), a GGUF file, or a Hugging
         Face directory.
 
@@ -117,6 +118,8 @@ class Model:
         act_bits: activations of the int8 matmuls: 16 (two int8 planes, the default: about as
             accurate as the int8 weights allow) or 8 (llama2.c runq.c's scheme: faster prefill,
             coarser).
+        kv_dtype: the KV cache's element type: "f16" (default), "f32" or "q8" (int8 with a
+            scale per position and head).
         """
         from .loaders import load_any
         from .tokenizer import Tokenizer
@@ -139,7 +142,7 @@ class Model:
         elif tokenizer is None:
             tokenizer = _tokenizer_from_model(path, metadata, config.vocab_size)
         model = cls(config, weights, tokenizer, n_threads=n_threads, context_length=context_length,
-                    simd=simd, metadata=metadata, act_bits=act_bits)
+                    simd=simd, metadata=metadata, act_bits=act_bits, kv_dtype=kv_dtype)
         model.path = str(path)
         return model
 
@@ -190,7 +193,8 @@ class Model:
         with self._pool_lock:
             sess = self._pool.pop() if self._pool else None
         if sess is None:
-            sess = _engine.Session(self._engine, self.context_length, PREFILL_CHUNK, self.n_threads)
+            sess = _engine.Session(self._engine, self.context_length, PREFILL_CHUNK, self.n_threads,
+                                   kv_dtype=self.kv_dtype)
         sess.n_threads = self.n_threads
         return sess
 
