@@ -92,17 +92,19 @@ def rope(float[:, ::1] x, const int64_t[::1] pos, const float[:, ::1] cos_t,
     return x
 
 
-def swiglu(float[::1] hb, const float[::1] hb2, simd=None, int n_threads=1):
-    """In place: hb = silu(hb) * hb2."""
+def swiglu(float[::1] hb, const float[::1] hb2, simd=None, int n_threads=1, int64_t rows=1):
+    """In place: hb = silu(hb) * hb2, hb seen as `rows` rows of len(hb) / rows."""
     cdef const l2c_kernels *k = _table(simd)
     cdef int64_t n = hb.shape[0]
     if hb2.shape[0] != n:
         raise _shape_error("hb2", (hb2.shape[0],), (n,))
+    if rows <= 0 or n % rows:
+        raise ValueError(f"rows ({rows}) must divide len(hb) ({n})")
     n_threads = _nt(n_threads)
     if n == 0:
         return hb
     with nogil:
-        k.swiglu(&hb[0], &hb2[0], 1, n, n_threads)
+        k.swiglu(&hb[0], &hb2[0], rows, n // rows, n_threads)
     return hb
 
 
@@ -138,6 +140,36 @@ def attention(float[:, ::1] out, const float[:, ::1] q, const float[:, ::1] k_ca
                              block_size=block_size)
     np.asarray(out)[:] = outs[0]
     return out
+
+
+def attention_ws_bytes(pos0s, ns, int64_t n_heads, int64_t n_kv_heads, int64_t head_size,
+                       int64_t block_size=L2C_KV_BLOCK, int n_threads=1):
+    """Bytes of attention workspace for spans of ns[i] rows at positions pos0s[i].. (the
+    kernel's scratch: per-thread tiles, plus one block partial per decode row and block)."""
+    cdef l2c_kvpool pool
+    cdef l2c_span *spans
+    cdef int64_t i, n = len(ns), r
+    if len(pos0s) != n or n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads or head_size <= 0:
+        raise ValueError("attention_ws_bytes: bad arguments")
+    if block_size <= 0 or block_size % 16:
+        raise ValueError(f"block_size must be a positive multiple of 16, got {block_size}")
+    memset(&pool, 0, sizeof(pool))
+    pool.block_size = block_size
+    pool.n_layers = 1
+    pool.n_kv_heads = n_kv_heads
+    pool.head_size = head_size
+    spans = <l2c_span *>calloc(max(n, 1), sizeof(l2c_span))
+    if spans == NULL:
+        raise MemoryError()
+    row = 0
+    for i in range(n):
+        spans[i].pos0 = pos0s[i]
+        spans[i].row0 = row
+        spans[i].n = ns[i]
+        row += ns[i]
+    r = l2c_attention_ws_bytes(&pool, spans, n, n_heads, _nt(n_threads))
+    free(spans)
+    return r
 
 
 cdef class _Workspace:
