@@ -29,11 +29,11 @@
 #define SC 4    //              vectors of positions
 #define PG 4    // values tile: queries
 #define PJ 4    //              vectors of the head dimension
-#elif defined(__AVX2__)
+#elif defined(__AVX2__)   // 16 registers: 12 accumulators, 3 loads, 1 broadcast
 #define SG 4
-#define SC 2
+#define SC 3
 #define PG 4
-#define PJ 2
+#define PJ 3
 #else
 #define SG 4
 #define SC 4
@@ -326,7 +326,7 @@ static inline void finish(float *restrict out, const float *restrict O, float L,
 // per-thread scratch (kv.h: l2c_att_thread_floats)
 
 typedef struct {
-    float *kf, *vf, *S, *Q, *ob, *O, *mb, *lb, *M, *L;
+    float *kf, *vf, *S, *ob, *O, *mb, *lb, *M, *L;
 } att_scratch;
 
 static inline float *carve(float **p, int64_t n) {
@@ -341,7 +341,6 @@ static att_scratch scratch_for(float *base, int64_t g, int64_t hs, int64_t P) {
     a.kf = carve(&base, hs * P);
     a.vf = carve(&base, P * hsp);
     a.S = carve(&base, rq * P);
-    a.Q = carve(&base, rq * hsp);
     a.ob = carve(&base, rq * hsp);
     a.O = carve(&base, rq * hsp);
     a.mb = carve(&base, rq);
@@ -351,32 +350,43 @@ static att_scratch scratch_for(float *base, int64_t g, int64_t hs, int64_t P) {
     return a;
 }
 
-// queries of rows [r, r+nr) of a span for kv head h, scaled by 1/sqrt(hs): Q (nr*g, hsp)
-static void load_queries(float *restrict Q, const float *restrict q, const l2c_span *sp,
-                         int64_t r, int64_t nr, int64_t h, int64_t g, int64_t n_heads, int64_t hs,
-                         int64_t hsp) {
+// Qs (n_kv, rows, g, hsp) = q (rows, n_heads*hs) * (1 / sqrt(hs)), zero-padded to hsp
+static void scale_queries(float *restrict Qs, const float *restrict q, int64_t rows,
+                          int64_t n_heads, int64_t n_kv, int64_t hs) {
     const float scale = 1.0f / sqrtf((float)hs);
-    for (int64_t i = 0; i < nr; i++)
-        for (int64_t j = 0; j < g; j++) {
-            const float *src = q + (sp->row0 + r + i) * n_heads * hs + (h * g + j) * hs;
-            float *dst = Q + (i * g + j) * hsp;
+    const int64_t hsp = l2c_pad16(hs), g = n_heads / n_kv;
+    for (int64_t t = 0; t < rows; t++)
+        for (int64_t head = 0; head < n_heads; head++) {
+            const float *src = q + (t * n_heads + head) * hs;
+            float *dst = Qs + (((head / g) * rows + t) * g + head % g) * hsp;
             for (int64_t d = 0; d < hs; d++) dst[d] = src[d] * scale;
             for (int64_t d = hs; d < hsp; d++) dst[d] = 0.0f;
         }
 }
 
+// bring a slab's first `bytes` toward the cache ahead of use (the next block of a decode row)
+static inline void prefetch_slab(const uint8_t *p, int64_t bytes) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+    for (int64_t i = 0; i < bytes; i += 128) _mm_prefetch((const char *)p + i, _MM_HINT_T0);
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+
 // one split-K task (decode): the partial of block b for row r of a span, kv head h, into part:
 // m (g), l (g), o (g, hsp)
-static void block_task(float *restrict part, const float *restrict q, const l2c_kvpool *pool,
+static void block_task(float *restrict part, const float *restrict Q, const l2c_kvpool *pool,
                        int64_t layer, const l2c_span *sp, int64_t r, int64_t h, int64_t b,
                        int64_t n_heads, att_scratch *a) {
     const int64_t P = pool->block_size, hs = pool->head_size, hsp = l2c_pad16(hs);
     const int64_t g = n_heads / pool->n_kv_heads, pos = sp->pos0 + r;
     const int64_t nv = pos - b * P + 1 < P ? pos - b * P + 1 : P, np = l2c_pad16(nv);
     const uint8_t *slab = l2c_kv_slab(pool, sp->blocks[b], layer, h);
-    load_queries(a->Q, q, sp, r, 1, h, g, n_heads, hs, hsp);
+    if (b < pos / P)
+        prefetch_slab(l2c_kv_slab(pool, sp->blocks[b + 1], layer, h), pool->slab_bytes);
     const att_block blk = get_block(pool, slab, np, nv, 0, a->kf, a->vf);
-    scores(a->S, P, a->Q, hsp, g, blk.et, blk.K, P, hs, np);
+    scores(a->S, P, Q, hsp, g, blk.et, blk.K, P, hs, np);
     float *m = part, *l = part + g, *o = part + 2 * g;
     for (int64_t j = 0; j < g; j++) block_softmax(a->S + j * P, nv, blk.ks, blk.vs, &m[j], &l[j]);
     weighted_values(o, a->S, P, g, blk.et, blk.V, blk.vst, hsp, nv);
@@ -400,13 +410,12 @@ static void merge_task(float *restrict out, const float *restrict parts, int64_t
 }
 
 // one prefill tile: rows [r, r+nr) of a span for kv head h, walking blocks 0.. in order
-static void tile_task(float *restrict out, const float *restrict q, const l2c_kvpool *pool,
+static void tile_task(float *restrict out, const float *restrict Q, const l2c_kvpool *pool,
                       int64_t layer, const l2c_span *sp, int64_t r, int64_t nr, int64_t h,
                       int64_t n_heads, att_scratch *a) {
     const int64_t P = pool->block_size, hs = pool->head_size, hsp = l2c_pad16(hs);
     const int64_t g = n_heads / pool->n_kv_heads;
     const int64_t first = sp->pos0 + r, last = first + nr - 1;
-    load_queries(a->Q, q, sp, r, nr, h, g, n_heads, hs, hsp);
     for (int64_t b = 0; b <= last / P; b++) {
         const int64_t start = b * P;
         const int64_t i0 = start > first ? start - first : 0;      // rows that see block b
@@ -415,7 +424,7 @@ static void tile_task(float *restrict out, const float *restrict q, const l2c_kv
         // many queries: convert the block once; a few: read it in place
         const att_block blk = get_block(pool, slab, l2c_pad16(nv_max), nv_max,
                                         (nr - i0) * g > 2 * SG, a->kf, a->vf);
-        scores(a->S + i0 * g * P, P, a->Q + i0 * g * hsp, hsp, (nr - i0) * g, blk.et, blk.K, P,
+        scores(a->S + i0 * g * P, P, Q + i0 * g * hsp, hsp, (nr - i0) * g, blk.et, blk.K, P,
                hs, l2c_pad16(nv_max));
         // rows with the same count of visible positions share a values tile
         for (int64_t i = i0; i < nr;) {
@@ -457,6 +466,9 @@ static void attention(float *restrict out, const float *restrict q, const l2c_kv
     l2c_att_item *items = (l2c_att_item *)(base + lay.items_off);
     l2c_att_merge *merges = (l2c_att_merge *)(base + lay.merges_off);
     float *parts = (float *)(base + lay.partials_off);
+    float *Qs = (float *)(base + lay.queries_off);
+    const int64_t hsp = l2c_pad16(hs);
+    scale_queries(Qs, q, lay.n_rows, n_heads, nkv, hs);
     // the work: prefill tiles first (the largest), then the decode rows' block tasks
     int64_t ni = 0, nm = 0, slot = 0, work = 0;
     for (int64_t s = 0; s < n_spans; s++) {
@@ -489,11 +501,12 @@ static void attention(float *restrict out, const float *restrict q, const l2c_kv
         for (int64_t i = 0; i < ni; i++) {
             const l2c_att_item *it = &items[i];
             const l2c_span *sp = &spans[it->span];
+            const float *Q = Qs + ((it->head * lay.n_rows + sp->row0 + it->row) * g) * hsp;
             if (it->block < 0) {
                 const int64_t nr = sp->n - it->row < L2C_ATT_ROWS ? sp->n - it->row : L2C_ATT_ROWS;
-                tile_task(out, q, pool, layer, sp, it->row, nr, it->head, n_heads, &a);
+                tile_task(out, Q, pool, layer, sp, it->row, nr, it->head, n_heads, &a);
             } else {
-                block_task(parts + it->slot, q, pool, layer, sp, it->row, it->head, it->block,
+                block_task(parts + it->slot, Q, pool, layer, sp, it->row, it->head, it->block,
                            n_heads, &a);
             }
         }

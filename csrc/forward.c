@@ -236,6 +236,31 @@ int l2c_forward(const l2c_model *m, l2c_state *s, l2c_kvpool *pool, const l2c_ru
 }
 
 // ---------------------------------------------------------------------------------------------
+// generation loop: prefill, then sample -> feed back, all in C (the caller releases the GIL)
+
+int l2c_generate(const l2c_model *m, l2c_state *s, l2c_seq *seq, struct l2c_sampler *sp,
+                 const int32_t *prompt, int64_t n_prompt, float *logits, int32_t *out,
+                 int64_t max_new, const int32_t *stop, int64_t n_stop, int64_t *n_out) {
+    *n_out = 0;
+    if (!seq || !logits || max_new < 0 || n_prompt < 0 || (max_new > 0 && !out)) return L2C_ERR_ARG;
+    int rc;
+    l2c_run run = {seq, n_prompt, L2C_LOGITS_LAST};
+    if (n_prompt > 0 && (rc = l2c_forward(m, s, seq->pool, &run, 1, prompt, logits)) != L2C_OK) return rc;
+    for (int64_t i = 0; i < max_new; i++) {
+        const int32_t tok = l2c_sample(sp, logits);
+        out[i] = tok;
+        *n_out = i + 1;
+        for (int64_t j = 0; j < n_stop; j++)
+            if (tok == stop[j]) return L2C_OK;
+        // the last token is returned, not fed: the caller feeds it first on the next call
+        if (i == max_new - 1 || seq->n_pos >= seq->max_pos || seq->n_pos >= m->cfg.seq_len) return L2C_OK;
+        run.n_tokens = 1;
+        if ((rc = l2c_forward(m, s, seq->pool, &run, 1, &tok, logits)) != L2C_OK) return rc;
+    }
+    return L2C_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
 // memory read bandwidth probe (for `llama2c bench`: effective bandwidth vs the machine's)
 
 static double now_s(void) {

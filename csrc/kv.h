@@ -88,8 +88,8 @@ typedef struct {
 } l2c_att_merge;
 
 typedef struct {
-    int64_t n_items, n_merges, n_partial_floats;
-    int64_t items_off, merges_off, partials_off, thread_off, thread_bytes, total;
+    int64_t n_items, n_merges, n_partial_floats, n_rows;
+    int64_t items_off, merges_off, partials_off, queries_off, thread_off, thread_bytes, total;
 } l2c_att_layout;
 
 static inline int64_t l2c_round64(int64_t b) { return (b + 63) / 64 * 64; }
@@ -100,11 +100,11 @@ static inline int64_t l2c_att_partial_floats(int64_t g, int64_t hs) {
     return g * (2 + l2c_pad16(hs));
 }
 
-// per-thread scratch floats: K^T (hs, P), V (P, hsp), scores (R*g, P), scaled queries (R*g, hsp),
-// block partials o (R*g, hsp) and state O (R*g, hsp), and m, l, M, L (R*g each)
+// per-thread scratch floats: K^T (hs, P), V (P, hsp), scores (R*g, P), block partials o
+// (R*g, hsp) and state O (R*g, hsp), and m, l, M, L (R*g each)
 static inline int64_t l2c_att_thread_floats(int64_t g, int64_t hs, int64_t P) {
     const int64_t hsp = l2c_pad16(hs), rq = L2C_ATT_ROWS * g;
-    return hs * P + P * hsp + rq * P + 3 * rq * hsp + 4 * l2c_pad16(rq) + 5 * 16;
+    return hs * P + P * hsp + rq * P + 2 * rq * hsp + 4 * l2c_pad16(rq) + 4 * 16;
 }
 
 static inline l2c_att_layout l2c_att_plan(const l2c_kvpool *pool, const l2c_span *spans,
@@ -115,6 +115,7 @@ static inline l2c_att_layout l2c_att_plan(const l2c_kvpool *pool, const l2c_span
     int64_t split_tasks = 0;
     for (int64_t i = 0; i < n_spans; i++) {
         const l2c_span *sp = &spans[i];
+        if (sp->row0 + sp->n > L.n_rows) L.n_rows = sp->row0 + sp->n;
         if (sp->n <= L2C_ATT_SPLIT_ROWS) {
             for (int64_t r = 0; r < sp->n; r++) split_tasks += (sp->pos0 + r) / P + 1;
             L.n_merges += sp->n * nkv;
@@ -128,7 +129,9 @@ static inline l2c_att_layout l2c_att_plan(const l2c_kvpool *pool, const l2c_span
     L.items_off = 0;
     L.merges_off = l2c_round64(L.n_items * (int64_t)sizeof(l2c_att_item));
     L.partials_off = L.merges_off + l2c_round64(L.n_merges * (int64_t)sizeof(l2c_att_merge));
-    L.thread_off = L.partials_off + l2c_round64(L.n_partial_floats * 4);
+    // the queries scaled by 1/sqrt(hs), (n_kv, rows, g, hsp): a kv head's queries at one stride
+    L.queries_off = L.partials_off + l2c_round64(L.n_partial_floats * 4);
+    L.thread_off = L.queries_off + l2c_round64(L.n_rows * n_heads * l2c_pad16(pool->head_size) * 4);
     L.thread_bytes = l2c_round64(l2c_att_thread_floats(g, pool->head_size, P) * 4);
     L.total = L.thread_off + (n_threads < 1 ? 1 : n_threads) * L.thread_bytes;
     return L;

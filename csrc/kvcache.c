@@ -1,14 +1,51 @@
 // kvcache.c: the KV pool (blocks of P positions on a free stack) and sequences (block tables):
 // reserve, truncate, save/load as bytes. The layout of a block is described in llama2c.h.
+#define _DEFAULT_SOURCE
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "kv.h"
 #include "llama2c.h"
 
 // ---------------------------------------------------------------------------------------------
 // pool
+
+// Zeroed memory whose pages are touched only when a block fills. On Linux, an anonymous
+// mapping aligned to 2 MB and marked for transparent huge pages: decode reads every block of a
+// sequence once per layer, and with 4 KB pages those scattered slabs cost a page walk each.
+#define L2C_HUGE (2 << 20)
+
+static uint8_t *pool_alloc(l2c_kvpool *p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (bytes >= L2C_HUGE) {
+        const size_t len = (size_t)((bytes + 2 * L2C_HUGE - 1) / L2C_HUGE * L2C_HUGE);
+        void *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) return NULL;
+        p->mem = m;
+        p->mem_bytes = (int64_t)len;
+        uint8_t *a = (uint8_t *)(((uintptr_t)m + L2C_HUGE - 1) / L2C_HUGE * L2C_HUGE);
+        madvise(a, (size_t)((bytes + L2C_HUGE - 1) / L2C_HUGE * L2C_HUGE), MADV_HUGEPAGE);
+        return a;
+    }
+#endif
+    p->mem = calloc((size_t)bytes, 1);
+    p->mem_bytes = 0;
+    return p->mem;
+}
+
+static void pool_release(l2c_kvpool *p) {
+#if defined(__linux__)
+    if (p->mem && p->mem_bytes > 0) {
+        munmap(p->mem, (size_t)p->mem_bytes);
+        return;
+    }
+#endif
+    free(p->mem);
+}
 
 int64_t l2c_kv_block_bytes(int64_t n_layers, int64_t n_kv_heads, int64_t head_size,
                            int32_t dtype, int64_t block_size) {
@@ -32,8 +69,7 @@ int l2c_kvpool_init(l2c_kvpool *p, int64_t n_layers, int64_t n_kv_heads, int64_t
     p->head_size = head_size;
     p->block_bytes = bb;
     p->slab_bytes = bb / (n_layers * n_kv_heads);
-    // calloc: the zero pages of a large request are mapped, not touched, until a block fills
-    p->data = calloc((size_t)n_blocks, (size_t)bb);
+    p->data = pool_alloc(p, n_blocks * bb);
     p->free_stack = malloc((size_t)n_blocks * sizeof(int32_t));
     if (!p->data || !p->free_stack) {
         l2c_kvpool_free(p);
@@ -48,7 +84,7 @@ int l2c_kvpool_init(l2c_kvpool *p, int64_t n_layers, int64_t n_kv_heads, int64_t
 
 void l2c_kvpool_free(l2c_kvpool *p) {
     if (!p) return;
-    free(p->data);
+    pool_release(p);
     free(p->free_stack);
     memset(p, 0, sizeof(*p));
 }

@@ -247,7 +247,8 @@ typedef struct {
 //                table converts in software, bit for bit the same)
 //   L2C_KV_Q8    int8 with one float scale per (position, kv head) for keys and one for values:
 //                s = max|x| / 127 (0 for an all-zero row), q = round_half_even(x / s)
-// The pool's memory comes from calloc at creation, so pages are touched only as blocks fill;
+// The pool's memory is reserved at creation (calloc, or on Linux a mapping marked for
+// transparent huge pages), so pages are touched only as blocks fill;
 // free blocks sit on a stack (the most recently freed is reused first). Not thread-safe: one
 // l2c_forward (or reserve/truncate) at a time per pool.
 #define L2C_KV_F32 0
@@ -263,8 +264,10 @@ typedef struct l2c_kvpool {
     int64_t block_bytes;
     int64_t n_blocks;            // capacity
     int64_t n_free;              // blocks on the free stack
-    uint8_t *data;               // (n_blocks, block_bytes), calloc
+    uint8_t *data;               // (n_blocks, block_bytes), zeroed, touched as blocks fill
     int32_t *free_stack;         // (n_blocks,) free block ids, top at n_free - 1
+    void *mem;                   // the allocation holding data (private)
+    int64_t mem_bytes;           // its size if mapped, 0 if from calloc (private)
 } l2c_kvpool;
 
 typedef struct {
@@ -381,10 +384,20 @@ typedef struct {
 int l2c_forward(const l2c_model *m, l2c_state *s, l2c_kvpool *pool, const l2c_run *runs,
                 int64_t n_runs, const int32_t *tokens, float *logits);
 
+struct l2c_sampler;
+// One sequence's generation loop in one call: run prompt[0..n_prompt) (if any) appended to seq,
+// then sample up to max_new tokens, each fed back except the last, stopping after a token in
+// stop[0..n_stop) or when seq is full. logits (vocab_size,): in, the logits to sample the first
+// token from when n_prompt == 0; out, the last ones computed. out receives the ids, *n_out their
+// count. *s->cancel is checked before every forward step.
+int l2c_generate(const l2c_model *m, l2c_state *s, l2c_seq *seq, struct l2c_sampler *sp,
+                 const int32_t *prompt, int64_t n_prompt, float *logits, int32_t *out,
+                 int64_t max_new, const int32_t *stop, int64_t n_stop, int64_t *n_out);
+
 // ---------------------------------------------------------------------------------------------
 // sampler
 
-typedef struct {
+typedef struct l2c_sampler {
     int64_t vocab_size;
     float temperature;   // 0 = greedy (argmax)
     float top_p;         // nucleus; >= 1 or <= 0 disables

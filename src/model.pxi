@@ -463,13 +463,17 @@ cdef class Session:
 
     def generate(self, const int32_t[::1] prompt, int64_t pos0, int64_t max_new, Sampler sampler,
                  const int32_t[::1] stop=None):
-        """Prefill prompt at pos0 (<= n_tokens), then sample up to max_new tokens (each fed back
-        except the last), stopping after a stop id. Returns the generated ids (int32 array)."""
-        cdef int64_t n_prompt = prompt.shape[0], i
-        cdef int32_t tok
+        """Prefill prompt at pos0 (<= n_tokens: the cache is cut to pos0 first), then sample up to
+        max_new tokens (each fed back except the last), stopping after a stop id; one C call
+        with the GIL released. Returns the generated ids (int32 array)."""
+        cdef int64_t n_prompt = prompt.shape[0], n_out = 0, n_stop = 0, V = self.engine.m.cfg.vocab_size
+        cdef const int32_t *pp = NULL
+        cdef const int32_t *sp = NULL
+        cdef float[::1] lv
+        cdef int rc
         if max_new < 0:
             raise ValueError(f"max_new must be >= 0, got {max_new}")
-        if sampler.sp.vocab_size != self.engine.m.cfg.vocab_size:
+        if sampler.sp.vocab_size != V:
             raise ValueError("sampler vocab size differs from the model's")
         if pos0 < 0 or pos0 + n_prompt > self.context:
             raise ContextLengthError(
@@ -478,25 +482,38 @@ cdef class Session:
             raise ValueError("generate: an empty prompt at position 0 has no logits to sample from")
         if pos0 > self.seq.n_pos:
             raise ValueError(f"generate: position {pos0} is beyond the {self.seq.n_pos} cached")
-        stops = set(np.asarray(stop).tolist()) if stop is not None else set()
         if n_prompt:
             self.truncate(pos0)
-            logits = self.eval(prompt, "last")
+            logits = np.empty(V, dtype=np.float32)
+            pp = &prompt[0]
         else:
             if pos0 != self.seq.n_pos:
                 raise ValueError("generate: without a prompt, pos0 must be n_tokens")
             logits = self.last_logits()
-        out = []
-        one = np.empty(1, dtype=np.int32)
-        for i in range(max_new):
-            tok = sampler.sample(logits)
-            out.append(tok)
-            # the last token is returned, not fed: the caller feeds it first on the next call
-            if tok in stops or i == max_new - 1 or self.seq.n_pos >= self.context:
-                break
-            one[0] = tok
-            logits = self.eval(one, "last")
-        return np.asarray(out, dtype=np.int32)
+        lv = logits
+        out = np.zeros(max(max_new, 1), dtype=np.int32)
+        cdef int32_t[::1] o = out
+        if stop is not None and stop.shape[0]:
+            sp = &stop[0]
+            n_stop = stop.shape[0]
+        start = self.seq.n_pos
+        self._enter()
+        self.cancel_flag = 0
+        try:
+            with nogil:
+                PyThread_acquire_lock(self.pool.lock, WAIT_LOCK)
+                rc = l2c_generate(&self.engine.m, &self.s, &self.seq, &sampler.sp, pp, n_prompt,
+                                  &lv[0], &o[0], max_new, sp, n_stop, &n_out)
+                PyThread_release_lock(self.pool.lock)
+        finally:
+            self.busy = False
+        if rc != L2C_OK:
+            self._last = None
+            if rc == L2C_ERR_CANCELLED:
+                raise GenerationCancelled(f"cancelled after {self.seq.n_pos - start} positions")
+            _check(rc, "generate")
+        self._last = logits if self.seq.n_pos > start else self._last
+        return out[:n_out]
 
 
 def forward_batch(sessions, token_arrays, logits_modes="last", n_threads=None):
