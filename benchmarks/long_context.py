@@ -55,7 +55,8 @@ def prompt_ids(tokenizer, n):
 
 
 def ours(model, ids, n, n_decode, max_batch):
-    """(prefill seconds, decode tok/s) for an n-token prompt in a fresh session."""
+    """(prefill seconds, decode tok/s, (RssAnon, RssFile) with the session alive) for an
+    n-token prompt in a fresh session."""
     s = E.Session(model._engine, model.context_length, max_batch, model.n_threads,
                   kv_dtype=model.kv_dtype)
     t0 = time.perf_counter()
@@ -66,7 +67,7 @@ def ours(model, ids, n, n_decode, max_batch):
     for _ in range(n_decode):
         tok[0] = int(np.argmax(logits))
         logits = s.eval(tok, "last")
-    return prefill, n_decode / (time.perf_counter() - t0)
+    return prefill, n_decode / (time.perf_counter() - t0), rss()
 
 
 def peer(llm, ids, n, n_decode):
@@ -110,10 +111,9 @@ def main(argv=None):
     mem = {}
     for _ in range(args.rounds):
         for n in [16] + contexts:
-            p, d = ours(model, ids, n, args.decode, args.max_batch)
+            p, d, mem[n] = ours(model, ids, n, args.decode, args.max_batch)
             old = best.get(("ours", n), (np.inf, 0))
             best[("ours", n)] = (min(old[0], p), max(old[1], d))
-            mem[n] = rss()
     if args.llama_cpp:
         try:
             from llama_cpp import Llama
@@ -128,13 +128,15 @@ def main(argv=None):
                     old = best.get(("llama.cpp", n), (np.inf, 0))
                     best[("llama.cpp", n)] = (min(old[0], p), max(old[1], d))
     short = best[("ours", 16)][1]
-    print("| context | prefill | prefill tok/s | decode tok/s | decode vs short | RssAnon MB | "
+    model_kv_bytes = E.KVPool(model._engine, n_blocks=1, kv_dtype=args.kv_dtype).bytes_per_token
+    print("| context | prefill | prefill tok/s | decode tok/s | decode vs short | RssAnon MB (KV) | "
           + ("llama.cpp prefill | llama.cpp decode | decode ratio | prefill ratio |" if args.llama_cpp else ""))
     print("|---|---|---|---|---|---|" + ("---|---|---|---|" if args.llama_cpp else ""))
     for n in [16] + contexts:
         p, d = best[("ours", n)]
+        kv_mb = (n + args.decode) * model_kv_bytes / 2**20
         row = (f"| {n} | {p:.2f} s | {n / p:.0f} | {d:.1f} | {100 * d / short:.0f}% | "
-               f"{mem[n][0] - anon0:.0f} |")
+               f"{mem[n][0] - anon0:.0f} ({kv_mb:.0f}) |")
         if ("llama.cpp", n) in best:
             lp, ld = best[("llama.cpp", n)]
             row += f" {lp:.2f} s | {ld:.1f} | {d / ld:.2f}x | {lp / p:.2f}x |"
