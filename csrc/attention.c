@@ -469,25 +469,27 @@ static void attention(float *restrict out, const float *restrict q, const l2c_kv
     float *Qs = (float *)(base + lay.queries_off);
     const int64_t hsp = l2c_pad16(hs);
     scale_queries(Qs, q, lay.n_rows, n_heads, nkv, hs);
-    // the work: prefill tiles first (the largest), then the decode rows' block tasks
+    // the work: prefill tiles (the largest first), then the decode rows' block tasks
     int64_t ni = 0, nm = 0, slot = 0, work = 0;
     for (int64_t s = 0; s < n_spans; s++) {
         const l2c_span *sp = &spans[s];
         if (sp->n <= L2C_ATT_SPLIT_ROWS) continue;
-        for (int64_t r = 0; r < sp->n; r += L2C_ATT_ROWS)
+        for (int64_t r = (sp->n - 1) / L2C_ATT_ROWS * L2C_ATT_ROWS; r >= 0; r -= L2C_ATT_ROWS)
             for (int64_t h = 0; h < nkv; h++)
-                items[ni++] = (l2c_att_item){(int32_t)s, (int32_t)r, (int32_t)h, -1, 0};
+                items[ni++] = (l2c_att_item){(int32_t)s, (int32_t)r, (int32_t)h, -1, -1, 0, 0};
         work += sp->n * (sp->pos0 + sp->n);
     }
+    const int64_t n_tiles = ni;
     for (int64_t s = 0; s < n_spans; s++) {
         const l2c_span *sp = &spans[s];
         if (sp->n > L2C_ATT_SPLIT_ROWS) continue;
         for (int64_t r = 0; r < sp->n; r++) {
             const int64_t nb = (sp->pos0 + r) / P + 1;
-            for (int64_t h = 0; h < nkv; h++) {
-                merges[nm++] = (l2c_att_merge){(int32_t)s, (int32_t)r, (int32_t)h, (int32_t)nb, slot};
+            for (int64_t h = 0; h < nkv; h++, nm++) {
+                merges[nm] = (l2c_att_merge){(int32_t)s, (int32_t)r, (int32_t)h, (int32_t)nb, slot, 0, 0};
                 for (int64_t b = 0; b < nb; b++, slot += stride)
-                    items[ni++] = (l2c_att_item){(int32_t)s, (int32_t)r, (int32_t)h, (int32_t)b, slot};
+                    items[ni++] = (l2c_att_item){(int32_t)s, (int32_t)r, (int32_t)h, (int32_t)b,
+                                                 (int32_t)nm, 0, slot};
             }
             work += sp->pos0 + r + 1;
         }
@@ -497,25 +499,30 @@ static void attention(float *restrict out, const float *restrict q, const l2c_kv
     {
         att_scratch a = scratch_for((float *)(base + lay.thread_off + L2C_THREAD_ID() * lay.thread_bytes),
                                     g, hs, P);
-        L2C_PRAGMA(omp for schedule(dynamic, 1))
-        for (int64_t i = 0; i < ni; i++) {
+        L2C_PRAGMA(omp for schedule(dynamic, 1) nowait)
+        for (int64_t i = 0; i < n_tiles; i++) {
             const l2c_att_item *it = &items[i];
             const l2c_span *sp = &spans[it->span];
             const float *Q = Qs + ((it->head * lay.n_rows + sp->row0 + it->row) * g) * hsp;
-            if (it->block < 0) {
-                const int64_t nr = sp->n - it->row < L2C_ATT_ROWS ? sp->n - it->row : L2C_ATT_ROWS;
-                tile_task(out, Q, pool, layer, sp, it->row, nr, it->head, n_heads, &a);
-            } else {
-                block_task(parts + it->slot, Q, pool, layer, sp, it->row, it->head, it->block,
-                           n_heads, &a);
-            }
+            const int64_t nr = sp->n - it->row < L2C_ATT_ROWS ? sp->n - it->row : L2C_ATT_ROWS;
+            tile_task(out, Q, pool, layer, sp, it->row, nr, it->head, n_heads, &a);
         }
-        L2C_PRAGMA(omp for schedule(static))
-        for (int64_t i = 0; i < nm; i++) {
-            const l2c_att_merge *mg = &merges[i];
-            const l2c_span *sp = &spans[mg->span];
-            merge_task(out, parts + mg->slot, mg->n_blocks, g, hs,
-                       (sp->row0 + mg->row) * n_heads * hs + mg->head * g * hs, &a);
+        // blocks in runs of 4 per thread (each task prefetches its next block); the task that
+        // completes a row's partials merges them, in block order
+        L2C_PRAGMA(omp for schedule(dynamic, 4) nowait)
+        for (int64_t i = n_tiles; i < ni; i++) {
+            const l2c_att_item *it = &items[i];
+            const l2c_span *sp = &spans[it->span];
+            const float *Q = Qs + ((it->head * lay.n_rows + sp->row0 + it->row) * g) * hsp;
+            block_task(parts + it->slot, Q, pool, layer, sp, it->row, it->head, it->block,
+                       n_heads, &a);
+            l2c_att_merge *mg = &merges[it->merge];
+            int32_t done;
+            L2C_PRAGMA(omp atomic capture seq_cst)
+            done = ++mg->done;
+            if (done == mg->n_blocks)
+                merge_task(out, parts + mg->slot, mg->n_blocks, g, hs,
+                           (sp->row0 + mg->row) * n_heads * hs + mg->head * g * hs, &a);
         }
     }
 }

@@ -79,12 +79,14 @@ static inline float l2c_f16_to_f32(uint16_t h) {
 
 typedef struct {
     int32_t span, row, head, block;  // block < 0: a tile of rows row.. (prefill)
+    int32_t merge, pad;              // split task: its row's merge
     int64_t slot;                    // split task: first float of its partial
 } l2c_att_item;
 
 typedef struct {
     int32_t span, row, head, n_blocks;
     int64_t slot;                    // partials of blocks 0..n_blocks-1 at slot + b * stride
+    int32_t done, pad;               // block tasks finished (the last one merges)
 } l2c_att_merge;
 
 typedef struct {
