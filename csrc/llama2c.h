@@ -254,7 +254,8 @@ typedef struct {
 #define L2C_KV_F32 0
 #define L2C_KV_F16 1
 #define L2C_KV_Q8 2
-#define L2C_KV_BLOCK 64          // default positions per block
+#define L2C_KV_BLOCK 64          // default positions per block (decode at 4k tokens, SmolLM2:
+                                 // 32 was ~15% slower, 128 no faster and wastes more per sequence)
 
 typedef struct l2c_kvpool {
     int32_t dtype;               // L2C_KV_F32, L2C_KV_F16 or L2C_KV_Q8
