@@ -317,8 +317,10 @@ int l2c_seq_read(const l2c_seq *s, int64_t layer, int64_t head, int64_t pos, flo
 //     m_b = max_j s_j,  l_b = sum_j exp(s_j - m_b),  o_b = sum_j exp(s_j - m_b) v_j  (j in order)
 // and the partials merge in block order: (M, L, O) = partial 0, then for b = 1, 2, ...:
 //     M' = max(M, m_b), L = L exp(M - M') + l_b exp(m_b - M'), O = O exp(M - M') + o_b exp(m_b - M')
-// out = O * (1 / L). Decode computes block partials in parallel (split-K) and merges them in
-// order; prefill walks tiles of rows x blocks, merging as it goes: the same arithmetic.
+// out = O * (1 / L). With an int8 cache the dot runs over the int8 codes and is then multiplied
+// by the position's key scale, and a value's weight exp(s_j - m_b) by its value scale (l_b
+// sums the unscaled weights). Decode computes block partials in parallel (split-K) and merges
+// them in order; prefill walks tiles of rows x blocks, merging as it goes: the same arithmetic.
 
 // A run of n consecutive rows of q/out (from row0) that are positions pos0.. of one sequence.
 typedef struct l2c_span {
