@@ -39,8 +39,8 @@ COMPILE_OPTIONS = {
 LINK_OPTIONS = {"msvc": [], "other": []}
 # Per-file flags of the SIMD kernel objects.
 ISA_FLAGS = {
-    "avx2": ["-mavx2", "-mfma"],
-    "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
 }
 
 CYTHON_DIRECTIVES = {
@@ -104,7 +104,8 @@ class BuildExt(build_ext):
                 output_dir=self.build_temp,
                 include_dirs=["csrc"],
                 extra_postargs=cflags + flags,
-                depends=["csrc/kernels.c", "csrc/kernels_q8.c", "csrc/llama2c.h"],
+                depends=["csrc/kernels.c", "csrc/kernels_q8.c", "csrc/llama2c.h", "csrc/ops.c",
+                         "csrc/attention.c", "csrc/vec.h", "csrc/kv.h"],
             )
             ext.extra_objects.extend(objs)
             built.append(isa)
@@ -115,11 +116,12 @@ class BuildExt(build_ext):
 extensions = [
     Extension(
         "llama2c._engine",
-        sources=["src/_engine.pyx", "csrc/forward.c", "csrc/linear.c", "csrc/sampler.c",
+        sources=["src/_engine.pyx", "csrc/forward.c", "csrc/kvcache.c", "csrc/linear.c", "csrc/sampler.c",
                  "csrc/dispatch.c", "csrc/arch/kernels_generic.c"],
         include_dirs=["csrc", "src", np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         depends=["csrc/llama2c.h", "csrc/internal.h", "csrc/kernels.c", "csrc/kernels_q8.c",
+                 "csrc/ops.c", "csrc/attention.c", "csrc/vec.h", "csrc/kv.h",
                  "src/l2c.pxd"] + sorted(str(p) for p in Path("src").glob("*.pxi")),
     )
 ]

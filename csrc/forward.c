@@ -1,8 +1,9 @@
-// forward.c: the transformer forward pass, the per-session state and the generation loop.
+// forward.c: the transformer forward pass over the KV pool, and its per-call state.
 //
 // Reads like llama2.c's run.c: one comment per stage, quoting the PyTorch line it mirrors.
-// The same code runs one token (decode: matrix-vector kernels) or a chunk of T prompt tokens
-// (prefill: matrix-matrix kernels), since every kernel takes a row count T.
+// A step is a batch of T rows: decode rows of many sequences and prefill chunks of others,
+// each row at its own position in its own sequence. Every kernel takes a row count T and
+// computes each row on its own, so a row's numbers do not depend on the step it ran in.
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
 #include <stdint.h>
@@ -17,21 +18,20 @@
 #endif
 
 #include "internal.h"
+#include "kv.h"
 
 // ---------------------------------------------------------------------------------------------
 // state
 
 static int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int64_t seq_len,
-                   int n_threads) {
+int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int n_threads) {
     memset(s, 0, sizeof(*s));
     int rc = l2c_model_check(m);
     if (rc != L2C_OK) return rc;
     const l2c_config *c = &m->cfg;
-    if (max_batch <= 0 || seq_len <= 0 || seq_len > c->seq_len || n_threads <= 0) return L2C_ERR_ARG;
+    if (max_batch <= 0 || n_threads <= 0) return L2C_ERR_ARG;
     s->max_batch = max_batch;
-    s->seq_len = seq_len;
     s->n_threads = n_threads;
     s->dim = c->dim;
     s->hidden_dim = c->hidden_dim;
@@ -41,22 +41,21 @@ int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int64_t 
     s->n_layers = c->n_layers;
     s->n_heads = c->n_heads;
     const int64_t B = max_batch, wide = max_i64(c->dim, s->q_dim);
-    // calloc: large buffers (the KV cache) come as untouched zero pages, so a long context
-    // costs memory only as it fills.
     s->x = calloc((size_t)(B * c->dim), sizeof(float));
     s->xb = calloc((size_t)(B * wide), sizeof(float));
     s->xb2 = calloc((size_t)(B * c->dim), sizeof(float));
     s->hb = calloc((size_t)(B * c->hidden_dim), sizeof(float));
     s->hb2 = calloc((size_t)(B * c->hidden_dim), sizeof(float));
     s->q = calloc((size_t)(B * s->q_dim), sizeof(float));
-    s->att = calloc((size_t)(B * c->n_heads * seq_len), sizeof(float));
-    s->logits = calloc((size_t)c->vocab_size, sizeof(float));
-    s->key_cache = calloc((size_t)(c->n_layers * seq_len * s->kv_dim), sizeof(float));
-    s->value_cache = calloc((size_t)(c->n_layers * seq_len * s->kv_dim), sizeof(float));
+    s->k = calloc((size_t)(B * s->kv_dim), sizeof(float));
+    s->v = calloc((size_t)(B * s->kv_dim), sizeof(float));
     s->pos = malloc((size_t)B * sizeof(int64_t));
-    if (!s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->att || !s->logits ||
-        !s->key_cache || !s->value_cache || !s->pos ||
-        l2c_input_init(&s->in, m, B) != L2C_OK) {
+    s->tok = malloc((size_t)B * sizeof(int32_t));
+    s->wanted = malloc((size_t)B * sizeof(int64_t));
+    s->spans = malloc((size_t)B * sizeof(l2c_span));
+    s->span_seq = malloc((size_t)B * sizeof(l2c_seq *));
+    if (!s->span_seq || !s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->k || !s->v || !s->pos ||
+        !s->tok || !s->wanted || !s->spans || l2c_input_init(&s->in, m, B) != L2C_OK) {
         l2c_state_free(s);
         return L2C_ERR_NOMEM;
     }
@@ -65,87 +64,173 @@ int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int64_t 
 
 void l2c_state_free(l2c_state *s) {
     if (!s) return;
-    free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2); free(s->q); free(s->att);
-    free(s->logits); free(s->key_cache); free(s->value_cache);
+    free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2); free(s->q); free(s->k);
+    free(s->v); free(s->pos); free(s->tok); free(s->wanted); free(s->spans); free(s->span_seq);
+    free(s->ws);
     l2c_input_free(&s->in);
-    free(s->pos);
     memset(s, 0, sizeof(*s));
 }
 
-static void forward_chunk(const l2c_model *m, l2c_state *s, const int32_t *tokens, int64_t T,
-                          int64_t pos0, float *logits_all) {
+// the attention workspace for this step's spans, grown when needed
+static int reserve_ws(l2c_state *s, const l2c_model *m, const l2c_kvpool *pool, int64_t n_spans) {
+    const int64_t need = l2c_attention_ws_bytes(pool, s->spans, n_spans, m->cfg.n_heads, s->n_threads);
+    if (need <= s->ws_bytes) return L2C_OK;
+    free(s->ws);
+    const int64_t bytes = need + need / 4;      // room to grow with the context
+    s->ws = aligned_alloc(64, (size_t)l2c_round64(bytes));
+    s->ws_bytes = s->ws ? l2c_round64(bytes) : 0;
+    return s->ws ? L2C_OK : L2C_ERR_NOMEM;
+}
+
+// x[t] += b for each of T rows of width n
+static void add_bias(float *restrict x, const float *restrict b, int64_t T, int64_t n) {
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t i = 0; i < n; i++) x[t * n + i] += b[i];
+}
+
+// ---------------------------------------------------------------------------------------------
+// one step: T rows (s->tok, s->pos) in n_spans spans; logits of the n_wanted rows s->wanted
+
+static void forward_step(const l2c_model *m, l2c_state *s, const l2c_kvpool *pool, int64_t T,
+                         int64_t n_spans, int64_t n_wanted, float *logits) {
     const l2c_config *c = &m->cfg;
     const l2c_kernels *k = m->k;
     const int64_t dim = c->dim, hidden = c->hidden_dim, hs = c->head_size;
-    const int64_t kv_dim = s->kv_dim, nth = s->n_threads;
+    const int64_t q_dim = s->q_dim, kv_dim = s->kv_dim;
+    const int nth = s->n_threads;
 
     // x = tok_embeddings(tokens)
-    for (int64_t t = 0; t < T; t++) {
-        l2c_embed(s->x + t * dim, &m->tok_embeddings, tokens[t]);
-        s->pos[t] = pos0 + t;
-    }
+    for (int64_t t = 0; t < T; t++) l2c_embed(s->x + t * dim, &m->tok_embeddings, s->tok[t]);
 
     for (int64_t l = 0; l < c->n_layers; l++) {
         const l2c_layer *L = &m->layers[l];
-        float *kc = s->key_cache + l * s->seq_len * kv_dim;    // this layer's (seq_len, kv_dim)
-        float *vc = s->value_cache + l * s->seq_len * kv_dim;
 
         // xb = attention_norm(x)
-        k->rmsnorm(s->xb, s->x, L->rms_att, T, dim, c->norm_eps, (int)nth);
+        k->rmsnorm(s->xb, s->x, L->rms_att, T, dim, c->norm_eps, nth);
         const l2c_matrix *qkv[3] = {&L->wq, &L->wk, &L->wv};
-        l2c_input_set(m, &s->in, s->xb, T, dim, qkv, 3, (int)nth);
-        // q, k, v = wq(xb), wk(xb), wv(xb); k and v go straight into the cache rows pos0..
-        l2c_linear(m, s->q, &s->in, &L->wq, (int)nth);
-        l2c_linear(m, kc + pos0 * kv_dim, &s->in, &L->wk, (int)nth);
-        l2c_linear(m, vc + pos0 * kv_dim, &s->in, &L->wv, (int)nth);
-        // q, k = apply_rotary_emb(q, k, freqs_cis)
-        k->rope(s->q, s->pos, m->rope_cos, m->rope_sin, T, c->n_heads, hs, (int)nth);
-        k->rope(kc + pos0 * kv_dim, s->pos, m->rope_cos, m->rope_sin, T, c->n_kv_heads, hs, (int)nth);
-        // xb = softmax(q @ k^T / sqrt(hs) + causal mask) @ v, heads sharing kv heads (GQA)
-        k->attention(s->xb, s->att, s->q, kc, vc, T, pos0, c->n_heads, c->n_kv_heads, hs,
-                     s->seq_len, (int)nth);
+        l2c_input_set(m, &s->in, s->xb, T, dim, qkv, 3, nth);
+        // xq, xk, xv = wq(xb), wk(xb), wv(xb)    (nn.Linear(..., bias=True) in qwen2)
+        l2c_linear(m, s->q, &s->in, &L->wq, nth);
+        l2c_linear(m, s->k, &s->in, &L->wk, nth);
+        l2c_linear(m, s->v, &s->in, &L->wv, nth);
+        if (L->bq) add_bias(s->q, L->bq, T, q_dim);
+        if (L->bk) add_bias(s->k, L->bk, T, kv_dim);
+        if (L->bv) add_bias(s->v, L->bv, T, kv_dim);
+        // xq, xk = apply_rotary_emb(xq, xk, freqs_cis), each row at its own position
+        k->rope(s->q, s->pos, m->rope_cos, m->rope_sin, T, c->n_heads, hs, nth);
+        k->rope(s->k, s->pos, m->rope_cos, m->rope_sin, T, c->n_kv_heads, hs, nth);
+        // cache_k[seq, pos] = xk; cache_v[seq, pos] = xv   (each row into its own sequence)
+        k->kv_store(pool, l, s->spans, n_spans, s->k, s->v, nth);
+        // xb = softmax(xq @ keys^T / sqrt(hs) + causal mask) @ values, per sequence (GQA)
+        k->attention(s->xb, s->q, pool, l, s->spans, n_spans, c->n_heads, s->ws, nth);
         // x = x + wo(xb)
         const l2c_matrix *o[1] = {&L->wo};
-        l2c_input_set(m, &s->in, s->xb, T, c->n_heads * hs, o, 1, (int)nth);
-        l2c_linear(m, s->xb2, &s->in, &L->wo, (int)nth);
-        k->add(s->x, s->xb2, T * dim, (int)nth);
+        l2c_input_set(m, &s->in, s->xb, T, q_dim, o, 1, nth);
+        l2c_linear(m, s->xb2, &s->in, &L->wo, nth);
+        k->add(s->x, s->xb2, T * dim, nth);
 
         // xb = ffn_norm(x)
-        k->rmsnorm(s->xb, s->x, L->rms_ffn, T, dim, c->norm_eps, (int)nth);
+        k->rmsnorm(s->xb, s->x, L->rms_ffn, T, dim, c->norm_eps, nth);
         // x = x + w2(F.silu(w1(xb)) * w3(xb))
         const l2c_matrix *up[2] = {&L->w1, &L->w3}, *down[1] = {&L->w2};
-        l2c_input_set(m, &s->in, s->xb, T, dim, up, 2, (int)nth);
-        l2c_linear(m, s->hb, &s->in, &L->w1, (int)nth);
-        l2c_linear(m, s->hb2, &s->in, &L->w3, (int)nth);
-        k->swiglu(s->hb, s->hb2, T * hidden, (int)nth);
-        l2c_input_set(m, &s->in, s->hb, T, hidden, down, 1, (int)nth);
-        l2c_linear(m, s->xb2, &s->in, &L->w2, (int)nth);
-        k->add(s->x, s->xb2, T * dim, (int)nth);
+        l2c_input_set(m, &s->in, s->xb, T, dim, up, 2, nth);
+        l2c_linear(m, s->hb, &s->in, &L->w1, nth);
+        l2c_linear(m, s->hb2, &s->in, &L->w3, nth);
+        k->swiglu(s->hb, s->hb2, T, hidden, nth);
+        l2c_input_set(m, &s->in, s->hb, T, hidden, down, 1, nth);
+        l2c_linear(m, s->xb2, &s->in, &L->w2, nth);
+        k->add(s->x, s->xb2, T * dim, nth);
     }
 
-    // logits = output(norm(x)): every row when asked for, else the last row only
-    const int64_t first = logits_all ? 0 : T - 1, rows = T - first;
-    k->rmsnorm(s->xb, s->x + first * dim, m->rms_final, rows, dim, c->norm_eps, (int)nth);
+    // logits = output(norm(x)), only for the rows whose logits are wanted
+    if (n_wanted == 0) return;
+    for (int64_t j = 0; j < n_wanted; j++)
+        k->rmsnorm(s->xb + j * dim, s->x + s->wanted[j] * dim, m->rms_final, 1, dim, c->norm_eps, nth);
     const l2c_matrix *cls[1] = {&m->wcls};
-    l2c_input_set(m, &s->in, s->xb, rows, dim, cls, 1, (int)nth);
-    if (logits_all) {
-        l2c_linear(m, logits_all, &s->in, &m->wcls, (int)nth);
-        memcpy(s->logits, logits_all + (rows - 1) * c->vocab_size, (size_t)c->vocab_size * sizeof(float));
-    } else {
-        l2c_linear(m, s->logits, &s->in, &m->wcls, (int)nth);
-    }
+    l2c_input_set(m, &s->in, s->xb, n_wanted, dim, cls, 1, nth);
+    l2c_linear(m, logits, &s->in, &m->wcls, nth);
 }
 
-int l2c_forward(const l2c_model *m, l2c_state *s, const int32_t *tokens, int64_t n,
-                int64_t pos0, float *logits_all) {
-    if (!m || !s || !s->x || (n > 0 && !tokens) || n < 0) return L2C_ERR_ARG;
-    if (pos0 < 0 || pos0 + n > s->seq_len) return L2C_ERR_RANGE;
-    for (int64_t i = 0; i < n; i++)
-        if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab_size) return L2C_ERR_TOKEN;
-    for (int64_t done = 0; done < n; done += s->max_batch) {
-        const int64_t T = n - done < s->max_batch ? n - done : s->max_batch;
-        forward_chunk(m, s, tokens + done, T, pos0 + done,
-                      logits_all ? logits_all + done * m->cfg.vocab_size : NULL);
+// ---------------------------------------------------------------------------------------------
+// the runs: checks, reservation, steps
+
+static void give_back(const l2c_run *runs, int64_t n_runs) {
+    for (int64_t i = 0; i < n_runs; i++)
+        if (runs[i].seq) l2c_seq_truncate(runs[i].seq, runs[i].seq->n_pos);
+}
+
+int l2c_forward(const l2c_model *m, l2c_state *s, l2c_kvpool *pool, const l2c_run *runs,
+                int64_t n_runs, const int32_t *tokens, float *logits) {
+    if (!m || !s || !s->x || !pool || n_runs < 0 || (n_runs > 0 && !runs)) return L2C_ERR_ARG;
+    const l2c_config *c = &m->cfg;
+    if (pool->n_layers != c->n_layers || pool->n_kv_heads != c->n_kv_heads ||
+        pool->head_size != c->head_size)
+        return L2C_ERR_ARG;
+    int64_t total = 0, n_logits = 0;
+    for (int64_t i = 0; i < n_runs; i++) {
+        const l2c_run *r = &runs[i];
+        if (!r->seq || r->seq->pool != pool || r->n_tokens < 0 ||
+            (r->logits != L2C_LOGITS_NONE && r->logits != L2C_LOGITS_LAST && r->logits != L2C_LOGITS_ALL))
+            return L2C_ERR_ARG;
+        for (int64_t j = 0; j < i; j++)
+            if (runs[j].seq == r->seq) return L2C_ERR_ARG;   // one run per sequence
+        const int64_t end = r->seq->n_pos + r->n_tokens;
+        if (end > r->seq->max_pos || end > c->seq_len) return L2C_ERR_RANGE;
+        total += r->n_tokens;
+        n_logits += r->logits == L2C_LOGITS_ALL ? r->n_tokens : (r->logits == L2C_LOGITS_LAST && r->n_tokens > 0);
+    }
+    if ((total > 0 && !tokens) || (n_logits > 0 && !logits)) return L2C_ERR_ARG;
+    for (int64_t i = 0; i < total; i++)
+        if (tokens[i] < 0 || tokens[i] >= c->vocab_size) return L2C_ERR_TOKEN;
+
+    // reserve the blocks of every run up front, all or nothing
+    int64_t need = 0;
+    for (int64_t i = 0; i < n_runs; i++)
+        need += l2c_seq_blocks_needed(runs[i].seq, runs[i].seq->n_pos + runs[i].n_tokens);
+    if (need > pool->n_free) return L2C_ERR_KVFULL;
+    for (int64_t i = 0; i < n_runs; i++) l2c_seq_reserve(runs[i].seq, runs[i].seq->n_pos + runs[i].n_tokens);
+
+    // steps of at most max_batch rows, taking the runs' tokens in order
+    int64_t ri = 0, done_in_run = 0, tok_off = 0, logit_row = 0;
+    while (tok_off < total) {
+        if (s->cancel && *s->cancel) {
+            give_back(runs, n_runs);
+            return L2C_ERR_CANCELLED;
+        }
+        int64_t T = 0, n_spans = 0, n_wanted = 0;
+        while (T < s->max_batch && ri < n_runs) {
+            const l2c_run *r = &runs[ri];
+            const int64_t n = r->n_tokens - done_in_run < s->max_batch - T ? r->n_tokens - done_in_run
+                                                                           : s->max_batch - T;
+            if (n > 0) {
+                const int64_t pos0 = r->seq->n_pos;     // n_pos advances after each step
+                s->span_seq[n_spans] = r->seq;
+                s->spans[n_spans++] = (l2c_span){r->seq->blocks, pos0, T, n};
+                for (int64_t i = 0; i < n; i++) {
+                    s->tok[T + i] = tokens[tok_off + i];
+                    s->pos[T + i] = pos0 + i;
+                    if (r->logits == L2C_LOGITS_ALL ||
+                        (r->logits == L2C_LOGITS_LAST && done_in_run + i == r->n_tokens - 1))
+                        s->wanted[n_wanted++] = T + i;
+                }
+                T += n;
+                tok_off += n;
+                done_in_run += n;
+            }
+            if (done_in_run == r->n_tokens) {
+                ri++;
+                done_in_run = 0;
+            }
+        }
+        if (reserve_ws(s, m, pool, n_spans) != L2C_OK) {
+            give_back(runs, n_runs);
+            return L2C_ERR_NOMEM;
+        }
+        forward_step(m, s, pool, T, n_spans, n_wanted,
+                     n_wanted ? logits + logit_row * c->vocab_size : NULL);
+        logit_row += n_wanted;
+        // the rows of this step are in their sequences now
+        for (int64_t i = 0; i < n_spans; i++) s->span_seq[i]->n_pos += s->spans[i].n;
     }
     return L2C_OK;
 }
@@ -153,24 +238,24 @@ int l2c_forward(const l2c_model *m, l2c_state *s, const int32_t *tokens, int64_t
 // ---------------------------------------------------------------------------------------------
 // generation loop: prefill, then sample -> feed back, all in C (the caller releases the GIL)
 
-int l2c_generate(const l2c_model *m, l2c_state *s, l2c_sampler *sp, const int32_t *prompt,
-                 int64_t n_prompt, int64_t pos0, int32_t *out, int64_t max_new,
-                 const int32_t *stop, int64_t n_stop, int64_t *n_out) {
+int l2c_generate(const l2c_model *m, l2c_state *s, l2c_seq *seq, struct l2c_sampler *sp,
+                 const int32_t *prompt, int64_t n_prompt, float *logits, int32_t *out,
+                 int64_t max_new, const int32_t *stop, int64_t n_stop, int64_t *n_out) {
     *n_out = 0;
-    if (max_new < 0 || n_prompt < 0 || (max_new > 0 && !out)) return L2C_ERR_ARG;
+    if (!seq || !logits || max_new < 0 || n_prompt < 0 || (max_new > 0 && !out)) return L2C_ERR_ARG;
     int rc;
-    if (n_prompt > 0 && (rc = l2c_forward(m, s, prompt, n_prompt, pos0, NULL)) != L2C_OK) return rc;
-    int64_t pos = pos0 + n_prompt;
+    l2c_run run = {seq, n_prompt, L2C_LOGITS_LAST};
+    if (n_prompt > 0 && (rc = l2c_forward(m, s, seq->pool, &run, 1, prompt, logits)) != L2C_OK) return rc;
     for (int64_t i = 0; i < max_new; i++) {
-        const int32_t tok = l2c_sample(sp, s->logits);
+        const int32_t tok = l2c_sample(sp, logits);
         out[i] = tok;
         *n_out = i + 1;
         for (int64_t j = 0; j < n_stop; j++)
             if (tok == stop[j]) return L2C_OK;
         // the last token is returned, not fed: the caller feeds it first on the next call
-        if (i == max_new - 1 || pos >= s->seq_len) return L2C_OK;
-        if ((rc = l2c_forward(m, s, &tok, 1, pos, NULL)) != L2C_OK) return rc;
-        pos++;
+        if (i == max_new - 1 || seq->n_pos >= seq->max_pos || seq->n_pos >= m->cfg.seq_len) return L2C_OK;
+        run.n_tokens = 1;
+        if ((rc = l2c_forward(m, s, seq->pool, &run, 1, &tok, logits)) != L2C_OK) return rc;
     }
     return L2C_OK;
 }

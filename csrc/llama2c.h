@@ -23,6 +23,8 @@ extern "C" {
 #define L2C_ERR_NOMEM (-2)    // allocation failed
 #define L2C_ERR_RANGE (-3)    // position / token id / length out of range
 #define L2C_ERR_TOKEN (-4)    // a token id outside [0, vocab_size)
+#define L2C_ERR_KVFULL (-5)   // the KV pool has too few free blocks (nothing was changed)
+#define L2C_ERR_CANCELLED (-6) // l2c_forward stopped between steps (*l2c_state.cancel was set)
 
 // ---------------------------------------------------------------------------------------------
 // int8 group quantization
@@ -94,9 +96,12 @@ int l2c_pack_q8(int8_t *restrict qp, float *restrict sp, float *restrict mp,
 // kernels: one table per instruction set, each entry a scalar ("generic") twin in the generic
 // table. Chosen at run time from the CPU's features (see l2c_kernels_get).
 #define L2C_ISA_GENERIC 0
-#define L2C_ISA_AVX2 1      // AVX2 + FMA
+#define L2C_ISA_AVX2 1      // AVX2 + FMA + F16C
 #define L2C_ISA_AVX512 2    // AVX-512 F/BW/VL + VNNI (Ice Lake, Zen 4 and later)
 #define L2C_ISA_COUNT 3
+
+struct l2c_kvpool;
+struct l2c_span;
 
 typedef struct l2c_kernels {
     const char *name;
@@ -125,18 +130,25 @@ typedef struct l2c_kernels {
     void (*rope)(float *restrict x, const int64_t *restrict pos, const float *restrict cos_t,
                  const float *restrict sin_t, int64_t T, int64_t n_heads, int64_t head_size,
                  int n_threads);
-    // hb (T*n) = silu(hb) * hb2, elementwise                              [parallel over chunks]
-    void (*swiglu)(float *restrict hb, const float *restrict hb2, int64_t n, int n_threads);
+    // hb (T, n) = silu(hb) * hb2, row-wise                              [parallel over rows]
+    void (*swiglu)(float *restrict hb, const float *restrict hb2, int64_t T, int64_t n,
+                   int n_threads);
     // x += y, elementwise (residual)
     void (*add)(float *restrict x, const float *restrict y, int64_t n, int n_threads);
-    // causal grouped-query attention for T query rows at positions pos0..pos0+T-1:
-    //   q (T, n_heads*hs), keys/values of this layer kc/vc (max_pos, n_kv_heads*hs) already
-    //   hold positions 0..pos0+T-1; out (T, n_heads*hs); att scratch (T*n_heads, att_stride)
-    //   with att_stride >= pos0+T.                                  [parallel over (t, head)]
-    void (*attention)(float *restrict out, float *restrict att, const float *restrict q,
-                      const float *restrict kc, const float *restrict vc, int64_t T, int64_t pos0,
-                      int64_t n_heads, int64_t n_kv_heads, int64_t hs, int64_t att_stride,
-                      int n_threads);
+    // write the keys k and values v (rows of the spans, (T, n_kv_heads*head_size) each) of one
+    // layer into the pool at each row's sequence position, in the pool's element type
+    void (*kv_store)(const struct l2c_kvpool *pool, int64_t layer, const struct l2c_span *spans,
+                     int64_t n_spans, const float *restrict k, const float *restrict v,
+                     int n_threads);
+    // causal grouped-query attention of the rows of the spans over their sequences' cached
+    // keys and values of one layer (which already hold the rows' own positions):
+    //   q, out (T, n_heads*head_size); ws: l2c_attention_ws_bytes(...) bytes, 64-byte aligned.
+    // The result of a row is the canonical block-partial merge (see "attention" below), the
+    // same bits whatever the other rows, the spans' split and n_threads.
+    //   [parallel over (row tile, kv head) and, for decode rows, (row, kv head, block)]
+    void (*attention)(float *restrict out, const float *restrict q, const struct l2c_kvpool *pool,
+                      int64_t layer, const struct l2c_span *spans, int64_t n_spans,
+                      int64_t n_heads, void *ws, int n_threads);
     // sum of x (n,) read in 64 KB chunks shared by the threads (the bandwidth probe)
     float (*read_sum)(const float *restrict x, int64_t n, int n_threads);
 } l2c_kernels;
@@ -164,7 +176,7 @@ typedef struct {
     int64_t n_kv_heads;   // < n_heads: grouped-query attention
     int64_t head_size;
     int64_t vocab_size;
-    int64_t seq_len;      // positions the RoPE tables cover (the most a state can hold)
+    int64_t seq_len;      // positions the RoPE tables cover (the most a sequence can hold)
     float norm_eps;       // RMSNorm epsilon
     int32_t group_size;   // informational: group size of the int8 matrices, 0 for fp32
     int32_t act_bits;     // activations of int8 matmuls: 8, or 16 (two planes, see l2c_qact)
@@ -181,6 +193,9 @@ typedef struct {
     l2c_matrix w1;          // (hidden_dim, dim)
     l2c_matrix w2;          // (dim, hidden_dim)
     l2c_matrix w3;          // (hidden_dim, dim)
+    const float *bq;        // (n_heads*hs,) or NULL: q = wq(x) + bq (qwen2)
+    const float *bk;        // (n_kv_heads*hs,) or NULL
+    const float *bv;        // (n_kv_heads*hs,) or NULL
 } l2c_layer;
 
 typedef struct {
@@ -213,36 +228,174 @@ typedef struct {
     int64_t max_rows, max_n;             // capacity
 } l2c_input;
 
-// Mutable per-session buffers: activations for up to max_batch tokens and the KV cache.
+// ---------------------------------------------------------------------------------------------
+// KV cache: a pool of fixed-size blocks; a sequence is a block table
+//
+// A block holds P = block_size consecutive positions (P a multiple of 16) of every layer and
+// kv head. Position p of a sequence lives in block blocks[p / P], row r = p % P; blocks are
+// aligned to absolute positions 0, P, 2P, ... (the attention's canonical partials, below).
+// Inside a block, one "slab" per (layer l, kv head h), at byte offset
+// (l * n_kv_heads + h) * slab_bytes, holds (hs = head_size, E = the element type):
+//     K^T [hs][P]  E   keys transposed: element d*P + r = dimension d of the key at row r, so
+//                      the scores of 16 positions are sums of (broadcast q[d]) x (one vector)
+//     V   [P][hs]  E   values row-major: element r*hs + d
+//     L2C_KV_Q8 only: ks [P], vs [P] float: key/value scales, x = q * scale
+// slab_bytes = 2*hs*P*sizeof(E) (+ 8*P for Q8), rounded up to 64; block_bytes = n_layers *
+// n_kv_heads * slab_bytes. Element types:
+//   L2C_KV_F32   float
+//   L2C_KV_F16   IEEE binary16, rounded to nearest even (F16C / AVX-512 conversions; the generic
+//                table converts in software, bit for bit the same)
+//   L2C_KV_Q8    int8 with one float scale per (position, kv head) for keys and one for values:
+//                s = max|x| / 127 (0 for an all-zero row), q = round_half_even(x / s)
+// The pool's memory is reserved at creation (calloc, or on Linux a mapping marked for
+// transparent huge pages), so pages are touched only as blocks fill;
+// free blocks sit on a stack (the most recently freed is reused first). Not thread-safe: one
+// l2c_forward (or reserve/truncate) at a time per pool.
+#define L2C_KV_F32 0
+#define L2C_KV_F16 1
+#define L2C_KV_Q8 2
+#define L2C_KV_BLOCK 64          // default positions per block (decode at 4k tokens, SmolLM2:
+                                 // 32 was ~15% slower, 128 no faster and wastes more per sequence)
+
+typedef struct l2c_kvpool {
+    int32_t dtype;               // L2C_KV_F32, L2C_KV_F16 or L2C_KV_Q8
+    int64_t block_size;          // P, positions per block
+    int64_t n_layers, n_kv_heads, head_size;
+    int64_t slab_bytes;          // one (layer, kv head) of a block
+    int64_t block_bytes;
+    int64_t n_blocks;            // capacity
+    int64_t n_free;              // blocks on the free stack
+    uint8_t *data;               // (n_blocks, block_bytes), zeroed, touched as blocks fill
+    int32_t *free_stack;         // (n_blocks,) free block ids, top at n_free - 1
+    void *mem;                   // the allocation holding data (private)
+    int64_t mem_bytes;           // its size if mapped, 0 if from calloc (private)
+} l2c_kvpool;
+
 typedef struct {
-    int64_t max_batch;   // tokens per forward chunk (prefill)
-    int64_t seq_len;     // positions the KV cache holds
-    int64_t dim, hidden_dim, q_dim, kv_dim, vocab_size, n_layers, n_heads;
+    l2c_kvpool *pool;
+    int64_t n_pos;               // positions held (0 .. n_pos-1)
+    int64_t max_pos;             // the most positions this sequence may hold
+    int64_t n_blocks;            // blocks held, >= ceil(n_pos / P) (reserved ahead by forward)
+    int32_t *blocks;             // (ceil(max_pos / P),) block ids
+} l2c_seq;
+
+// Bytes of one block of a pool with these dimensions (0 for bad arguments).
+int64_t l2c_kv_block_bytes(int64_t n_layers, int64_t n_kv_heads, int64_t head_size,
+                           int32_t dtype, int64_t block_size);
+// A pool of n_blocks blocks. L2C_OK, L2C_ERR_ARG or L2C_ERR_NOMEM.
+int l2c_kvpool_init(l2c_kvpool *p, int64_t n_layers, int64_t n_kv_heads, int64_t head_size,
+                    int32_t dtype, int64_t block_size, int64_t n_blocks);
+void l2c_kvpool_free(l2c_kvpool *p);
+// An empty sequence of pool p that may grow to max_pos positions.
+int l2c_seq_init(l2c_seq *s, l2c_kvpool *p, int64_t max_pos);
+// Return the sequence's blocks to its pool and free its table.
+void l2c_seq_free(l2c_seq *s);
+// Blocks the sequence needs beyond those it holds to hold n_pos positions.
+int64_t l2c_seq_blocks_needed(const l2c_seq *s, int64_t n_pos);
+// Hold blocks for positions < n_pos (n_pos itself unchanged): all or nothing.
+// L2C_OK, L2C_ERR_RANGE (n_pos > max_pos) or L2C_ERR_KVFULL.
+int l2c_seq_reserve(l2c_seq *s, int64_t n_pos);
+// Keep positions < n (n <= n_pos); blocks wholly beyond go back to the pool.
+int l2c_seq_truncate(l2c_seq *s, int64_t n);
+// The first n positions as bytes, independent of P: for each layer l and kv head h, in that
+// order: K (n, hs) then V (n, hs) in the pool's element type, then for Q8 the key scales (n,)
+// and value scales (n,) as float.
+int64_t l2c_seq_state_bytes(const l2c_kvpool *p, int64_t n);
+int l2c_seq_export(const l2c_seq *s, int64_t n, void *dst);
+// Replace the sequence's contents by n positions in l2c_seq_export's format (all or nothing:
+// L2C_ERR_RANGE, L2C_ERR_KVFULL).
+int l2c_seq_import(l2c_seq *s, int64_t n, const void *src);
+// Read back position pos of layer/kv head as floats (k, v: (hs,) each). For tests.
+int l2c_seq_read(const l2c_seq *s, int64_t layer, int64_t head, int64_t pos, float *k, float *v);
+
+// ---------------------------------------------------------------------------------------------
+// attention
+//
+// Canonical result of a query row at position p, per query head (kv head h = head / (n_heads /
+// n_kv_heads)): the keys/values 0..p in blocks b = 0 .. p/P; block b gives the partial
+//     s_j = (q * (1/sqrt(hs))) . k_j  for the block's positions j <= p (a sum over d in order)
+//     m_b = max_j s_j,  l_b = sum_j exp(s_j - m_b),  o_b = sum_j exp(s_j - m_b) v_j  (j in order)
+// and the partials merge in block order: (M, L, O) = partial 0, then for b = 1, 2, ...:
+//     M' = max(M, m_b), L = L exp(M - M') + l_b exp(m_b - M'), O = O exp(M - M') + o_b exp(m_b - M')
+// out = O * (1 / L). With an int8 cache the dot runs over the int8 codes and is then multiplied
+// by the position's key scale, and a value's weight exp(s_j - m_b) by its value scale (l_b
+// sums the unscaled weights). Decode computes block partials in parallel (split-K) and merges
+// them in order; prefill walks tiles of rows x blocks, merging as it goes: the same arithmetic.
+
+// A run of n consecutive rows of q/out (from row0) that are positions pos0.. of one sequence.
+typedef struct l2c_span {
+    const int32_t *blocks;       // the sequence's block table
+    int64_t pos0, row0, n;
+} l2c_span;
+
+// Bytes of workspace the attention kernel needs for these spans (64-byte aligned).
+int64_t l2c_attention_ws_bytes(const l2c_kvpool *pool, const l2c_span *spans, int64_t n_spans,
+                               int64_t n_heads, int n_threads);
+
+// ---------------------------------------------------------------------------------------------
+// forward pass
+
+// Mutable buffers of one forward pass: activations for up to max_batch rows and scratch; no
+// KV cache (that is in the pool).
+typedef struct {
+    int64_t max_batch;   // rows per step
     int n_threads;
+    const volatile int32_t *cancel;  // optional: nonzero stops l2c_forward between steps
+    int64_t dim, hidden_dim, q_dim, kv_dim, vocab_size, n_layers, n_heads;
     float *x;            // (max_batch, dim)   residual stream
     float *xb;           // (max_batch, max(dim, q_dim))
     float *xb2;          // (max_batch, dim)
     float *hb;           // (max_batch, hidden_dim)
     float *hb2;          // (max_batch, hidden_dim)
     float *q;            // (max_batch, q_dim)
-    float *att;          // (max_batch * n_heads, seq_len)
-    float *logits;       // (vocab_size,)      logits of the last token of the last forward
-    float *key_cache;    // (n_layers, seq_len, kv_dim)
-    float *value_cache;  // (n_layers, seq_len, kv_dim)
+    float *k;            // (max_batch, kv_dim)
+    float *v;            // (max_batch, kv_dim)
     l2c_input in;        // the current matrix input, quantized (see l2c_input)
-    int64_t *pos;        // (max_batch,)
+    int64_t *pos;        // (max_batch,) position of each row
+    int32_t *tok;        // (max_batch,) token of each row
+    int64_t *wanted;     // (max_batch,) rows whose logits are computed
+    l2c_span *spans;     // (max_batch,) the step's rows, one span per run
+    l2c_seq **span_seq;  // (max_batch,) the sequence of each span
+    void *ws;            // attention workspace (grows as needed)
+    int64_t ws_bytes;
 } l2c_state;
 
-int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int64_t seq_len,
-                   int n_threads);
+int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int n_threads);
 void l2c_state_free(l2c_state *s);
 
-// Run the transformer on tokens[0..n) at positions pos0..pos0+n-1, filling the KV cache.
-// n == 1 uses the matrix-vector kernels; n > 1 runs chunks of up to max_batch tokens through
-// the batched (matrix-matrix) kernels. If logits_all != NULL it receives (n, vocab_size) logits;
-// the last token's logits are always left in s->logits.
-int l2c_forward(const l2c_model *m, l2c_state *s, const int32_t *tokens, int64_t n,
-                int64_t pos0, float *logits_all);
+#define L2C_LOGITS_NONE 0
+#define L2C_LOGITS_LAST 1
+#define L2C_LOGITS_ALL 2
+
+// n_tokens tokens appended to seq (positions seq->n_pos ..); logits rows: none, the last
+// token's, or one per token.
+typedef struct {
+    l2c_seq *seq;
+    int64_t n_tokens;
+    int32_t logits;      // L2C_LOGITS_NONE / LAST / ALL
+} l2c_run;
+
+// Run the transformer on the runs' tokens (tokens: the runs' tokens one after the other). Every
+// run's sequence (of `pool`, each at most once) gets its tokens' keys and values; `logits`
+// receives the wanted rows (vocab_size floats each) in run order. Blocks for all the runs are
+// reserved first, all or nothing (L2C_ERR_KVFULL changes nothing). The rows go through the model
+// in steps of at most s->max_batch rows (decode rows of many sequences and prefill chunks in one
+// step); *s->cancel is checked before each step: L2C_ERR_CANCELLED then leaves each sequence's
+// n_pos at what was done (blocks reserved beyond it are returned).
+// Other errors: L2C_ERR_ARG, L2C_ERR_RANGE (beyond a sequence's max_pos or the RoPE tables),
+// L2C_ERR_TOKEN (checked before anything runs), L2C_ERR_NOMEM.
+int l2c_forward(const l2c_model *m, l2c_state *s, l2c_kvpool *pool, const l2c_run *runs,
+                int64_t n_runs, const int32_t *tokens, float *logits);
+
+struct l2c_sampler;
+// One sequence's generation loop in one call: run prompt[0..n_prompt) (if any) appended to seq,
+// then sample up to max_new tokens, each fed back except the last, stopping after a token in
+// stop[0..n_stop) or when seq is full. logits (vocab_size,): in, the logits to sample the first
+// token from when n_prompt == 0; out, the last ones computed. out receives the ids, *n_out their
+// count. *s->cancel is checked before every forward step.
+int l2c_generate(const l2c_model *m, l2c_state *s, l2c_seq *seq, struct l2c_sampler *sp,
+                 const int32_t *prompt, int64_t n_prompt, float *logits, int32_t *out,
+                 int64_t max_new, const int32_t *stop, int64_t n_stop, int64_t *n_out);
 
 // ---------------------------------------------------------------------------------------------
 // sampler
@@ -281,7 +434,7 @@ typedef struct {
     int64_t penalty_last_n;     // window of the penalties; 0 = off
 } l2c_sampler_params;
 
-typedef struct {
+typedef struct l2c_sampler {
     int64_t vocab_size;
     l2c_sampler_params p;
     uint64_t rng_state;         // xorshift64* state, never 0
@@ -319,14 +472,6 @@ uint64_t l2c_seed_state(uint64_t seed);  // the xorshift state a seed starts fro
 // descending order (ties: lower id first) into top_ids/top_lp (k,); scratch: work (n,), scratch (k,).
 int l2c_logprobs(float *token_lp, int32_t *top_ids, float *top_lp, const float *logits,
                  int64_t n, int32_t token, int64_t k, float *work, int32_t *scratch);
-
-// Run prompt (prefill, if n_prompt > 0) then sample up to max_new tokens, each fed back,
-// stopping after a token in stop[0..n_stop). out receives the generated ids, *n_out their
-// count. pos0 is the position of prompt[0] (the KV cache before it is kept: multi-turn).
-// If n_prompt == 0 the first token is sampled from s->logits (a previous forward).
-int l2c_generate(const l2c_model *m, l2c_state *s, l2c_sampler *sp, const int32_t *prompt,
-                 int64_t n_prompt, int64_t pos0, int32_t *out, int64_t max_new,
-                 const int32_t *stop, int64_t n_stop, int64_t *n_out);
 
 // Memory bandwidth probe: best of `reps` reads of a `bytes` buffer with n_threads and the best
 // kernel table's widest loads; returns GB/s (or -1 if the buffer cannot be allocated).

@@ -104,6 +104,8 @@ def _add_load_options(p, tokenizer: bool = True) -> None:
     p.add_argument("--act-bits", type=int, choices=(8, 16), default=16,
                    help="activations of int8 matmuls: 16 (two int8 planes, default) or 8 "
                         "(llama2.c runq.c's: faster prefill, coarser)")
+    p.add_argument("--kv-dtype", choices=("f16", "f32", "q8"), default="f16",
+                   help="KV cache element type: f16 (default), f32 (as run.c), q8 (int8)")
 
 
 def _add_generation(p) -> None:
@@ -271,7 +273,8 @@ def _load(args, path: str, dtype: str | None = None):
                       dtype=dtype or getattr(args, "dtype", None),
                       n_threads=getattr(args, "threads", None), simd=getattr(args, "simd", None),
                       act_bits=getattr(args, "act_bits", 16),
-                      context_length=getattr(args, "context_length", None))
+                      context_length=getattr(args, "context_length", None),
+                      kv_dtype=getattr(args, "kv_dtype", "f16"))
 
 
 def _size(nbytes: float) -> str:

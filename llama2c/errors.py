@@ -21,3 +21,8 @@ class ContextLengthError(Llama2cError, ValueError):
 class GenerationCancelled(Llama2cError):
     """A running forward pass or generation was cancelled (Session.request_cancel, a cancel
     handle, max_time)."""
+
+
+class KVCacheFullError(Llama2cError, RuntimeError):
+    """A KV pool has too few free blocks for a request (nothing was run): wait for other
+    sequences to finish or give the pool a larger budget."""

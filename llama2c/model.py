@@ -68,40 +68,27 @@ def resolve_model_path(path) -> str:
 
 @functools.lru_cache(maxsize=None)
 def engine_supports(feature: str) -> bool:
-    """Whether this build's engine handles `feature`: 'bits4' (packs bits-4 QTensors) or
-    'attention_bias' (applies qwen2's q/k/v biases). Probed once on a tiny model."""
+    """Whether this build's engine handles `feature`: 'bits4' (packs bits-4 QTensors).
+    Probed once on a tiny model."""
     from .config import Config
-    cfg = Config(dim=16, hidden_dim=16, n_layers=1, n_heads=1, n_kv_heads=1, vocab_size=4,
-                 seq_len=4, attention_bias=feature == "attention_bias")
     from .testing import make_random_model
+    if feature != "bits4":
+        raise ValueError(f"unknown engine feature {feature!r}")
+    cfg = Config(dim=16, hidden_dim=16, n_layers=1, n_heads=1, n_kv_heads=1, vocab_size=4,
+                 seq_len=4)
     w = make_random_model(cfg, seed=0)
-    if feature == "bits4":
-        w["layers.0.w1"] = QTensor(np.zeros((16, 16), np.uint8), np.ones((16, 2), np.float32), 8,
-                                   np.zeros((16, 2), np.float32), bits=4)
-        try:
-            _engine.Engine(cfg, w, None, 4, 16)
-        except (ValueError, TypeError):
-            return False
-        return True
-    if feature == "attention_bias":
-        def logits(weights):
-            sess = _engine.Session(_engine.Engine(cfg, weights, None, 4, 16), 4, 4, 1)
-            return sess.eval(np.array([1, 2], np.int32), logits="last").copy()
-        w["layers.0.bv"] = np.zeros(16, np.float32)
-        zero = logits(w)
-        w = dict(w, **{"layers.0.bv": np.full(16, 3.0, np.float32)})
-        return not np.array_equal(zero, logits(w))
-    raise ValueError(f"unknown engine feature {feature!r}")
+    w["layers.0.w1"] = QTensor(np.zeros((16, 16), np.uint8), np.ones((16, 2), np.float32), 8,
+                               np.zeros((16, 2), np.float32), bits=4)
+    try:
+        _engine.Engine(cfg, w, None, 4, 16)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def _engine_weights(config: Config, weights: dict) -> dict:
     """The weights as this engine build takes them: bits-4 QTensors widened exactly to bits 8
-    when it cannot pack 4-bit matrices; a model with q/k/v biases refused when it would
-    ignore them."""
-    from .errors import ModelFormatError
-    if config.attention_bias and not engine_supports("attention_bias"):
-        raise ModelFormatError(f"this build's engine does not apply q/k/v biases, so it cannot "
-                               f"run this {config.arch} model (the NumPy reference can)")
+    when it cannot pack 4-bit matrices."""
     if any(isinstance(t, QTensor) and t.bits == 4 for t in weights.values()) \
             and not engine_supports("bits4"):
         weights = {k: widen_to_int8(t) if isinstance(t, QTensor) else t for k, t in weights.items()}
@@ -114,9 +101,10 @@ class Model:
 
     def __init__(self, config: Config, weights: dict, tokenizer=None, n_threads: int | None = None,
                  context_length: int | None = None, simd: str | None = None,
-                 metadata: dict | None = None, act_bits: int = 16,
+                 metadata: dict | None = None, act_bits: int = 16, kv_dtype: str = "f16",
                  prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES):
         validate_weights(config, weights)
+        self.kv_dtype = _engine.kv_dtype_name(kv_dtype)   # KV cache element type of sessions
         self.config = config
         self.metadata = dict(metadata or {})
         if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
@@ -143,7 +131,7 @@ class Model:
     @classmethod
     def load(cls, path, tokenizer=None, dtype: str | None = None, n_threads: int | None = None,
              context_length: int | None = None, group_size: int | None = None,
-             simd: str | None = None, act_bits: int = 16,
+             simd: str | None = None, act_bits: int = 16, kv_dtype: str = "f16",
              prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES) -> "Model":
         """Load a model: a llama2.c checkpoint (.bin v0/v1/v2), a GGUF file, a Hugging Face
         directory, or a registry name ("smollm2": downloaded once into the cache, see
@@ -161,6 +149,8 @@ class Model:
             dynamic NTK rope scaling, up to seq_len x factor).
         simd: kernel table ("auto", "generic", "avx2", "avx512"); default LLAMA2C_SIMD or auto.
         act_bits: activations of the int8 matmuls: 16 (two int8 planes, the default) or 8.
+        kv_dtype: the KV cache's element type: "f16" (default), "f32" or "q8" (int8 with a
+            scale per position and head).
         prompt_cache_bytes: budget of the prompt cache (keys/values of recent prompts reused by
             generate and chat); 0 turns it off. Also settable as model.prompt_cache.max_bytes.
         """
@@ -175,7 +165,7 @@ class Model:
         elif tokenizer is None:
             tokenizer = _tokenizer_from_model(path, metadata, config.vocab_size)
         model = cls(config, weights, tokenizer, n_threads=n_threads, context_length=context_length,
-                    simd=simd, metadata=metadata, act_bits=act_bits,
+                    simd=simd, metadata=metadata, act_bits=act_bits, kv_dtype=kv_dtype,
                     prompt_cache_bytes=prompt_cache_bytes)
         model.path = str(path)
         return model
@@ -219,12 +209,16 @@ class Model:
     # ---- sessions ----------------------------------------------------------------------------
 
     def _kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values one position holds in this model's KV cache type."""
         c = self.config
-        return 2 * c.n_layers * c.n_kv_heads * c.head_size * 4
+        per_head = {"f32": 4 * c.head_size, "f16": 2 * c.head_size,
+                    "q8": c.head_size + 4}[self.kv_dtype]     # q8: int8 values + an f32 scale
+        return 2 * c.n_layers * c.n_kv_heads * per_head
 
     def _engine_session(self, context: int):
         """A C session (KV cache of `context` positions) of this model's engine."""
-        return _engine.Session(self._engine, context, PREFILL_CHUNK, self.n_threads)
+        return _engine.Session(self._engine, context, PREFILL_CHUNK, self.n_threads,
+                               kv_dtype=self.kv_dtype)
 
     def new_session(self, context_length: int | None = None,
                     seed: int | None = None) -> GenerationSession:

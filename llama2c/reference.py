@@ -191,6 +191,28 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int,
     return out.reshape(n_kv_heads, rep, T, hs).transpose(2, 0, 1, 3).reshape(T, n_heads * hs)
 
 
+KV_DTYPES = ("f32", "f16", "q8")
+
+
+def kv_round(x: np.ndarray, kv_dtype: str, head_size: int) -> np.ndarray:
+    """Keys or values (T, n_kv_heads*head_size) as a KV cache of kv_dtype holds them:
+    "f32" unchanged, "f16" rounded to IEEE half (nearest even), "q8" int8 per (row, head) with
+    scale s = max|x| / 127 (0 for an all-zero row), q = rint(x / s), read back as q * s."""
+    x = np.asarray(x, dtype=F32)
+    if kv_dtype == "f32":
+        return x
+    if kv_dtype == "f16":
+        return x.astype(np.float16).astype(F32)
+    if kv_dtype != "q8":
+        raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+    shape = x.shape
+    g = x.reshape(-1, shape[-1] // head_size, head_size)
+    s = (np.abs(g).max(axis=-1, keepdims=True) / F32(127.0)).astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s > 0, np.rint(g / s), F32(0.0)).astype(F32)
+    return (q * s).astype(F32).reshape(shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # model
 
@@ -199,9 +221,12 @@ class ReferenceModel:
     one-step `forward` with a KV cache held on the object, greedy `generate`. Weights: the
     llama2c.weights dict (fp32 arrays or QTensors of 4 or 8 bits)."""
 
-    def __init__(self, config: Config, weights: dict, act_bits: int = 8):
+    def __init__(self, config: Config, weights: dict, act_bits: int = 8, kv_dtype: str = "f32"):
         if act_bits not in ACT_BITS:
             raise ValueError(f"act_bits must be 8 or 16, got {act_bits!r}")
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+        self.kv_dtype = kv_dtype          # the KV cache's element type (see kv_round)
         validate_weights(config, weights, "ReferenceModel")
         self.act_bits = act_bits          # activation quantization of every QTensor matmul
         self.config = config
@@ -213,7 +238,8 @@ class ReferenceModel:
         self.value_cache = np.zeros(shape, dtype=F32)     # (n_layers, seq_len, kv_dim)
 
     @classmethod
-    def load(cls, path, dtype: str | None = None, act_bits: int = 8) -> "ReferenceModel":
+    def load(cls, path, dtype: str | None = None, act_bits: int = 8,
+             kv_dtype: str = "f32") -> "ReferenceModel":
         """Load any supported model file (GGUF, Hugging Face, llama2.c .bin); act_bits 8 or 16
         picks the activation quantization for int8 weights."""
         try:
@@ -221,7 +247,7 @@ class ReferenceModel:
         except ImportError:
             from .loaders.llama2c_bin import load_llama2c_bin as load_any
         config, weights, _ = load_any(path, dtype=dtype)
-        return cls(config, weights, act_bits)
+        return cls(config, weights, act_bits, kv_dtype)
 
     def reset(self) -> None:
         """Forget the KV cache (zero it)."""
@@ -253,15 +279,14 @@ class ReferenceModel:
             p = f"layers.{l}."
             # attention rmsnorm, then q, k, v projections for these positions
             xb = rmsnorm(x, w[p + "attention_norm"], c.norm_eps)
-            q, k, v = (matmul(xb, w[p + name], bits) for name in ("wq", "wk", "wv"))
-            if c.attention_bias:
-                # qwen2: q_proj/k_proj/v_proj are nn.Linear(..., bias=True); biases before RoPE
-                q, k, v = q + w[p + "bq"], k + w[p + "bk"], v + w[p + "bv"]
-            q = rope(q, positions, c.rope_theta, c.head_size, freqs=self.freqs)
-            k = rope(k, positions, c.rope_theta, c.head_size, freqs=self.freqs)
-            # save key, value at these time steps to the kv cache
-            key_cache[l, pos0:pos0 + T] = k
-            value_cache[l, pos0:pos0 + T] = v
+            # (qwen2: nn.Linear(..., bias=True) for q, k, v; the biases are optional tensors)
+            xq, xk, xv = (matmul(xb, w[p + n], bits) + (w[p + b] if p + b in w else F32(0.0))
+                          for n, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
+            q = rope(xq, positions, c.rope_theta, c.head_size, freqs=self.freqs)
+            k = rope(xk, positions, c.rope_theta, c.head_size, freqs=self.freqs)
+            # save key, value at these time steps to the kv cache (in its element type)
+            key_cache[l, pos0:pos0 + T] = kv_round(k, self.kv_dtype, c.head_size)
+            value_cache[l, pos0:pos0 + T] = kv_round(xv, self.kv_dtype, c.head_size)
             att = attention(q, key_cache[l], value_cache[l], pos0, c.n_heads, c.n_kv_heads)
             # residual connection: x = x + self.attention.forward(self.attention_norm(x), ...)
             x = x + matmul(att, w[p + "wo"], bits)

@@ -4,17 +4,22 @@
 # naming the offending argument; nothing is copied at the boundary (a float64 or strided
 # array is refused, not converted). Every kernel call, forward pass and generation loop runs
 # with the GIL released.
+cimport cython
+from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK)
 from libc.stdint cimport int8_t, int32_t, int64_t, uint64_t
 from l2c cimport *
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 import os
+import struct
+import time
 import warnings
 
 import numpy as np
 
-from llama2c.errors import ContextLengthError
+from llama2c.errors import ContextLengthError, GenerationCancelled, KVCacheFullError
 
 ISA_IDS = {"generic": L2C_ISA_GENERIC, "avx2": L2C_ISA_AVX2, "avx512": L2C_ISA_AVX512}
 ISA_NAMES = {v: k for k, v in ISA_IDS.items()}
@@ -33,6 +38,10 @@ cdef int _check(int rc, str what) except -1:
         raise ContextLengthError(f"{what}: position out of the context range")
     if rc == L2C_ERR_TOKEN:
         raise ValueError(f"{what}: a token id is outside [0, vocab_size)")
+    if rc == L2C_ERR_KVFULL:
+        raise KVCacheFullError(f"{what}: the KV pool has too few free blocks (nothing was run)")
+    if rc == L2C_ERR_CANCELLED:
+        raise GenerationCancelled(f"{what}: cancelled")
     raise ValueError(f"{what}: invalid argument (C status {rc})")
 
 
@@ -100,6 +109,10 @@ def read_bandwidth(int64_t nbytes=1 << 30, int reps=5, int n_threads=1):
         raise MemoryError("read_bandwidth: could not allocate the probe buffer")
     return r
 
+
+# saved KV states (Session.export_kv): magic, kv dtype, n_layers, n_kv_heads, head_size, n_tokens
+_KV_MAGIC = b"L2CKV1"
+_KV_HEADER = struct.Struct("<6s2xiqqqq")
 
 _env = os.environ.get("LLAMA2C_SIMD")
 if _env:

@@ -13,6 +13,15 @@ cdef extern from "llama2c.h" nogil:
     int L2C_ERR_NOMEM
     int L2C_ERR_RANGE
     int L2C_ERR_TOKEN
+    int L2C_ERR_KVFULL
+    int L2C_ERR_CANCELLED
+    int L2C_KV_F32
+    int L2C_KV_F16
+    int L2C_KV_Q8
+    int L2C_KV_BLOCK
+    int L2C_LOGITS_NONE
+    int L2C_LOGITS_LAST
+    int L2C_LOGITS_ALL
     int L2C_F32
     int L2C_Q8
     int L2C_Q8P
@@ -39,6 +48,30 @@ cdef extern from "llama2c.h" nogil:
         int32_t *sum_hi
         int32_t *sum_lo
 
+    ctypedef struct l2c_kvpool:
+        int32_t dtype
+        int64_t block_size
+        int64_t n_layers
+        int64_t n_kv_heads
+        int64_t head_size
+        int64_t slab_bytes
+        int64_t block_bytes
+        int64_t n_blocks
+        int64_t n_free
+
+    ctypedef struct l2c_seq:
+        l2c_kvpool *pool
+        int64_t n_pos
+        int64_t max_pos
+        int64_t n_blocks
+        int32_t *blocks
+
+    ctypedef struct l2c_span:
+        const int32_t *blocks
+        int64_t pos0
+        int64_t row0
+        int64_t n
+
     ctypedef struct l2c_kernels:
         const char *name
         int isa
@@ -50,11 +83,13 @@ cdef extern from "llama2c.h" nogil:
         void (*softmax)(float *x, int64_t n) noexcept nogil
         void (*rope)(float *x, const int64_t *pos, const float *cos_t, const float *sin_t, int64_t T,
                      int64_t n_heads, int64_t head_size, int n_threads) noexcept nogil
-        void (*swiglu)(float *hb, const float *hb2, int64_t n, int n_threads) noexcept nogil
+        void (*swiglu)(float *hb, const float *hb2, int64_t T, int64_t n, int n_threads) noexcept nogil
         void (*add)(float *x, const float *y, int64_t n, int n_threads) noexcept nogil
-        void (*attention)(float *out, float *att, const float *q, const float *kc, const float *vc,
-                          int64_t T, int64_t pos0, int64_t n_heads, int64_t n_kv_heads, int64_t hs,
-                          int64_t att_stride, int n_threads) noexcept nogil
+        void (*kv_store)(const l2c_kvpool *pool, int64_t layer, const l2c_span *spans, int64_t n_spans,
+                         const float *k, const float *v, int n_threads) noexcept nogil
+        void (*attention)(float *out, const float *q, const l2c_kvpool *pool, int64_t layer,
+                          const l2c_span *spans, int64_t n_spans, int64_t n_heads, void *ws,
+                          int n_threads) noexcept nogil
         float (*read_sum)(const float *x, int64_t n, int n_threads) noexcept nogil
 
     int64_t l2c_q8p_q_size(int64_t rows, int64_t cols)
@@ -92,6 +127,9 @@ cdef extern from "llama2c.h" nogil:
         l2c_matrix w1
         l2c_matrix w2
         l2c_matrix w3
+        const float *bq
+        const float *bk
+        const float *bv
 
     ctypedef struct l2c_model:
         l2c_config cfg
@@ -105,20 +143,38 @@ cdef extern from "llama2c.h" nogil:
 
     int l2c_model_check(const l2c_model *m)
 
+    int64_t l2c_kv_block_bytes(int64_t n_layers, int64_t n_kv_heads, int64_t head_size,
+                               int32_t dtype, int64_t block_size)
+    int l2c_kvpool_init(l2c_kvpool *p, int64_t n_layers, int64_t n_kv_heads, int64_t head_size,
+                        int32_t dtype, int64_t block_size, int64_t n_blocks)
+    void l2c_kvpool_free(l2c_kvpool *p)
+    int l2c_seq_init(l2c_seq *s, l2c_kvpool *p, int64_t max_pos)
+    void l2c_seq_free(l2c_seq *s)
+    int64_t l2c_seq_blocks_needed(const l2c_seq *s, int64_t n_pos)
+    int l2c_seq_reserve(l2c_seq *s, int64_t n_pos)
+    int l2c_seq_truncate(l2c_seq *s, int64_t n)
+    int64_t l2c_seq_state_bytes(const l2c_kvpool *p, int64_t n)
+    int l2c_seq_export(const l2c_seq *s, int64_t n, void *dst)
+    int l2c_seq_import(l2c_seq *s, int64_t n, const void *src)
+    int l2c_seq_read(const l2c_seq *s, int64_t layer, int64_t head, int64_t pos, float *k, float *v)
+    int64_t l2c_attention_ws_bytes(const l2c_kvpool *pool, const l2c_span *spans, int64_t n_spans,
+                                   int64_t n_heads, int n_threads)
+
     ctypedef struct l2c_state:
         int64_t max_batch
-        int64_t seq_len
         int n_threads
-        int64_t kv_dim
-        int64_t n_layers
-        float *logits
-        float *key_cache
-        float *value_cache
+        const volatile int32_t *cancel
 
-    int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int64_t seq_len, int n_threads)
+    int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int n_threads)
     void l2c_state_free(l2c_state *s)
-    int l2c_forward(const l2c_model *m, l2c_state *s, const int32_t *tokens, int64_t n, int64_t pos0,
-                    float *logits_all)
+
+    ctypedef struct l2c_run:
+        l2c_seq *seq
+        int64_t n_tokens
+        int32_t logits
+
+    int l2c_forward(const l2c_model *m, l2c_state *s, l2c_kvpool *pool, const l2c_run *runs,
+                    int64_t n_runs, const int32_t *tokens, float *logits)
 
     ctypedef struct l2c_sampler_params:
         float temperature
@@ -147,7 +203,7 @@ cdef extern from "llama2c.h" nogil:
     uint64_t l2c_seed_state(uint64_t seed)
     int l2c_logprobs(float *token_lp, int32_t *top_ids, float *top_lp, const float *logits,
                      int64_t n, int32_t token, int64_t k, float *work, int32_t *scratch)
-    int l2c_generate(const l2c_model *m, l2c_state *s, l2c_sampler *sp, const int32_t *prompt,
-                     int64_t n_prompt, int64_t pos0, int32_t *out, int64_t max_new,
-                     const int32_t *stop, int64_t n_stop, int64_t *n_out)
+    int l2c_generate(const l2c_model *m, l2c_state *s, l2c_seq *seq, l2c_sampler *sp,
+                     const int32_t *prompt, int64_t n_prompt, float *logits, int32_t *out,
+                     int64_t max_new, const int32_t *stop, int64_t n_stop, int64_t *n_out)
     double l2c_read_bandwidth(int64_t bytes, int reps, int n_threads)

@@ -60,6 +60,10 @@ cdef class Engine:
             _fill_matrix(&self.layers[i].w1, get(p + "w1"), (h, d), p + "w1", keep)
             _fill_matrix(&self.layers[i].w2, get(p + "w2"), (d, h), p + "w2", keep)
             _fill_matrix(&self.layers[i].w3, get(p + "w3"), (h, d), p + "w3", keep)
+            # optional q/k/v biases (qwen2)
+            self.layers[i].bq = _vector(weights[p + "bq"], qd, p + "bq", keep) if p + "bq" in weights else NULL
+            self.layers[i].bk = _vector(weights[p + "bk"], kvd, p + "bk", keep) if p + "bk" in weights else NULL
+            self.layers[i].bv = _vector(weights[p + "bv"], kvd, p + "bv", keep) if p + "bv" in weights else NULL
             if self.layers[i].wq.type == L2C_Q8P and self.m.cfg.group_size == 0:
                 self.m.cfg.group_size = self.layers[i].wq.group_size
         self.m.layers = self.layers
@@ -97,26 +101,165 @@ cdef class Engine:
         return self.simd
 
 
-cdef class Session:
-    """Per-conversation state of one Engine: activations and the KV cache. Not shared between
-    threads (each thread uses its own session; the engine's weights are read-only)."""
-    cdef l2c_state s
+cdef int _logits_mode(object logits) except -1:
+    if logits == "last":
+        return L2C_LOGITS_LAST
+    if logits == "all":
+        return L2C_LOGITS_ALL
+    if logits == "none" or logits is None:
+        return L2C_LOGITS_NONE
+    raise ValueError(f"logits must be 'last', 'all' or 'none', got {logits!r}")
+
+
+@cython.no_gc_clear
+cdef class KVPool:
+    """A pool of KV cache blocks of one Engine: block_size positions of every layer and kv head
+    per block, a fixed capacity (n_blocks, or as many blocks as budget_bytes holds; default: one
+    full context of the engine), kv_dtype "f16" (default), "f32" or "q8". Sessions created with
+    pool=this share it: each holds only the blocks its positions fill. The memory is reserved
+    at creation and touched only as blocks fill. Thread-safe: calls that change the pool
+    (eval, forward_batch, truncate, import_kv, closing a session) take its lock."""
+    cdef l2c_kvpool p
+    cdef PyThread_type_lock lock
     cdef readonly Engine engine
+    cdef l2c_state bs                  # the state of forward_batch (created on first use)
+    cdef bint has_bs
+    cdef readonly int64_t max_batch
+    cdef volatile int32_t cancel_flag
+
+    def __cinit__(self):
+        self.lock = PyThread_allocate_lock()
+        if self.lock == NULL:
+            raise MemoryError("KVPool: cannot allocate a lock")
+
+    def __init__(self, Engine engine, n_blocks=None, budget_bytes=None, kv_dtype="f16",
+                 int64_t block_size=L2C_KV_BLOCK, int64_t max_batch=64):
+        cdef int32_t dtype = _kv_dtype(kv_dtype)
+        cdef l2c_config c = engine.m.cfg
+        if self.p.n_blocks:
+            raise RuntimeError("KVPool.__init__ called twice")
+        if block_size <= 0 or block_size % 16:
+            raise ValueError(f"block_size must be a positive multiple of 16, got {block_size}")
+        if max_batch <= 0:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        cdef int64_t bb = l2c_kv_block_bytes(c.n_layers, c.n_kv_heads, c.head_size, dtype, block_size)
+        if n_blocks is not None and budget_bytes is not None:
+            raise ValueError("KVPool: give n_blocks or budget_bytes, not both")
+        if budget_bytes is not None:
+            if budget_bytes < bb:
+                raise ValueError(f"budget_bytes={budget_bytes} is less than one block of "
+                                 f"{block_size} positions ({bb} bytes)")
+            n_blocks = int(budget_bytes) // bb
+        elif n_blocks is None:
+            n_blocks = (c.seq_len + block_size - 1) // block_size
+        if not 0 < n_blocks < 2**31:
+            raise ValueError(f"n_blocks must be in [1, 2**31), got {n_blocks}")
+        self.engine = engine
+        self.max_batch = max_batch
+        _check(l2c_kvpool_init(&self.p, c.n_layers, c.n_kv_heads, c.head_size, dtype, block_size,
+                               n_blocks), "KVPool")
+
+    def __dealloc__(self):
+        if self.has_bs:
+            l2c_state_free(&self.bs)
+        l2c_kvpool_free(&self.p)
+        if self.lock != NULL:
+            PyThread_free_lock(self.lock)
+
+    @property
+    def kv_dtype(self):
+        """'f16', 'f32' or 'q8'."""
+        return KV_DTYPE_NAMES[self.p.dtype]
+
+    @property
+    def block_size(self):
+        """Positions per block."""
+        return self.p.block_size
+
+    @property
+    def n_blocks(self):
+        """Capacity in blocks."""
+        return self.p.n_blocks
+
+    @property
+    def blocks_free(self):
+        return self.p.n_free
+
+    @property
+    def blocks_used(self):
+        return self.p.n_blocks - self.p.n_free
+
+    @property
+    def block_bytes(self):
+        return self.p.block_bytes
+
+    @property
+    def bytes_per_token(self):
+        """KV bytes of one position (all layers and kv heads)."""
+        return self.p.block_bytes / self.p.block_size
+
+    @property
+    def capacity_tokens(self):
+        return self.p.n_blocks * self.p.block_size
+
+    def request_cancel(self):
+        """Ask a running forward_batch() on this pool (in another thread) to stop before its next
+        step; it then raises GenerationCancelled. Cleared when the next forward_batch starts."""
+        self.cancel_flag = 1
+
+    def __repr__(self):
+        return (f"KVPool(kv_dtype={self.kv_dtype!r}, block_size={self.block_size}, "
+                f"blocks_used={self.blocks_used}/{self.n_blocks}, "
+                f"{self.p.block_bytes * self.p.n_blocks / 2**20:.1f} MiB)")
+
+
+@cython.no_gc_clear
+cdef class Session:
+    """One sequence of an Engine: its KV cache positions (blocks of a KVPool: its own, or one
+    shared with other sessions via pool=) and the activation buffers of its forward passes.
+    Not shared between threads (each thread uses its own session)."""
+    cdef l2c_state s
+    cdef l2c_seq seq
+    cdef readonly Engine engine
+    cdef readonly KVPool pool
     cdef bint busy
     cdef readonly int64_t context
-    cdef readonly int64_t n_tokens      # positions whose keys/values the cache holds
-    cdef volatile int32_t cancel_flag   # set by request_cancel(), checked between chunks
+    cdef volatile int32_t cancel_flag   # set by request_cancel(), checked between steps
+    cdef object _last                   # logits (vocab,) of the last position run, or None
 
-    def __init__(self, Engine engine, int64_t context=0, int64_t max_batch=64, int n_threads=1):
+    def __init__(self, Engine engine, int64_t context=0, int64_t max_batch=64, int n_threads=1,
+                 kv_dtype=None, KVPool pool=None):
+        """context: the most positions this session holds (default: the engine's); max_batch:
+        rows per forward step (prefill chunk); kv_dtype: 'f16' (default), 'f32' or 'q8' for a
+        session with its own pool; pool: a KVPool of this engine to take blocks from."""
         self.engine = engine
         if context <= 0:
             context = engine.m.cfg.seq_len
         if context > engine.m.cfg.seq_len:
             raise ValueError(f"context {context} exceeds the model's {engine.m.cfg.seq_len} positions")
+        if max_batch <= 0:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if pool is None:
+            pool = KVPool(engine, n_blocks=(context + L2C_KV_BLOCK - 1) // L2C_KV_BLOCK,
+                          kv_dtype="f16" if kv_dtype is None else kv_dtype)
+        else:
+            if pool.engine is not engine:
+                raise ValueError("pool belongs to another Engine")
+            if kv_dtype is not None and _kv_dtype(kv_dtype) != pool.p.dtype:
+                raise ValueError(f"kv_dtype={kv_dtype!r} differs from the pool's {pool.kv_dtype!r}")
         self.context = context
-        _check(l2c_state_init(&self.s, &engine.m, max_batch, context, _nt(n_threads)), "session")
+        self.pool = pool
+        _check(l2c_state_init(&self.s, &engine.m, max_batch, _nt(n_threads)), "session")
+        _check(l2c_seq_init(&self.seq, &pool.p, context), "session")
+        self.s.cancel = &self.cancel_flag
+        self._last = None
 
     def __dealloc__(self):
+        if self.seq.pool != NULL and self.pool is not None:
+            with nogil:
+                PyThread_acquire_lock(self.pool.lock, WAIT_LOCK)
+                l2c_seq_free(&self.seq)
+                PyThread_release_lock(self.pool.lock)
         l2c_state_free(&self.s)
 
     @property
@@ -127,6 +270,19 @@ cdef class Session:
     def n_threads(self, int n):
         self.s.n_threads = _nt(n)
 
+    @property
+    def n_tokens(self):
+        """Positions whose keys and values the cache holds."""
+        return self.seq.n_pos
+
+    @property
+    def kv_dtype(self):
+        return self.pool.kv_dtype
+
+    @property
+    def max_batch(self):
+        return self.s.max_batch
+
     cdef int _enter(self) except -1:
         if self.busy:
             raise RuntimeError("this session is already running in another thread")
@@ -136,160 +292,347 @@ cdef class Session:
     # ---- the stable API (generation, chat, server): tokens are appended at n_tokens ----------
 
     def request_cancel(self):
-        """Ask a running eval() (in another thread) to stop at the next chunk boundary; it then
+        """Ask a running eval() (in another thread) to stop before its next step; it then
         raises GenerationCancelled. The flag is cleared when the next eval() starts."""
         self.cancel_flag = 1
 
     def truncate(self, int64_t n):
-        """Keep the first n positions of the cache (0 <= n <= n_tokens), forget the rest."""
-        if not 0 <= n <= self.n_tokens:
-            raise ValueError(f"truncate: n must be in [0, {self.n_tokens}], got {n}")
-        self.n_tokens = n
+        """Keep the first n positions of the cache (0 <= n <= n_tokens), forget the rest (whole
+        blocks beyond go back to the pool)."""
+        if not 0 <= n <= self.seq.n_pos:
+            raise ValueError(f"truncate: n must be in [0, {self.seq.n_pos}], got {n}")
+        self._enter()
+        try:
+            if n < self.seq.n_pos:
+                self._last = None
+            with nogil:
+                PyThread_acquire_lock(self.pool.lock, WAIT_LOCK)
+                l2c_seq_truncate(&self.seq, n)
+                PyThread_release_lock(self.pool.lock)
+        finally:
+            self.busy = False
 
     def eval(self, const int32_t[::1] tokens, logits="last", float[:, ::1] out=None):
         """Run tokens (n,) at positions n_tokens.., appending their keys and values to the cache.
 
         logits: "last" returns the last token's logits (vocab,) (a new array); "all" returns
-        (n, vocab) logits of every token (into `out` when given); "none" returns None.
-        The prompt runs in chunks of max_batch tokens with the GIL released; between chunks a
-        request_cancel() from another thread stops it with GenerationCancelled (the positions
-        already run stay in the cache: n_tokens tells how many)."""
-        from llama2c.errors import GenerationCancelled
-        cdef int64_t n = tokens.shape[0], V = self.engine.m.cfg.vocab_size
-        cdef int64_t done = 0, T, chunk = self.s.max_batch, pos
-        cdef float *la = NULL
-        cdef int rc = L2C_OK
-        if logits not in ("last", "all", "none"):
-            raise ValueError(f"logits must be 'last', 'all' or 'none', got {logits!r}")
+        (n, vocab) logits of every token (into `out` when given); "none" returns None (and
+        computes no logits). The tokens run in steps of max_batch with the GIL released;
+        between steps a request_cancel() from another thread stops it with GenerationCancelled
+        (the positions already run stay in the cache: n_tokens tells how many). Raises
+        KVCacheFullError when a shared pool lacks the blocks (nothing is run then)."""
+        cdef int64_t n = tokens.shape[0], V = self.engine.m.cfg.vocab_size, start = self.seq.n_pos
+        cdef int mode = _logits_mode(logits)
+        cdef l2c_run run
+        cdef float *lp = NULL
+        cdef float[::1] lv
+        cdef int rc
         if n == 0:
             raise ValueError("eval: no tokens")
-        if self.n_tokens + n > self.context:
-            raise ContextLengthError(f"{n} tokens after {self.n_tokens} cached do not fit the "
+        if start + n > self.context:
+            raise ContextLengthError(f"{n} tokens after {start} cached do not fit the "
                                      f"context of {self.context}")
-        if logits == "all":
+        last = None
+        if mode == L2C_LOGITS_ALL:
             if out is None:
                 out = np.empty((n, V), dtype=np.float32)
             elif out.shape[0] != n or out.shape[1] != V:
                 raise _shape_error("out", (out.shape[0], out.shape[1]), (n, V))
+            lp = &out[0, 0]
+        elif mode == L2C_LOGITS_LAST:
+            last = np.empty(V, dtype=np.float32)
+            lv = last
+            lp = &lv[0]
+        run.seq = &self.seq
+        run.n_tokens = n
+        run.logits = mode
         self._enter()
         self.cancel_flag = 0
         try:
-            while done < n:
-                if self.cancel_flag:
-                    raise GenerationCancelled(f"cancelled after {done} of {n} tokens")
-                T = min(chunk, n - done)
-                pos = self.n_tokens
-                la = &out[done, 0] if logits == "all" else NULL
-                with nogil:
-                    rc = l2c_forward(&self.engine.m, &self.s, &tokens[done], T, pos, la)
-                _check(rc, "eval")
-                self.n_tokens += T
-                done += T
+            with nogil:
+                PyThread_acquire_lock(self.pool.lock, WAIT_LOCK)
+                rc = l2c_forward(&self.engine.m, &self.s, &self.pool.p, &run, 1, &tokens[0], lp)
+                PyThread_release_lock(self.pool.lock)
         finally:
             self.busy = False
-        if logits == "all":
+        if rc != L2C_OK:
+            if self.seq.n_pos != start:
+                self._last = None
+            if rc == L2C_ERR_CANCELLED:
+                raise GenerationCancelled(f"cancelled after {self.seq.n_pos - start} of {n} tokens")
+            if rc == L2C_ERR_KVFULL:
+                raise KVCacheFullError(
+                    f"eval: {n} tokens after {start} need {l2c_seq_blocks_needed(&self.seq, start + n)} "
+                    f"blocks of {self.pool.p.block_size} positions; the pool has {self.pool.p.n_free} free")
+            _check(rc, "eval")
+        if mode == L2C_LOGITS_ALL:
+            self._last = np.array(out[n - 1])
             return np.asarray(out)
-        if logits == "last":
-            return self.last_logits()
+        if mode == L2C_LOGITS_LAST:
+            self._last = last
+            return last.copy()
+        self._last = None
         return None
 
-    def export_kv(self):
-        """The cache's contents for positions 0..n_tokens-1 as bytes (import_kv restores them
-        into a session of the same engine). The format is private to this build."""
-        cdef int64_t n = self.n_tokens, kvd = self.s.kv_dim, L = self.s.n_layers, l
-        out = np.empty((2, L, n, kvd), dtype=np.float32)
-        cdef float[:, :, :, ::1] o = out
-        if n:
-            for l in range(L):
-                memcpy(&o[0, l, 0, 0], self.s.key_cache + l * self.s.seq_len * kvd, n * kvd * sizeof(float))
-                memcpy(&o[1, l, 0, 0], self.s.value_cache + l * self.s.seq_len * kvd, n * kvd * sizeof(float))
-        return out.tobytes()
+    def last_logits(self):
+        """Copy of the logits (vocab,) of the last position, as the last eval (or import_kv)
+        computed them; RuntimeError when it computed none (logits='none', truncate)."""
+        if self._last is None:
+            raise RuntimeError("no logits for the last position: the last eval ran with "
+                               "logits='none' (or the cache was truncated or is empty)")
+        return self._last.copy()
 
-    def import_kv(self, bytes data, int64_t n_tokens, last_logits=None):
-        """Restore what export_kv returned for n_tokens positions (and, optionally, the logits
-        of the last position) into this session, replacing its contents."""
-        cdef int64_t kvd = self.s.kv_dim, L = self.s.n_layers, l
+    def export_kv(self):
+        """The cache's positions 0..n_tokens-1 as bytes: a header (kv dtype, model dimensions,
+        n_tokens) and the keys/values in the cache's own element type. import_kv restores them
+        into a session of the same model and kv dtype."""
+        cdef int64_t n = self.seq.n_pos
+        cdef int64_t nbytes = l2c_seq_state_bytes(&self.pool.p, n)
+        header = _KV_HEADER.pack(_KV_MAGIC, self.pool.p.dtype, self.pool.p.n_layers,
+                                 self.pool.p.n_kv_heads, self.pool.p.head_size, n)
+        buf = bytearray(len(header) + nbytes)
+        buf[:len(header)] = header
+        cdef unsigned char[::1] bv = buf
+        if n:
+            _check(l2c_seq_export(&self.seq, n, &bv[len(header)]), "export_kv")
+        return bytes(buf)
+
+    def import_kv(self, data, int64_t n_tokens, last_logits=None):
+        """Restore what export_kv returned (n_tokens positions, and optionally the logits of the
+        last one) into this session, replacing its contents. Refused with ValueError when the
+        state comes from another model or kv dtype."""
+        cdef const unsigned char[::1] dv = memoryview(data).cast("B")
+        cdef const void *src = NULL
+        cdef int rc
+        cdef Py_ssize_t hl = _KV_HEADER.size
+        if len(data) < hl or bytes(data[:6]) != _KV_MAGIC:
+            raise ValueError("import_kv: not a saved KV state of this build")
+        _, dtype, n_layers, n_kv, hs, n = _KV_HEADER.unpack(bytes(data[:hl]))
+        p = &self.pool.p
+        if dtype != p.dtype:
+            raise ValueError(f"import_kv: the state holds {KV_DTYPE_NAMES.get(dtype, dtype)!r} "
+                             f"keys/values, this session's cache is {self.kv_dtype!r}")
+        if (n_layers, n_kv, hs) != (p.n_layers, p.n_kv_heads, p.head_size):
+            raise ValueError(f"import_kv: the state is of another model (layers, kv heads, head "
+                             f"size {(n_layers, n_kv, hs)}, this one {(p.n_layers, p.n_kv_heads, p.head_size)})")
+        if n != n_tokens:
+            raise ValueError(f"import_kv: the state holds {n} positions, n_tokens={n_tokens}")
         if not 0 <= n_tokens <= self.context:
             raise ContextLengthError(f"a state of {n_tokens} positions does not fit the context of {self.context}")
-        if len(data) != 2 * L * n_tokens * kvd * 4:
+        if len(data) != hl + l2c_seq_state_bytes(p, n_tokens):
             raise ValueError(f"import_kv: {len(data)} bytes do not hold {n_tokens} positions of this model")
-        arr = np.frombuffer(data, dtype=np.float32).reshape(2, L, n_tokens, kvd)
-        cdef const float[:, :, :, ::1] a = arr
-        cdef const float[::1] lv
-        if n_tokens:
-            for l in range(L):
-                memcpy(self.s.key_cache + l * self.s.seq_len * kvd, &a[0, l, 0, 0], n_tokens * kvd * sizeof(float))
-                memcpy(self.s.value_cache + l * self.s.seq_len * kvd, &a[1, l, 0, 0], n_tokens * kvd * sizeof(float))
+        lv = None
         if last_logits is not None:
-            lv = np.ascontiguousarray(last_logits, dtype=np.float32)
+            lv = np.array(last_logits, dtype=np.float32).reshape(-1)
             if lv.shape[0] != self.engine.m.cfg.vocab_size:
-                raise _shape_error("last_logits", (lv.shape[0],), (self.engine.m.cfg.vocab_size,))
-            memcpy(self.s.logits, &lv[0], lv.shape[0] * sizeof(float))
-        self.n_tokens = n_tokens
+                raise _shape_error("last_logits", lv.shape, (self.engine.m.cfg.vocab_size,))
+        if n_tokens:
+            src = &dv[hl]
+        self._enter()
+        try:
+            with nogil:
+                PyThread_acquire_lock(self.pool.lock, WAIT_LOCK)
+                rc = l2c_seq_import(&self.seq, n_tokens, src)
+                PyThread_release_lock(self.pool.lock)
+        finally:
+            self.busy = False
+        if rc == L2C_ERR_KVFULL:
+            raise KVCacheFullError(f"import_kv: the pool has too few free blocks for {n_tokens} positions")
+        _check(rc, "import_kv")
+        self._last = lv
 
-    # ---- the earlier API (positions given by the caller) -------------------------------------
+    # ---- the earlier API (positions given by the caller), on top of eval/truncate -------------
 
     def forward(self, const int32_t[::1] tokens, int64_t pos0, float[:, ::1] logits_all=None):
-        """Run tokens (n,) at positions pos0..; returns the last token's logits (a copy).
-        If logits_all (n, vocab) is given it receives every row's logits."""
-        cdef int64_t n = tokens.shape[0], V = self.engine.m.cfg.vocab_size
-        cdef float *la = NULL
-        cdef int rc
+        """Run tokens (n,) at positions pos0.. (pos0 <= n_tokens: the cache is cut to pos0
+        first); returns the last token's logits. If logits_all (n, vocab) is given it receives
+        every row's logits."""
+        cdef int64_t n = tokens.shape[0]
         if n == 0:
             raise ValueError("forward: no tokens")
         if pos0 < 0 or pos0 + n > self.context:
             raise ContextLengthError(
                 f"{n} tokens at position {pos0} do not fit the context of {self.context}")
+        if pos0 > self.seq.n_pos:
+            raise ValueError(f"forward: position {pos0} is beyond the {self.seq.n_pos} cached")
+        self.truncate(pos0)
         if logits_all is not None:
-            if logits_all.shape[0] != n or logits_all.shape[1] != V:
-                raise _shape_error("logits_all", (logits_all.shape[0], logits_all.shape[1]), (n, V))
-            la = &logits_all[0, 0]
-        self._enter()
-        try:
-            with nogil:
-                rc = l2c_forward(&self.engine.m, &self.s, &tokens[0], n, pos0, la)
-        finally:
-            self.busy = False
-        _check(rc, "forward")
-        return self.last_logits()
-
-    def last_logits(self):
-        """Copy of the logits (vocab,) of the last token run."""
-        out = np.empty(self.engine.m.cfg.vocab_size, dtype=np.float32)
-        cdef float[::1] o = out
-        memcpy(&o[0], self.s.logits, self.engine.m.cfg.vocab_size * sizeof(float))
-        return out
+            self.eval(tokens, "all", logits_all)
+            return self.last_logits()
+        return self.eval(tokens, "last")
 
     def generate(self, const int32_t[::1] prompt, int64_t pos0, int64_t max_new, Sampler sampler,
                  const int32_t[::1] stop=None):
-        """Prefill prompt at pos0, then sample up to max_new tokens (each fed back except the
-        last), stopping after a stop id. Returns the generated ids (int32 array)."""
-        cdef int64_t n_prompt = prompt.shape[0], n_out = 0, n_stop = 0
+        """Prefill prompt at pos0 (<= n_tokens: the cache is cut to pos0 first), then sample up to
+        max_new tokens (each fed back except the last), stopping after a stop id; one C call
+        with the GIL released. Returns the generated ids (int32 array)."""
+        cdef int64_t n_prompt = prompt.shape[0], n_out = 0, n_stop = 0, V = self.engine.m.cfg.vocab_size
         cdef const int32_t *pp = NULL
         cdef const int32_t *sp = NULL
+        cdef float[::1] lv
         cdef int rc
         if max_new < 0:
             raise ValueError(f"max_new must be >= 0, got {max_new}")
-        if sampler.sp.vocab_size != self.engine.m.cfg.vocab_size:
+        if sampler.sp.vocab_size != V:
             raise ValueError("sampler vocab size differs from the model's")
         if pos0 < 0 or pos0 + n_prompt > self.context:
             raise ContextLengthError(
                 f"a prompt of {n_prompt} tokens at position {pos0} does not fit the context of {self.context}")
         if n_prompt == 0 and pos0 == 0:
             raise ValueError("generate: an empty prompt at position 0 has no logits to sample from")
+        if pos0 > self.seq.n_pos:
+            raise ValueError(f"generate: position {pos0} is beyond the {self.seq.n_pos} cached")
+        if n_prompt:
+            self.truncate(pos0)
+            logits = np.empty(V, dtype=np.float32)
+            pp = &prompt[0]
+        else:
+            if pos0 != self.seq.n_pos:
+                raise ValueError("generate: without a prompt, pos0 must be n_tokens")
+            logits = self.last_logits()
+        lv = logits
         out = np.zeros(max(max_new, 1), dtype=np.int32)
         cdef int32_t[::1] o = out
-        if n_prompt:
-            pp = &prompt[0]
         if stop is not None and stop.shape[0]:
             sp = &stop[0]
             n_stop = stop.shape[0]
+        start = self.seq.n_pos
         self._enter()
+        self.cancel_flag = 0
         try:
             with nogil:
-                rc = l2c_generate(&self.engine.m, &self.s, &sampler.sp, pp, n_prompt, pos0, &o[0],
-                                  max_new, sp, n_stop, &n_out)
+                PyThread_acquire_lock(self.pool.lock, WAIT_LOCK)
+                rc = l2c_generate(&self.engine.m, &self.s, &self.seq, &sampler.sp, pp, n_prompt,
+                                  &lv[0], &o[0], max_new, sp, n_stop, &n_out)
+                PyThread_release_lock(self.pool.lock)
         finally:
             self.busy = False
-        _check(rc, "generate")
+        if rc != L2C_OK:
+            self._last = None
+            if rc == L2C_ERR_CANCELLED:
+                raise GenerationCancelled(f"cancelled after {self.seq.n_pos - start} positions")
+            _check(rc, "generate")
+        self._last = logits if self.seq.n_pos > start else self._last
         return out[:n_out]
+
+
+def forward_batch(sessions, token_arrays, logits_modes="last", n_threads=None):
+    """One forward pass over several sessions that share one KVPool: session i appends
+    token_arrays[i] (decode: one token; prefill: a chunk), all rows going through the model
+    together in steps of the pool's max_batch rows (each weight read once per step). logits_modes:
+    one of "last", "all", "none" or a list of them (one per session). Returns a list: per session
+    the last row's logits (vocab,), every row's (n, vocab), or None. The GIL is released; each
+    session's result is bitwise what it would get alone. Raises KVCacheFullError (nothing run)
+    when the pool lacks blocks, ContextLengthError when a session's context would overflow,
+    GenerationCancelled after pool.request_cancel() (n_tokens of each session tells what ran)."""
+    cdef int64_t n = len(sessions), i, total = 0, n_logits = 0, V, off
+    cdef Session se
+    cdef KVPool pool
+    cdef l2c_run *runs = NULL
+    cdef const int32_t[::1] tv
+    cdef float[:, ::1] lv
+    cdef float *lp = NULL
+    cdef int rc
+    cdef int nth
+    if n == 0:
+        return []
+    if len(token_arrays) != n:
+        raise ValueError(f"forward_batch: {n} sessions but {len(token_arrays)} token arrays")
+    modes = [logits_modes] * n if isinstance(logits_modes, str) or logits_modes is None else list(logits_modes)
+    if len(modes) != n:
+        raise ValueError(f"forward_batch: {n} sessions but {len(modes)} logits modes")
+    modes = [_logits_mode(m) for m in modes]
+    sess = list(sessions)
+    for i in range(n):
+        if not isinstance(sess[i], Session):
+            raise ValueError(f"forward_batch: sessions[{i}] is not a Session")
+    pool = (<Session>sess[0]).pool
+    if len({id(s) for s in sess}) != n:
+        raise ValueError("forward_batch: a session appears twice")
+    toks = []
+    for i in range(n):
+        se = sess[i]
+        if se.pool is not pool:
+            raise ValueError("forward_batch: all sessions must share one KVPool")
+        t = np.asarray(token_arrays[i])
+        if t.ndim != 1 or (t.size and not np.issubdtype(t.dtype, np.integer)):
+            raise ValueError(f"forward_batch: token_arrays[{i}] must be a 1-D array of token ids")
+        if se.seq.n_pos + t.shape[0] > se.context:
+            raise ContextLengthError(f"forward_batch: sessions[{i}]: {t.shape[0]} tokens after "
+                                     f"{se.seq.n_pos} cached do not fit the context of {se.context}")
+        toks.append(t.astype(np.int32, copy=False))
+        total += t.shape[0]
+        if modes[i] == L2C_LOGITS_ALL:
+            n_logits += t.shape[0]
+        elif modes[i] == L2C_LOGITS_LAST and t.shape[0] > 0:
+            n_logits += 1
+    engine = pool.engine
+    V = engine.m.cfg.vocab_size
+    nth = _nt(n_threads if n_threads is not None else (<Session>sess[0]).s.n_threads)
+    flat = np.ascontiguousarray(np.concatenate(toks) if total else np.zeros(1, np.int32), dtype=np.int32)
+    tv = flat
+    logits = np.empty((max(n_logits, 1), V), dtype=np.float32)
+    lv = logits
+    if n_logits:
+        lp = &lv[0, 0]
+    if not pool.has_bs:
+        _check(l2c_state_init(&pool.bs, &engine.m, pool.max_batch, nth), "forward_batch")
+        pool.has_bs = True
+    pool.bs.n_threads = nth
+    pool.bs.cancel = &pool.cancel_flag
+    runs = <l2c_run *>calloc(n, sizeof(l2c_run))
+    if runs == NULL:
+        raise MemoryError("forward_batch")
+    entered = []
+    try:
+        for i in range(n):
+            se = sess[i]
+            se._enter()
+            entered.append(se)
+            runs[i].seq = &se.seq
+            runs[i].n_tokens = toks[i].shape[0]
+            runs[i].logits = modes[i]
+        starts = [(<Session>s).seq.n_pos for s in sess]
+        pool.cancel_flag = 0
+        with nogil:
+            PyThread_acquire_lock(pool.lock, WAIT_LOCK)
+            rc = l2c_forward(&engine.m, &pool.bs, &pool.p, runs, n, &tv[0], lp)
+            PyThread_release_lock(pool.lock)
+    finally:
+        for s in entered:
+            (<Session>s).busy = False
+        free(runs)
+    if rc != L2C_OK:
+        for i in range(n):
+            se = sess[i]
+            if se.seq.n_pos != starts[i]:
+                se._last = None
+        if rc == L2C_ERR_CANCELLED:
+            raise GenerationCancelled("forward_batch: cancelled (each session's n_tokens tells what ran)")
+        if rc == L2C_ERR_KVFULL:
+            need = sum(l2c_seq_blocks_needed(&(<Session>sess[i]).seq,
+                                             (<Session>sess[i]).seq.n_pos + toks[i].shape[0])
+                       for i in range(n))
+            raise KVCacheFullError(f"forward_batch: the batch needs {need} blocks of "
+                                   f"{pool.p.block_size} positions; the pool has {pool.p.n_free} free")
+        _check(rc, "forward_batch")
+    result = []
+    off = 0
+    for i in range(n):
+        se = sess[i]
+        k = toks[i].shape[0]
+        if modes[i] == L2C_LOGITS_ALL:
+            r = logits[off:off + k]
+            off += k
+            if k:
+                se._last = r[k - 1].copy()
+        elif modes[i] == L2C_LOGITS_LAST and k:
+            r = logits[off]
+            off += 1
+            se._last = r.copy()
+        else:
+            r = None
+            if k:
+                se._last = None
+        result.append(r)
+    return result

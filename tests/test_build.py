@@ -25,7 +25,8 @@ from l2c_files import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 X86 = platform.machine().lower() in ("x86_64", "amd64")
-BASELINE = ["csrc/forward.o", "csrc/dispatch.o", "csrc/arch/kernels_generic.o", "src/_engine.o"]
+BASELINE = ["csrc/forward.o", "csrc/kvcache.o", "csrc/dispatch.o", "csrc/arch/kernels_generic.o",
+            "src/_engine.o"]
 _INSN = re.compile(r"^\s*[0-9a-f]+:\s+([a-z][a-z0-9.]*)\s*(.*)$")
 
 

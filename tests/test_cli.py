@@ -98,9 +98,10 @@ def test_run_ids_greedy_matches_generate(capsys, small):
 
 
 def test_run_subprocess_matches_llama2c_golden(tiny260k, shared_dir):
-    """`python -m llama2c run` reproduces run.c's greedy decoding of tiny260K (-n 200, BOS)."""
+    """`python -m llama2c run` reproduces run.c's greedy decoding of tiny260K (-n 200, BOS) with
+    run.c's fp32 KV cache."""
     golden = json.loads((shared_dir / "golden" / "tiny260K_greedy.json").read_text())["greedy_ids"]
-    proc = _subprocess("run", tiny260k, "-t", "0", "-n", "200", "--ids", "-i", "1")
+    proc = _subprocess("run", tiny260k, "-t", "0", "-n", "200", "--ids", "-i", "1", "--kv-dtype", "f32")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [str(t) for t in [1] + golden]
     assert "achieved tok/s:" in proc.stderr

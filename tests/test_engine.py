@@ -26,10 +26,15 @@ CONFIGS = {
 }
 
 
-def model_pair(name, seed=0, **kw):
+KV_DTYPES = ["f32", "f16", "q8"]
+
+
+def model_pair(name, seed=0, kv_dtype="f16", **kw):
+    """The engine and the NumPy reference on the same random weights and KV cache type."""
     cfg = CONFIGS[name]
     w = make_random_model(cfg, seed)
-    return llama2c.Model(cfg, w, **kw), ReferenceModel(cfg, w)
+    return (llama2c.Model(cfg, w, kv_dtype=kv_dtype, **kw),
+            ReferenceModel(cfg, w, kv_dtype=kv_dtype))
 
 
 def assert_logits_close(got, want, rel=1e-4):
@@ -37,13 +42,16 @@ def assert_logits_close(got, want, rel=1e-4):
     assert np.abs(got - want).max() <= rel * np.abs(want).max()
 
 
+@pytest.mark.parametrize("kv", KV_DTYPES)
 @pytest.mark.parametrize("simd", SIMD)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_logits_match_reference(name, simd):
-    model, ref = model_pair(name, simd=simd)
+def test_logits_match_reference(name, simd, kv):
+    model, ref = model_pair(name, simd=simd, kv_dtype=kv)
     rng = np.random.default_rng(3)
     ids = rng.integers(0, model.vocab_size, 40).tolist()
-    assert_logits_close(model.logits(ids), ref.logits(ids))
+    # rounded keys/values: a last-bit difference of a key before rounding can move it by one
+    # step of its type (a half's 2^-11, an int8 code's 1/127 of the row's max): looser budgets
+    assert_logits_close(model.logits(ids), ref.logits(ids), rel={"f32": 1e-4, "f16": 1e-3, "q8": 5e-3}[kv])
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -54,19 +62,19 @@ def test_prefill_equals_single_steps(name):
     ids = ids[: min(len(ids), model.context_length)].astype(np.int32)
     batched = model.logits(ids)
     sess = E.Session(model._engine, model.context_length, 64, 2)
-    steps = np.stack([sess.forward(ids[i:i + 1], i) for i in range(len(ids))])
-    assert_logits_close(batched, steps, rel=1e-5)
+    steps = np.stack([sess.eval(ids[i:i + 1]) for i in range(len(ids))])
+    # bitwise where the matmul kernels are row-invariant (tests/test_batch.py); f16 keys and
+    # values may round a 1-ulp matmul difference to the next half
+    assert_logits_close(batched, steps, rel=1e-3)
 
 
 def test_prefill_chunk_sizes_agree():
-    model, _ = model_pair("gqa-unshared")
+    model, _ = model_pair("gqa-unshared", kv_dtype="f32")
     ids = np.arange(100, dtype=np.int32) % model.vocab_size
     outs = []
     for chunk in (1, 7, 64, 128):
-        sess = E.Session(model._engine, 128, chunk, 2)
-        la = np.empty((100, model.vocab_size), np.float32)
-        sess.forward(ids, 0, la)
-        outs.append(la)
+        sess = E.Session(model._engine, 128, chunk, 2, kv_dtype="f32")
+        outs.append(sess.eval(ids, "all"))
     for o in outs[1:]:
         assert_logits_close(o, outs[0], rel=1e-5)
 
@@ -77,17 +85,18 @@ def test_int8_logits_match_int8_reference(name, act_bits):
     cfg = CONFIGS[name]
     gs = 4
     w = quantize_weights(cfg, make_random_model(cfg, 1), gs)
-    model, ref = llama2c.Model(cfg, w, act_bits=act_bits), ReferenceModel(cfg, w, act_bits=act_bits)
+    model = llama2c.Model(cfg, w, act_bits=act_bits, kv_dtype="f32")
+    ref = ReferenceModel(cfg, w, act_bits=act_bits)
     assert model.dtype == "int8"
     ids = list(range(1, 20))
     # single tokens (decode path): the reference quantizes exactly as the kernels do
-    sess = E.Session(model._engine, model.context_length, 64, 1)
+    sess = E.Session(model._engine, model.context_length, 64, 1, kv_dtype="f32")
     for pos, t in enumerate(ids):
-        assert_logits_close(sess.forward(np.array([t], np.int32), pos), ref.forward(t, pos), rel=1e-3)
+        assert_logits_close(sess.eval(np.array([t], np.int32)), ref.forward(t, pos), rel=1e-3)
 
 
 def test_greedy_generation_matches_reference():
-    model, ref = model_pair("gqa-unshared")
+    model, ref = model_pair("gqa-unshared", kv_dtype="f32")
     prompt = [5, 17, 33]
     got = model.generate(prompt, max_new_tokens=30, temperature=0, stop_token_ids=[]).token_ids
     assert got == ref.generate(prompt, 30)
@@ -104,12 +113,26 @@ def tiny260k(shared_dir):
 
 @pytest.mark.parametrize("simd", SIMD)
 def test_tiny260k_greedy_matches_llama2c(tiny260k, simd):
-    """200 greedy steps from BOS give exactly llama2.c run.c's token ids."""
+    """200 greedy steps from BOS give exactly llama2.c run.c's token ids (fp32 KV cache, as
+    run.c's)."""
     path, golden = tiny260k
-    model = llama2c.Model.load(path, simd=simd)
+    model = llama2c.Model.load(path, simd=simd, kv_dtype="f32")
     assert model.tokenizer is None and model.dtype == "fp32"
     out = model.generate([1], max_new_tokens=len(golden), temperature=0, stop_token_ids=[])
     assert out.token_ids == golden
+
+
+def test_tiny260k_f16_cache_stays_close(tiny260k):
+    """The default fp16 KV cache: teacher-forced along run.c's tokens, the same next token
+    but at near ties (measured: 199 of 200; the one miss has a top-2 margin of 0.003)."""
+    path, golden = tiny260k
+    model = llama2c.Model.load(path)
+    assert model.kv_dtype == "f16"
+    logits = model.logits([1] + golden[:-1])
+    miss = np.flatnonzero(logits.argmax(axis=1) != np.array(golden))
+    assert len(miss) <= 2, miss
+    top2 = np.sort(logits[miss], axis=1)[:, -2:]
+    assert np.all(top2[:, 1] - top2[:, 0] < 0.02), top2
 
 
 def test_tiny260k_greedy_reference(tiny260k):
@@ -208,7 +231,7 @@ def test_gil_is_released_during_generation():
 
 def test_two_models_in_one_process():
     a, ra = model_pair("mha-shared", seed=1)
-    b, rb = model_pair("gqa-unshared", seed=2)
+    b, rb = model_pair("gqa-unshared", seed=2, kv_dtype="q8")
     ids = [1, 2, 3, 4]
     assert_logits_close(a.logits(ids), ra.logits(ids))
     assert_logits_close(b.logits(ids), rb.logits(ids))
@@ -261,7 +284,8 @@ def test_scaled_rope_models_match_reference(scaling):
                  seq_len=64, rope_scaling=scaling)
     w = make_random_model(cfg, 4)
     ids = list(np.random.default_rng(0).integers(0, 50, 60))
-    assert_logits_close(llama2c.Model(cfg, w).logits(ids), ReferenceModel(cfg, w).logits(ids))
+    assert_logits_close(llama2c.Model(cfg, w, kv_dtype="f32").logits(ids),
+                        ReferenceModel(cfg, w).logits(ids))
     if cfg.rope_type == "dynamic":       # beyond the trained context: NTK-scaled theta
         long = llama2c.Model(cfg, w, context_length=128)
         out = long.generate(ids, max_new_tokens=60, temperature=0, stop_token_ids=[])

@@ -16,7 +16,6 @@ from llama2c.errors import ModelFormatError
 from llama2c.loaders import load_any
 from llama2c.loaders.gguf import load_gguf, write_gguf
 from llama2c.loaders.hf import load_hf, write_hf_dir
-from llama2c.model import engine_supports
 from llama2c.pretokenize import gguf_pre_tokenizer
 from llama2c.reference import ReferenceModel
 from llama2c.testing import make_random_qwen2
@@ -176,16 +175,13 @@ def test_hf_directory_round_trip(tmp_path, model, qwen2_file):
     assert meta8["dtype"] == "int8" and w8["layers.0.bq"].dtype == np.float32
 
 
-def test_engine_runs_qwen2_or_refuses(qwen2_file):
-    """Until the engine applies q/k/v biases, Model.load refuses a qwen2 model instead of
-    silently dropping them; once it does, its logits match the reference."""
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_engine_runs_qwen2(qwen2_file, kv_dtype):
+    """The engine applies qwen2's q/k/v biases: its logits match the NumPy reference (with the
+    same KV cache element type)."""
     cfg, w, _ = load_gguf(qwen2_file)
-    if not engine_supports("attention_bias"):
-        with pytest.raises(ModelFormatError, match="biases"):
-            llama2c.Model.load(qwen2_file)
-        return
-    model = llama2c.Model.load(qwen2_file, dtype="fp32")
-    want = ReferenceModel(cfg, w).logits(IDS)
+    model = llama2c.Model.load(qwen2_file, dtype="fp32", kv_dtype=kv_dtype)
+    want = ReferenceModel(cfg, w, kv_dtype=kv_dtype).logits(IDS)
     got = model.logits(IDS)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 

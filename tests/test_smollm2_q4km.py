@@ -52,7 +52,8 @@ def test_reference_fp32_matches_golden(golden):
 
 def test_engine_fp32_matches_golden(golden):
     path, cases, logits = golden
-    model = llama2c.Model.load(path, dtype="fp32", context_length=256)
+    # the fp32 path: fp32 weights and an fp32 KV cache
+    model = llama2c.Model.load(path, dtype="fp32", context_length=256, kv_dtype="f32")
     assert model.dtype == "fp32"
     for i, case in enumerate(cases):
         assert _rel(model.logits(case["ids"])[-1], logits[f"p{i}"]) <= FP32_RTOL, case["prompt"]

@@ -1,0 +1,528 @@
+// attention.c: storing keys/values into the KV pool and causal grouped-query attention over it.
+// Included from csrc/kernels.c (compiled once per kernel table) after vec.h.
+//
+// The pool's layout and the canonical result of a query row (block partials merged in block
+// order) are described in llama2c.h. Here:
+//   - a block is first brought to float scratch: K^T (hs, P) and V (P, hsp) (hsp = hs rounded up
+//     to 16, zero-padded) - or used in place when the pool holds floats in that shape;
+//   - scores: every query vector of one kv head against the block's positions, a register tile
+//     of SG queries x SC vectors of positions, the query broadcast per dimension d: each key
+//     vector loaded feeds SG FMAs (all query heads of a kv head share one read of K);
+//   - block softmax: max, exp (vf_exp), sum, lane-wise over the positions;
+//   - o = sum_p e[p] v[p]: a register tile of PG queries x PJ vectors of the head dimension;
+//   - merge: the online-softmax rescaling, in block order.
+// Every lane of those tiles computes its sum in the same order whatever the tile shape (the
+// grouping of queries and positions), so a row's result does not depend on which other rows
+// share its tile, its step or its thread: decode (split-K over blocks, then an ordered merge)
+// and prefill (tiles of rows walking the blocks) give the same bits.
+#include "kv.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#define L2C_THREAD_ID() omp_get_thread_num()
+#else
+#define L2C_THREAD_ID() 0
+#endif
+
+#if defined(__AVX512F__)
+#define SG 4    // scores tile: queries
+#define SC 4    //              vectors of positions
+#define PG 4    // values tile: queries
+#define PJ 4    //              vectors of the head dimension
+#elif defined(__AVX2__)   // 16 registers: 12 accumulators, 3 loads, 1 broadcast
+#define SG 4
+#define SC 3
+#define PG 4
+#define PJ 3
+#else
+#define SG 4
+#define SC 4
+#define PG 4
+#define PJ 4
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// storing one layer's keys and values (rows of the spans) at their positions
+
+static void store_row(const l2c_kvpool *pool, int64_t layer, const int32_t *blocks, int64_t pos,
+                      const float *restrict k, const float *restrict v) {
+    const int64_t P = pool->block_size, hs = pool->head_size, r = pos % P;
+    for (int64_t h = 0; h < pool->n_kv_heads; h++) {
+        uint8_t *slab = l2c_kv_slab(pool, blocks[pos / P], layer, h);
+        uint8_t *vrow = slab + l2c_kv_v_offset(pool);
+        const float *kh = k + h * hs, *vh = v + h * hs;
+        if (pool->dtype == L2C_KV_F32) {
+            float *kt = (float *)slab;
+            for (int64_t d = 0; d < hs; d++) kt[d * P + r] = kh[d];
+            memcpy((float *)vrow + r * hs, vh, (size_t)hs * sizeof(float));
+        } else if (pool->dtype == L2C_KV_F16) {
+            uint16_t *kt = (uint16_t *)slab, *vr = (uint16_t *)vrow + r * hs;
+            int64_t d = 0;
+#if VL > 1
+            uint16_t kbuf[16];
+            for (; d + VL <= hs; d += VL) {
+                vf_store_f16(kbuf, vf_load(kh + d));
+                for (int j = 0; j < VL; j++) kt[(d + j) * P + r] = kbuf[j];
+                vf_store_f16(vr + d, vf_load(vh + d));
+            }
+#endif
+            for (; d < hs; d++) {
+                kt[d * P + r] = l2c_f32_to_f16(kh[d]);
+                vr[d] = l2c_f32_to_f16(vh[d]);
+            }
+        } else {  // int8, one scale per (position, kv head): s = max|x| / 127, q = rint(x / s)
+            int8_t *kt = (int8_t *)slab, *vr = (int8_t *)vrow + r * hs;
+            float *ks = (float *)(slab + l2c_kv_scale_offset(pool)), *vs = ks + P;
+            float ka = 0.0f, va = 0.0f;
+            for (int64_t d = 0; d < hs; d++) {
+                ka = fmaxf(ka, fabsf(kh[d]));
+                va = fmaxf(va, fabsf(vh[d]));
+            }
+            const float ksc = ka / 127.0f, vsc = va / 127.0f;
+            ks[r] = ksc;
+            vs[r] = vsc;
+            for (int64_t d = 0; d < hs; d++) {
+                kt[d * P + r] = (int8_t)(ksc > 0.0f ? rintf(kh[d] / ksc) : 0.0f);
+                vr[d] = (int8_t)(vsc > 0.0f ? rintf(vh[d] / vsc) : 0.0f);
+            }
+        }
+    }
+}
+
+static void kv_store(const l2c_kvpool *pool, int64_t layer, const l2c_span *spans,
+                     int64_t n_spans, const float *restrict k, const float *restrict v,
+                     int n_threads) {
+    const int64_t kvd = pool->n_kv_heads * pool->head_size;
+    for (int64_t i = 0; i < n_spans; i++) {
+        const l2c_span *sp = &spans[i];
+        int nth = threads_for(sp->n * kvd * 8, n_threads);
+        L2C_PRAGMA(omp parallel for num_threads(nth) schedule(static) if(nth > 1))
+        for (int64_t t = 0; t < sp->n; t++)
+            store_row(pool, layer, sp->blocks, sp->pos0 + t, k + (sp->row0 + t) * kvd,
+                      v + (sp->row0 + t) * kvd);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// scores and weighted values, one register tile per element type of the keys/values read:
+// float, half (converted in the load) or int8 (converted exactly; the scales are applied
+// outside: scores times the key scale of each position, softmax weights times the value
+// scale). A half or int8 block may also be converted once to float scratch (exact) and read as
+// float: the same numbers, so the same results.
+
+#define LOAD_F32(p) vf_load(p)
+#define LOAD_F16(p) vf_load_f16(p)
+#define LOAD_I8(p) vf_load_i8(p)
+
+// S[i][p] = sum_d Q[i][d] * K[d][p] (d in order, one fused chain per lane)
+#define DEF_SCORES(TAG, ET, LOAD, NQ, NC)                                                         \
+    static void scores_##TAG##_##NQ##_##NC(float *restrict S, int64_t sst, const float *restrict Q, \
+                                           int64_t qst, const void *restrict Kv, int64_t P, int64_t hs) { \
+        const ET *restrict K = (const ET *)Kv;                                                    \
+        vf acc[NQ][NC];                                                                           \
+        for (int i = 0; i < NQ; i++)                                                              \
+            for (int c = 0; c < NC; c++) acc[i][c] = vf_zero();                                   \
+        for (int64_t d = 0; d < hs; d++) {                                                        \
+            vf kv[NC];                                                                            \
+            for (int c = 0; c < NC; c++) kv[c] = LOAD(K + d * P + c * VL);                        \
+            for (int i = 0; i < NQ; i++) {                                                        \
+                const vf qb = vf_set1(Q[i * qst + d]);                                            \
+                for (int c = 0; c < NC; c++) acc[i][c] = vf_fma(qb, kv[c], acc[i][c]);            \
+            }                                                                                     \
+        }                                                                                         \
+        for (int i = 0; i < NQ; i++)                                                              \
+            for (int c = 0; c < NC; c++) vf_store(S + i * sst + c * VL, acc[i][c]);               \
+    }
+
+// O[i][j] = sum_{p < nv} E[i][p] * V[p][j] (p in order, one fused chain per lane)
+#define DEF_PV(TAG, ET, LOAD, NQ, NJ)                                                             \
+    static void pv_##TAG##_##NQ##_##NJ(float *restrict O, int64_t ost, const float *restrict E,   \
+                                       int64_t est, const void *restrict Vv, int64_t vst, int64_t nv) { \
+        const ET *restrict V = (const ET *)Vv;                                                    \
+        vf acc[NQ][NJ];                                                                           \
+        for (int i = 0; i < NQ; i++)                                                              \
+            for (int c = 0; c < NJ; c++) acc[i][c] = vf_zero();                                   \
+        for (int64_t p = 0; p < nv; p++) {                                                        \
+            vf vv[NJ];                                                                            \
+            for (int c = 0; c < NJ; c++) vv[c] = LOAD(V + p * vst + c * VL);                      \
+            for (int i = 0; i < NQ; i++) {                                                        \
+                const vf eb = vf_set1(E[i * est + p]);                                            \
+                for (int c = 0; c < NJ; c++) acc[i][c] = vf_fma(eb, vv[c], acc[i][c]);            \
+            }                                                                                     \
+        }                                                                                         \
+        for (int i = 0; i < NQ; i++)                                                              \
+            for (int c = 0; c < NJ; c++) vf_store(O + i * ost + c * VL, acc[i][c]);               \
+    }
+
+#define DEF_TILES(DEF, TAG, ET, LOAD)                                                             \
+    DEF(TAG, ET, LOAD, 1, 1) DEF(TAG, ET, LOAD, 1, 2) DEF(TAG, ET, LOAD, 1, 3) DEF(TAG, ET, LOAD, 1, 4) \
+    DEF(TAG, ET, LOAD, 2, 1) DEF(TAG, ET, LOAD, 2, 2) DEF(TAG, ET, LOAD, 2, 3) DEF(TAG, ET, LOAD, 2, 4) \
+    DEF(TAG, ET, LOAD, 3, 1) DEF(TAG, ET, LOAD, 3, 2) DEF(TAG, ET, LOAD, 3, 3) DEF(TAG, ET, LOAD, 3, 4) \
+    DEF(TAG, ET, LOAD, 4, 1) DEF(TAG, ET, LOAD, 4, 2) DEF(TAG, ET, LOAD, 4, 3) DEF(TAG, ET, LOAD, 4, 4)
+#define TILE_TABLE(KIND, TAG)                                                                     \
+    {{KIND##_##TAG##_1_1, KIND##_##TAG##_1_2, KIND##_##TAG##_1_3, KIND##_##TAG##_1_4},             \
+     {KIND##_##TAG##_2_1, KIND##_##TAG##_2_2, KIND##_##TAG##_2_3, KIND##_##TAG##_2_4},             \
+     {KIND##_##TAG##_3_1, KIND##_##TAG##_3_2, KIND##_##TAG##_3_3, KIND##_##TAG##_3_4},             \
+     {KIND##_##TAG##_4_1, KIND##_##TAG##_4_2, KIND##_##TAG##_4_3, KIND##_##TAG##_4_4}}
+
+DEF_TILES(DEF_SCORES, f32, float, LOAD_F32)
+DEF_TILES(DEF_SCORES, f16, uint16_t, LOAD_F16)
+DEF_TILES(DEF_SCORES, i8, int8_t, LOAD_I8)
+DEF_TILES(DEF_PV, f32, float, LOAD_F32)
+DEF_TILES(DEF_PV, f16, uint16_t, LOAD_F16)
+DEF_TILES(DEF_PV, i8, int8_t, LOAD_I8)
+
+typedef void (*scores_fn)(float *restrict, int64_t, const float *restrict, int64_t,
+                          const void *restrict, int64_t, int64_t);
+typedef void (*pv_fn)(float *restrict, int64_t, const float *restrict, int64_t,
+                      const void *restrict, int64_t, int64_t);
+// [element type: L2C_KV_F32, L2C_KV_F16, L2C_KV_Q8][queries - 1][vectors - 1]
+static const scores_fn SCORES[3][4][4] = {TILE_TABLE(scores, f32), TILE_TABLE(scores, f16),
+                                          TILE_TABLE(scores, i8)};
+static const pv_fn PV[3][4][4] = {TILE_TABLE(pv, f32), TILE_TABLE(pv, f16), TILE_TABLE(pv, i8)};
+
+// nq queries (rows of Q, stride qst) against the first np positions (a multiple of 16) of
+// K^T (element type et, row stride P)
+static void scores(float *restrict S, int64_t sst, const float *restrict Q, int64_t qst,
+                   int64_t nq, int et, const void *K, int64_t P, int64_t hs, int64_t np) {
+    const int64_t es = et == L2C_KV_F32 ? 4 : et == L2C_KV_F16 ? 2 : 1;
+    for (int64_t i = 0; i < nq; i += SG) {
+        const int64_t gq = nq - i < SG ? nq - i : SG;
+        for (int64_t p = 0; p < np; p += SC * VL) {
+            const int64_t nc = (np - p) / VL < SC ? (np - p) / VL : SC;
+            SCORES[et][gq - 1][nc - 1](S + i * sst + p, sst, Q + i * qst, qst,
+                                       (const uint8_t *)K + p * es, P, hs);
+        }
+    }
+}
+
+// nq queries (rows of E, stride est, all with nv positions) -> O (nq, hsp); V rows of stride
+// vst and element type et, hsp columns read (a multiple of 16)
+static void weighted_values(float *restrict O, const float *restrict E, int64_t est, int64_t nq,
+                            int et, const void *V, int64_t vst, int64_t hsp, int64_t nv) {
+    const int64_t es = et == L2C_KV_F32 ? 4 : et == L2C_KV_F16 ? 2 : 1;
+    for (int64_t i = 0; i < nq; i += PG) {
+        const int64_t gq = nq - i < PG ? nq - i : PG;
+        for (int64_t j = 0; j < hsp; j += PJ * VL) {
+            const int64_t nj = (hsp - j) / VL < PJ ? (hsp - j) / VL : PJ;
+            PV[et][gq - 1][nj - 1](O + i * hsp + j, hsp, E + i * est, est,
+                                   (const uint8_t *)V + j * es, vst, nv);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// block softmax of one query: s (scores of positions 0..nv-1, times the key scales ks when the
+// keys are int8) -> e = exp(s - m) (times the value scales vs when the values are int8) in
+// place; m = max, l = sum e (lanes summed vector by vector, then across)
+
+static inline void block_softmax(float *restrict s, int64_t nv, const float *restrict ks,
+                                 const float *restrict vs, float *m_out, float *l_out) {
+    vf mx = vf_set1(-INFINITY);
+    for (int64_t p = 0; p < nv; p += VL) {
+        vf x = vf_load(s + p);
+        if (ks) {
+            x = vf_mul(x, vf_load(ks + p));
+            vf_store(s + p, x);
+        }
+        mx = vf_max(mx, vf_keep_first(x, nv - p, -INFINITY));
+    }
+    const float m = vf_hmax(mx);
+    const vf mv = vf_set1(m);
+    vf acc = vf_zero();
+    for (int64_t p = 0; p < nv; p += VL) {
+        vf e = vf_keep_first(vf_exp(vf_sub(vf_load(s + p), mv)), nv - p, 0.0f);
+        acc = vf_add(acc, e);
+        if (vs) e = vf_mul(e, vf_load(vs + p));
+        vf_store(s + p, e);
+    }
+    *m_out = m;
+    *l_out = vf_hsum(acc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// a block's keys and values: read in place from the pool, or converted once to float scratch
+// (exactly; int8 without its scales) when many queries read them or the head size needs
+// padding to 16
+
+typedef struct {
+    int et;                  // element type of K and V as read
+    const void *K;           // K^T (hs, P), row stride P
+    const void *V;           // V (nv, hsp columns readable), row stride vst
+    int64_t vst;
+    const float *ks, *vs;    // int8 scales (P,) or NULL
+} att_block;
+
+static att_block get_block(const l2c_kvpool *pool, const uint8_t *slab, int64_t np, int64_t nv,
+                           int to_float, float *restrict kf, float *restrict vfl) {
+    const int64_t P = pool->block_size, hs = pool->head_size, hsp = l2c_pad16(hs);
+    att_block blk;
+    blk.et = pool->dtype;
+    blk.K = slab;
+    blk.V = slab + l2c_kv_v_offset(pool);
+    blk.vst = hs;
+    blk.ks = blk.vs = NULL;
+    if (pool->dtype == L2C_KV_Q8) {
+        blk.ks = (const float *)(slab + l2c_kv_scale_offset(pool));
+        blk.vs = blk.ks + P;
+    }
+    if (hs != hsp) to_float = 1;                        // the values need padding
+    if (!to_float || (pool->dtype == L2C_KV_F32 && hs == hsp)) return blk;
+    if (pool->dtype == L2C_KV_F16) {                    // float keys are read in place
+        const uint16_t *kt = (const uint16_t *)slab;
+        for (int64_t d = 0; d < hs; d++)
+            for (int64_t p = 0; p < np; p += VL) vf_store(kf + d * P + p, vf_load_f16(kt + d * P + p));
+        blk.K = kf;
+    } else if (pool->dtype == L2C_KV_Q8) {
+        const int8_t *kt = (const int8_t *)slab;
+        for (int64_t d = 0; d < hs; d++)
+            for (int64_t p = 0; p < np; p += VL) vf_store(kf + d * P + p, vf_load_i8(kt + d * P + p));
+        blk.K = kf;
+    }
+    const uint8_t *vb = slab + l2c_kv_v_offset(pool);
+    for (int64_t r = 0; r < nv; r++) {
+        float *o = vfl + r * hsp;
+        int64_t d = 0;
+        if (pool->dtype == L2C_KV_F32) {
+            memcpy(o, (const float *)vb + r * hs, (size_t)hs * sizeof(float));
+            d = hs;
+        } else if (pool->dtype == L2C_KV_F16) {
+            const uint16_t *src = (const uint16_t *)vb + r * hs;
+            for (; d + VL <= hs; d += VL) vf_store(o + d, vf_load_f16(src + d));
+            for (; d < hs; d++) o[d] = l2c_f16_to_f32(src[d]);
+        } else {
+            const int8_t *src = (const int8_t *)vb + r * hs;
+            for (; d + VL <= hs; d += VL) vf_store(o + d, vf_load_i8(src + d));
+            for (; d < hs; d++) o[d] = (float)src[d];
+        }
+        for (; d < hsp; d++) o[d] = 0.0f;
+    }
+    blk.V = vfl;
+    blk.vst = hsp;
+    blk.et = L2C_KV_F32;   // the keys too: float in place, or converted
+    return blk;
+}
+
+// ---------------------------------------------------------------------------------------------
+// merge a block partial (m, l, o) into the state (M, L, O) of one query
+
+static inline void merge_partial(float *M, float *L, float *restrict O, float m, float l,
+                                 const float *restrict o, int64_t hsp) {
+    const float Mn = *M > m ? *M : m;
+    const float a = exp_s(*M - Mn), b = exp_s(m - Mn);
+    *M = Mn;
+    *L = l2c_fmaf(*L, a, l * b);
+    const vf av = vf_set1(a), bv = vf_set1(b);
+    for (int64_t j = 0; j < hsp; j += VL) vf_store(O + j, vf_fma(vf_load(O + j), av, vf_mul(vf_load(o + j), bv)));
+}
+
+// out (hs,) = O / L
+static inline void finish(float *restrict out, const float *restrict O, float L, int64_t hs) {
+    const float inv = 1.0f / L;
+    for (int64_t d = 0; d < hs; d++) out[d] = O[d] * inv;
+}
+
+// ---------------------------------------------------------------------------------------------
+// per-thread scratch (kv.h: l2c_att_thread_floats)
+
+typedef struct {
+    float *kf, *vf, *S, *ob, *O, *mb, *lb, *M, *L;
+} att_scratch;
+
+static inline float *carve(float **p, int64_t n) {
+    float *r = *p;
+    *p += (n + 15) / 16 * 16;
+    return r;
+}
+
+static att_scratch scratch_for(float *base, int64_t g, int64_t hs, int64_t P) {
+    const int64_t hsp = l2c_pad16(hs), rq = L2C_ATT_ROWS * g;
+    att_scratch a;
+    a.kf = carve(&base, hs * P);
+    a.vf = carve(&base, P * hsp);
+    a.S = carve(&base, rq * P);
+    a.ob = carve(&base, rq * hsp);
+    a.O = carve(&base, rq * hsp);
+    a.mb = carve(&base, rq);
+    a.lb = carve(&base, rq);
+    a.M = carve(&base, rq);
+    a.L = carve(&base, rq);
+    return a;
+}
+
+// Qs (n_kv, rows, g, hsp) = q (rows, n_heads*hs) * (1 / sqrt(hs)), zero-padded to hsp
+static void scale_queries(float *restrict Qs, const float *restrict q, int64_t rows,
+                          int64_t n_heads, int64_t n_kv, int64_t hs) {
+    const float scale = 1.0f / sqrtf((float)hs);
+    const int64_t hsp = l2c_pad16(hs), g = n_heads / n_kv;
+    for (int64_t t = 0; t < rows; t++)
+        for (int64_t head = 0; head < n_heads; head++) {
+            const float *src = q + (t * n_heads + head) * hs;
+            float *dst = Qs + (((head / g) * rows + t) * g + head % g) * hsp;
+            for (int64_t d = 0; d < hs; d++) dst[d] = src[d] * scale;
+            for (int64_t d = hs; d < hsp; d++) dst[d] = 0.0f;
+        }
+}
+
+// bring a slab's first `bytes` toward the cache ahead of use (the next block of a decode row)
+static inline void prefetch_slab(const uint8_t *p, int64_t bytes) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+    for (int64_t i = 0; i < bytes; i += 128) _mm_prefetch((const char *)p + i, _MM_HINT_T0);
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+
+// one split-K task (decode): the partial of block b for row r of a span, kv head h, into part:
+// m (g), l (g), o (g, hsp)
+static void block_task(float *restrict part, const float *restrict Q, const l2c_kvpool *pool,
+                       int64_t layer, const l2c_span *sp, int64_t r, int64_t h, int64_t b,
+                       int64_t n_heads, att_scratch *a) {
+    const int64_t P = pool->block_size, hs = pool->head_size, hsp = l2c_pad16(hs);
+    const int64_t g = n_heads / pool->n_kv_heads, pos = sp->pos0 + r;
+    const int64_t nv = pos - b * P + 1 < P ? pos - b * P + 1 : P, np = l2c_pad16(nv);
+    const uint8_t *slab = l2c_kv_slab(pool, sp->blocks[b], layer, h);
+    if (b < pos / P)
+        prefetch_slab(l2c_kv_slab(pool, sp->blocks[b + 1], layer, h), pool->slab_bytes);
+    const att_block blk = get_block(pool, slab, np, nv, 0, a->kf, a->vf);
+    scores(a->S, P, Q, hsp, g, blk.et, blk.K, P, hs, np);
+    float *m = part, *l = part + g, *o = part + 2 * g;
+    for (int64_t j = 0; j < g; j++) block_softmax(a->S + j * P, nv, blk.ks, blk.vs, &m[j], &l[j]);
+    weighted_values(o, a->S, P, g, blk.et, blk.V, blk.vst, hsp, nv);
+}
+
+// the merge of a split row: partials of blocks 0..nb-1 in order, then out
+static void merge_task(float *restrict out, const float *restrict parts, int64_t nb, int64_t g,
+                       int64_t hs, int64_t row_off, att_scratch *a) {
+    const int64_t hsp = l2c_pad16(hs), stride = l2c_att_partial_floats(g, hs);
+    for (int64_t j = 0; j < g; j++) {
+        const float *p0 = parts;
+        float M = p0[j], L = p0[g + j];
+        float *O = a->O;
+        memcpy(O, p0 + 2 * g + j * hsp, (size_t)hsp * sizeof(float));
+        for (int64_t b = 1; b < nb; b++) {
+            const float *pb = parts + b * stride;
+            merge_partial(&M, &L, O, pb[j], pb[g + j], pb + 2 * g + j * hsp, hsp);
+        }
+        finish(out + row_off + j * hs, O, L, hs);
+    }
+}
+
+// one prefill tile: rows [r, r+nr) of a span for kv head h, walking blocks 0.. in order
+static void tile_task(float *restrict out, const float *restrict Q, const l2c_kvpool *pool,
+                      int64_t layer, const l2c_span *sp, int64_t r, int64_t nr, int64_t h,
+                      int64_t n_heads, att_scratch *a) {
+    const int64_t P = pool->block_size, hs = pool->head_size, hsp = l2c_pad16(hs);
+    const int64_t g = n_heads / pool->n_kv_heads;
+    const int64_t first = sp->pos0 + r, last = first + nr - 1;
+    for (int64_t b = 0; b <= last / P; b++) {
+        const int64_t start = b * P;
+        const int64_t i0 = start > first ? start - first : 0;      // rows that see block b
+        const int64_t nv_max = last - start + 1 < P ? last - start + 1 : P;
+        const uint8_t *slab = l2c_kv_slab(pool, sp->blocks[b], layer, h);
+        // many queries: convert the block once; a few: read it in place
+        const att_block blk = get_block(pool, slab, l2c_pad16(nv_max), nv_max,
+                                        (nr - i0) * g > 2 * SG, a->kf, a->vf);
+        scores(a->S + i0 * g * P, P, Q + i0 * g * hsp, hsp, (nr - i0) * g, blk.et, blk.K, P,
+               hs, l2c_pad16(nv_max));
+        // rows with the same count of visible positions share a values tile
+        for (int64_t i = i0; i < nr;) {
+            const int64_t nv = first + i - start + 1 < P ? first + i - start + 1 : P;
+            int64_t i1 = i + 1;
+            while (i1 < nr && (first + i1 - start + 1 < P ? first + i1 - start + 1 : P) == nv) i1++;
+            for (int64_t qi = i * g; qi < i1 * g; qi++)
+                block_softmax(a->S + qi * P, nv, blk.ks, blk.vs, &a->mb[qi], &a->lb[qi]);
+            weighted_values(a->ob + i * g * hsp, a->S + i * g * P, P, (i1 - i) * g, blk.et, blk.V,
+                            blk.vst, hsp, nv);
+            i = i1;
+        }
+        for (int64_t qi = i0 * g; qi < nr * g; qi++) {
+            if (b == 0) {
+                a->M[qi] = a->mb[qi];
+                a->L[qi] = a->lb[qi];
+                memcpy(a->O + qi * hsp, a->ob + qi * hsp, (size_t)hsp * sizeof(float));
+            } else {
+                merge_partial(&a->M[qi], &a->L[qi], a->O + qi * hsp, a->mb[qi], a->lb[qi],
+                              a->ob + qi * hsp, hsp);
+            }
+        }
+    }
+    for (int64_t i = 0; i < nr; i++)
+        for (int64_t j = 0; j < g; j++)
+            finish(out + (sp->row0 + r + i) * n_heads * hs + (h * g + j) * hs,
+                   a->O + (i * g + j) * hsp, a->L[i * g + j], hs);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static void attention(float *restrict out, const float *restrict q, const l2c_kvpool *pool,
+                      int64_t layer, const l2c_span *spans, int64_t n_spans, int64_t n_heads,
+                      void *ws, int n_threads) {
+    const int64_t P = pool->block_size, hs = pool->head_size, nkv = pool->n_kv_heads;
+    const int64_t g = n_heads / nkv, stride = l2c_att_partial_floats(g, hs);
+    const l2c_att_layout lay = l2c_att_plan(pool, spans, n_spans, n_heads, n_threads);
+    uint8_t *base = ws;
+    l2c_att_item *items = (l2c_att_item *)(base + lay.items_off);
+    l2c_att_merge *merges = (l2c_att_merge *)(base + lay.merges_off);
+    float *parts = (float *)(base + lay.partials_off);
+    float *Qs = (float *)(base + lay.queries_off);
+    const int64_t hsp = l2c_pad16(hs);
+    scale_queries(Qs, q, lay.n_rows, n_heads, nkv, hs);
+    // the work: prefill tiles (the largest first), then the decode rows' block tasks
+    int64_t ni = 0, nm = 0, slot = 0, work = 0;
+    for (int64_t s = 0; s < n_spans; s++) {
+        const l2c_span *sp = &spans[s];
+        if (sp->n <= L2C_ATT_SPLIT_ROWS) continue;
+        for (int64_t r = (sp->n - 1) / L2C_ATT_ROWS * L2C_ATT_ROWS; r >= 0; r -= L2C_ATT_ROWS)
+            for (int64_t h = 0; h < nkv; h++)
+                items[ni++] = (l2c_att_item){(int32_t)s, (int32_t)r, (int32_t)h, -1, -1, 0, 0};
+        work += sp->n * (sp->pos0 + sp->n);
+    }
+    const int64_t n_tiles = ni;
+    for (int64_t s = 0; s < n_spans; s++) {
+        const l2c_span *sp = &spans[s];
+        if (sp->n > L2C_ATT_SPLIT_ROWS) continue;
+        for (int64_t r = 0; r < sp->n; r++) {
+            const int64_t nb = (sp->pos0 + r) / P + 1;
+            for (int64_t h = 0; h < nkv; h++, nm++) {
+                merges[nm] = (l2c_att_merge){(int32_t)s, (int32_t)r, (int32_t)h, (int32_t)nb, slot, 0, 0};
+                for (int64_t b = 0; b < nb; b++, slot += stride)
+                    items[ni++] = (l2c_att_item){(int32_t)s, (int32_t)r, (int32_t)h, (int32_t)b,
+                                                 (int32_t)nm, 0, slot};
+            }
+            work += sp->pos0 + r + 1;
+        }
+    }
+    const int nth = threads_for(work * n_heads * hs * 2, n_threads);
+    L2C_PRAGMA(omp parallel num_threads(nth) if(nth > 1))
+    {
+        att_scratch a = scratch_for((float *)(base + lay.thread_off + L2C_THREAD_ID() * lay.thread_bytes),
+                                    g, hs, P);
+        L2C_PRAGMA(omp for schedule(dynamic, 1) nowait)
+        for (int64_t i = 0; i < n_tiles; i++) {
+            const l2c_att_item *it = &items[i];
+            const l2c_span *sp = &spans[it->span];
+            const float *Q = Qs + ((it->head * lay.n_rows + sp->row0 + it->row) * g) * hsp;
+            const int64_t nr = sp->n - it->row < L2C_ATT_ROWS ? sp->n - it->row : L2C_ATT_ROWS;
+            tile_task(out, Q, pool, layer, sp, it->row, nr, it->head, n_heads, &a);
+        }
+        // blocks in runs of 4 per thread (each task prefetches its next block); the task that
+        // completes a row's partials merges them, in block order
+        L2C_PRAGMA(omp for schedule(dynamic, 4) nowait)
+        for (int64_t i = n_tiles; i < ni; i++) {
+            const l2c_att_item *it = &items[i];
+            const l2c_span *sp = &spans[it->span];
+            const float *Q = Qs + ((it->head * lay.n_rows + sp->row0 + it->row) * g) * hsp;
+            block_task(parts + it->slot, Q, pool, layer, sp, it->row, it->head, it->block,
+                       n_heads, &a);
+            l2c_att_merge *mg = &merges[it->merge];
+            int32_t done;
+            L2C_PRAGMA(omp atomic capture seq_cst)
+            done = ++mg->done;
+            if (done == mg->n_blocks)
+                merge_task(out, parts + mg->slot, mg->n_blocks, g, hs,
+                           (sp->row0 + mg->row) * n_heads * hs + mg->head * g * hs, &a);
+        }
+    }
+}
