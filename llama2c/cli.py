@@ -8,6 +8,7 @@
     llama2c perplexity MODEL FILE [--compare]                            perplexity of a text
     llama2c bench [MODEL]                                                speed vs memory bandwidth
     llama2c info MODEL                                                   what a model file holds
+    llama2c serve [MODEL] [--port 8000] [--api-key KEY]                  OpenAI-compatible server
 
 Every command returns an exit code: 0 on success, 2 for a bad command line or parameter,
 1 when the work itself fails (missing or malformed file, ...). Such failures are reported
@@ -239,6 +240,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", choices=tuple(BENCH_SHAPES), default="smollm2", help=argparse.SUPPRESS)
     _add_load_options(p, tokenizer=False)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="serve a model with an OpenAI-compatible HTTP API",
+                       description="Serve a model over HTTP with OpenAI's API (/v1/models, "
+                                   "/v1/completions, /v1/chat/completions, /health, /metrics), "
+                                   "requests batched together (continuous batching over one KV "
+                                   "pool). Needs the server extra: pip install \"llama2c[server]\".")
+    _add_model(p, optional=True)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_ranged(int, "a port", 0, 65535), default=8000,
+                   help="port (default 8000)")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("LLAMA2C_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $LLAMA2C_API_KEY, "
+                        "else no key)")
+    p.add_argument("--model-name", metavar="NAME",
+                   help="the model id clients send (default: the model file's name without "
+                        "extension)")
+    p.add_argument("--max-queue", type=COUNT, default=256, metavar="N",
+                   help="sequences waiting for the batch before requests get 429 (default 256)")
+    p.add_argument("--kv-budget", default="512MB", metavar="SIZE",
+                   help="KV cache pool shared by all sequences: bytes (512MB, 2GiB) or "
+                        "positions (8192) (default 512MB)")
+    p.add_argument("--max-batch", type=POSITIVE, default=16, metavar="N",
+                   help="most sequences decoded together in one step (default 16)")
+    p.add_argument("--prefill-chunk", type=POSITIVE, default=32, metavar="N",
+                   help="most prompt tokens prefilled per step, between decodes (default 32)")
+    p.add_argument("--max-body", type=POSITIVE, default=1 << 20, metavar="BYTES",
+                   help="largest request body accepted (default 1 MiB; beyond: 413)")
+    p.add_argument("--max-n", type=POSITIVE, default=16, metavar="N",
+                   help="most choices (n) per request (default 16)")
+    p.add_argument("--context", type=POSITIVE, dest="context_length", metavar="N",
+                   help="positions per sequence (default: the model's context length)")
+    p.add_argument("--log-level", default="info",
+                   choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level (default info)")
+    _add_load_options(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="describe a model file",
                        description="Print a model's config, weight type, tensor count, file "
@@ -688,6 +726,33 @@ def cmd_info(args) -> int:
         print(f"  {key}: {value}")
     print(f"tokenizer: {f'{tok.kind} ({tok.vocab_size} tokens)' if tok is not None else 'none'}")
     print(f"kernel_info: {_kernel_line(_engine.kernel_info())}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .batch import parse_kv_budget
+    try:
+        import fastapi, sse_starlette, uvicorn  # noqa: F401
+    except ImportError as e:
+        from .server import EXTRA_HINT
+        raise UsageError(f"{EXTRA_HINT} (missing: {e.name})") from None
+    from .server import ServerSettings, run_server
+    try:
+        parse_kv_budget(args.kv_budget)
+    except ValueError as e:
+        raise UsageError(f"--kv-budget: {e}") from None
+    model = _load(args, _model_path(args))
+    if model.tokenizer is None:
+        _note("warning: the model has no tokenizer: only /v1/completions with token ids works")
+    settings = ServerSettings(model_name=args.model_name, api_key=args.api_key,
+                              max_queue=args.max_queue, max_body_bytes=args.max_body,
+                              max_n=args.max_n, kv_budget=args.kv_budget,
+                              max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+                              threads=args.threads)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        _note(f"warning: serving on {args.host} without --api-key: anyone who can reach it "
+              f"may use it")
+    run_server(model, settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

@@ -26,3 +26,7 @@ class GenerationCancelled(Llama2cError):
 class KVCacheFullError(Llama2cError, RuntimeError):
     """A KV pool has too few free blocks for a request (nothing was run): wait for other
     sequences to finish or give the pool a larger budget."""
+
+
+class QueueFullError(Llama2cError, RuntimeError):
+    """A batch scheduler's queue of waiting requests is full (its max_queue): retry later."""

@@ -945,6 +945,19 @@ class Generation:
         self._prompt_lp_sent = True
         return self.prompt_logprobs
 
+    def expired(self) -> bool:
+        """True once options.cancel is set or max_time has passed: a driver that runs the
+        forward passes itself checks it between its steps (step() checks it too)."""
+        return self._cancelled()
+
+    def cancel(self) -> StreamChunk:
+        """End the generation now with finish_reason "cancelled" (for a driver that runs the
+        forward passes itself, e.g. when its client went away); returns the final chunk."""
+        if self._t_prefill is None:
+            return self.prefilled(cancelled=True)
+        self.finish_reason = "cancelled"
+        return self._final("", [], None)
+
     def finish(self) -> None:
         """End the generation (idempotent): the session's RNG advances, on_done runs. A driver
         that runs the forward passes itself calls it when done (or abandoning)."""

@@ -365,7 +365,34 @@ class Model:
                          stop_token_ids=stop_token_ids)
         return run.stream() if stream else run.result()
 
+    def generate_batch(self, prompts, options=None, *, max_batch: int | None = None,
+                       kv_budget=None, prefill_chunk: int | None = None, special: bool = False,
+                       **shared) -> list:
+        """generate() for many prompts at once, by continuous batching (llama2c.batch): one
+        forward pass per step for all the sequences running, chunked prefill of the prompts
+        interleaved with the decodes. Returns a GenerationResult per prompt, in order, each
+        identical to generate(prompt, **its options) alone (greedy: the same ids; sampled: the
+        same ids for the same seed).
+
+        options: None, or a list of per-prompt option dicts that override the shared keyword
+            options (those of generate(), except stream).
+        max_batch: most sequences per step (default 16); prefill_chunk: most prompt tokens per
+            step (default 32); kv_budget: the KV pool ("512MB", or positions; default: room for
+            every request, at most 512 MB, at least the longest one).
+        """
+        from .batch import generate_batch
+        return generate_batch(self, prompts, options, max_batch=max_batch, kv_budget=kv_budget,
+                              prefill_chunk=prefill_chunk, special=special, **shared)
+
     # ---- chat ---------------------------------------------------------------------------------
+
+    def chat_batch(self, conversations, options=None, *, max_batch: int | None = None,
+                   kv_budget=None, prefill_chunk: int | None = None, **shared) -> list:
+        """chat() for many conversations at once (as generate_batch): a GenerationResult per
+        conversation, in order, each identical to chat(messages, **its options) alone."""
+        from .batch import chat_batch
+        return chat_batch(self, conversations, options, max_batch=max_batch, kv_budget=kv_budget,
+                          prefill_chunk=prefill_chunk, **shared)
 
     def chat(self, messages, *, tools=None, add_generation_prompt: bool = True,
              chat_template_kwargs: dict | None = None, stream: bool = False, **options):
