@@ -647,6 +647,8 @@ def _per_item_options(n: int, per_item, shared: dict, what: str) -> list:
 def _run_batch(model, items: list, options: list, stop_token_ids, max_batch, kv_budget,
                prefill_chunk) -> list:
     """Run (ids, options) items through a private scheduler on this thread; results in order."""
+    if not items:
+        return []
     opts = []
     for i, o in enumerate(options):
         try:

@@ -50,6 +50,9 @@ class ServerState:
         self.settings = settings
         self.metrics = Metrics()
         self._backend = backend
+        # a callable is called on the first request; a Model or Scheduler serves at startup
+        self.lazy = callable(backend) and not isinstance(backend, Scheduler) and \
+            not hasattr(backend, "_engine")
         self._scheduler = None
         self._owned = False
         self._lock = threading.Lock()
@@ -59,10 +62,7 @@ class ServerState:
         """The scheduler (built from a Model, or the callable called, once), started."""
         with self._lock:
             if self._scheduler is None:
-                backend = self._backend
-                if callable(backend) and not isinstance(backend, Scheduler) and \
-                        not hasattr(backend, "_engine"):
-                    backend = backend()
+                backend = self._backend() if self.lazy else self._backend
                 if isinstance(backend, Scheduler):
                     self._scheduler = backend
                 elif hasattr(backend, "_engine"):
@@ -393,6 +393,8 @@ def create_app(backend, settings: ServerSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app):
+        if not state.lazy:
+            await state.ready()
         yield
         await run_in_threadpool(state.close)
 
@@ -440,7 +442,7 @@ def create_app(backend, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        sched = state.scheduler
+        sched = state.scheduler if state.lazy else await state.ready()
         if sched is None:
             return JSONResponse({"status": "loading"}, status_code=503)
         return {"status": "ok", "model": state.model_name, "queue_depth": sched.queue_depth,
