@@ -380,6 +380,25 @@ def test_queue_full_is_429(toy):
         sched.close()
 
 
+def test_internal_error_is_500_without_traceback(toy):
+    sched = Scheduler(toy, "1MB")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internals")
+    sched.submit_many = broken
+    try:
+        with serve(create_app(sched, ServerSettings(model_name=NAME))) as url:
+            r = httpx.post(url + "/v1/chat/completions", json=BASE)
+            e = api_error(r, 500, code="internal_error")
+            assert "secret" not in r.text and "Traceback" not in r.text
+            assert e["type"] == "server_error"
+            assert httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": "a"}
+                              ).status_code == 500
+            assert httpx.get(url + "/health").status_code == 200     # still serving
+    finally:
+        sched.close()
+
+
 def test_lazy_backend_and_metrics_format(toy):
     calls = []
 
