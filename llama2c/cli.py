@@ -730,6 +730,11 @@ def cmd_info(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    # Between its OpenMP regions the server runs Python (sampling, the event loop, the HTTP
+    # streams) on the same cores: threads that spin-wait for the next region then take the CPU
+    # those need (stalls of seconds on a busy machine). Sleep instead, unless told otherwise;
+    # libgomp reads this when the engine loads, which is below.
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     from .batch import parse_kv_budget
     try:
         import fastapi, sse_starlette, uvicorn  # noqa: F401
