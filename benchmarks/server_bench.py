@@ -1,6 +1,7 @@
 """Serving benchmark: `llama2c serve` against llama-cpp-python's OpenAI server on the same GGUF
-file and the same load (a script, not a test). llama-cpp-python's server runs one request at a time (the others wait:
---interrupt_requests False, else a new request cuts the running stream off).
+file and the same load (a script, not a test). llama-cpp-python's server runs one request at a
+time (the others wait: --interrupt_requests False, else a new request cuts the running stream
+off).
 
 Each level runs C concurrent streams (default 1, 4, 8, 16); each stream sends --requests
 streamed /v1/completions requests one after the other, every one with its own 64-token prompt
@@ -176,7 +177,8 @@ def main(argv=None) -> int:
             servers.append(Server("llama.cpp", [
                 sys.executable, "-m", "llama_cpp.server", "--model", args.model,
                 "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
-                "--n_ctx", "2048", "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)], port))
+                "--n_ctx", "2048", "--interrupt_requests", "False", "--host", "127.0.0.1",
+                "--port", str(port)], port))
         for s in servers:
             s.wait_ready()
         models = {s.name: s.model_id() for s in servers}

@@ -34,7 +34,6 @@ loop (sink=asyncio_sink(loop, queue, tag)).
 from __future__ import annotations
 
 import itertools
-import math
 import queue
 import re
 import threading
@@ -44,7 +43,7 @@ from collections import deque
 import numpy as np
 
 from . import _engine
-from .errors import ContextLengthError, KVCacheFullError, Llama2cError, QueueFullError
+from .errors import ContextLengthError, KVCacheFullError, QueueFullError
 from .generation import (OPTION_NAMES, Generation, GenerationOptions, GenerationSession,
                          TokenLogprob, _logprob_rows)
 

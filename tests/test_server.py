@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx")
@@ -108,7 +107,8 @@ def test_chat_stream_equals_blocking(client, toy, kw):
                                                  stream=True, **kw))
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finish = [c.choices[0].finish_reason for c in chunks
+              if c.choices and c.choices[0].finish_reason]
     assert text == r.choices[0].message.content
     assert finish == [r.choices[0].finish_reason]
     local = toy.chat(msgs, max_new_tokens=40, **{"top_p": 1.0, **kw})
@@ -131,6 +131,18 @@ def test_completions_stream_equals_blocking_and_usage_chunk(client, toy):
     assert r.choices[0].text == local.text
     assert r.usage.prompt_tokens == len(toy.tokenizer.encode("hello world and then"))
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 30
+
+
+def test_completions_echo_and_logprobs_streamed(client):
+    kw = dict(model=NAME, prompt="the cat ran", max_tokens=9, temperature=0.5, seed=2, echo=True,
+              logprobs=1)
+    r = client.completions.create(**kw)
+    chunks = [c for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    assert r.choices[0].text.startswith("the cat ran")
+    streamed = [x for c in chunks if c.choices[0].logprobs
+                for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed == r.choices[0].logprobs.token_logprobs
 
 
 def test_raw_stream_ends_with_done(http):
@@ -262,17 +274,20 @@ BASE = dict(model=NAME, messages=user("the cat"), max_tokens=5)
     (dict(top_p=1.5), "top_p"), (dict(n=0), "n"), (dict(n=100), "n"),
     (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=2.5), "max_tokens"),
     (dict(max_completion_tokens=-1), "max_completion_tokens"),
-    (dict(presence_penalty=3), "presence_penalty"), (dict(frequency_penalty=-2.5), "frequency_penalty"),
+    (dict(presence_penalty=3), "presence_penalty"),
+    (dict(frequency_penalty=-2.5), "frequency_penalty"),
     (dict(logit_bias={"x": 1}), "logit_bias"), (dict(logit_bias={"1": 500}), "logit_bias"),
     (dict(logit_bias={"100000": 1}), "logit_bias"), (dict(logit_bias=[1]), "logit_bias"),
     (dict(stop=5), "stop"), (dict(stop=["a"] * 20), "stop"), (dict(seed="x"), "seed"),
-    (dict(stream="yes"), "stream"), (dict(stream_options={"include_usage": True}), "stream_options"),
+    (dict(stream="yes"), "stream"),
+    (dict(stream_options={"include_usage": True}), "stream_options"),
     (dict(top_logprobs=3), "top_logprobs"), (dict(logprobs=True, top_logprobs=50), "top_logprobs"),
     (dict(messages=[]), "messages"), (dict(messages="hi"), "messages"),
     (dict(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
     (dict(messages=[{"role": "user", "content": 5}]), "messages[0].content"),
     (dict(messages=[{"role": "user"}]), "messages[0].content"),
-    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+    (dict(messages=[{"role": "user",
+                     "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
      "messages[0].content[0]"),
     (dict(messages=[{"role": "user", "name": "<|im_start|>", "content": "x"}]), "messages"),
     (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
@@ -514,7 +529,9 @@ def test_load_nothing_lost_or_duplicated_and_flat_memory(server, toy):
 
     def expected(s):
         kw = dict(max_new_tokens=s["max_tokens"], temperature=0.8, top_p=1.0, seed=s["seed"])
-        return (toy.chat(user(s["prompt"]), **kw) if s["chat"] else toy.generate(s["prompt"], **kw)).text
+        if s["chat"]:
+            return toy.chat(user(s["prompt"]), **kw).text
+        return toy.generate(s["prompt"], **kw).text
 
     async def one(c, s):
         kw = dict(model=NAME, max_tokens=s["max_tokens"], temperature=0.8, seed=s["seed"])
@@ -625,8 +642,9 @@ def test_cli_serve_subprocess(shared_dir):
     s.close()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "llama2c", "serve", str(model), "--port",
-                             str(port), "--threads", "1", "--api-key", "k", "--context", "512", "--log-level",
-                             "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             str(port), "--threads", "1", "--api-key", "k", "--context", "512",
+                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
         while True:

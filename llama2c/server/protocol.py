@@ -126,7 +126,8 @@ def _model(body: dict, model_name: str) -> str:
 def _unsupported(body: dict, names) -> None:
     for name in names:
         if body.get(name) not in (None, [], {}):
-            raise invalid(name, f"'{name}' is not supported by this server", "unsupported_parameter")
+            raise invalid(name, f"'{name}' is not supported by this server",
+                          "unsupported_parameter")
 
 # ------------------------------------------------------------------------------------------
 # requests
