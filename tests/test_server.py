@@ -399,7 +399,7 @@ def test_internal_error_is_500_without_traceback(toy):
     sched = Scheduler(toy, "1MB")
 
     def broken(*args, **kwargs):
-        raise RuntimeError("secret internals")
+        raise LookupError("secret internals")
     sched.submit_many = broken
     try:
         with serve(create_app(sched, ServerSettings(model_name=NAME))) as url:
@@ -412,6 +412,14 @@ def test_internal_error_is_500_without_traceback(toy):
             assert httpx.get(url + "/health").status_code == 200     # still serving
     finally:
         sched.close()
+
+
+def test_closed_scheduler_is_503(toy):
+    sched = Scheduler(toy, "1MB")
+    with serve(create_app(sched, ServerSettings(model_name=NAME))) as url:
+        assert httpx.post(url + "/v1/chat/completions", json=BASE).status_code == 200
+        sched.close()
+        api_error(httpx.post(url + "/v1/chat/completions", json=BASE), 503, code="unavailable")
 
 
 def test_lazy_backend_and_metrics_format(toy):

@@ -242,6 +242,9 @@ class Completion:
             raise ApiError(400, str(e), code="context_length_exceeded") from None
         except (TypeError, ValueError) as e:
             raise ApiError(400, str(e), code="invalid_value") from None
+        except RuntimeError as e:             # the scheduler is closed: shutting down
+            raise ApiError(503, f"the server is shutting down: {e}", type="server_error",
+                           code="unavailable") from None
 
     def cancel_all(self) -> None:
         for r in self.reqs:
