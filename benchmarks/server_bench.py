@@ -11,7 +11,9 @@ temperature 0.7, top_p 0.9, a seed per request). Per level and server: aggregate
 (completion tokens / wall time of the level), p50/p99 time to first token and p50/p99
 inter-token latency (gaps between streamed tokens). The two servers run side by side (the idle
 one sleeps) and the levels are interleaved: llama2c then llama.cpp at each level (the order
-swaps from level to level).
+swaps from level to level). Both wait passively between OpenMP regions by default (llama2c
+serve's default; spinning threads stall either server for seconds on a busy machine); set
+OMP_WAIT_POLICY for llama2c and --peer-omp-wait-policy for llama.cpp to compare otherwise.
 
     python benchmarks/server_bench.py [--model FILE] [--threads 2] [--no-llama-cpp]
 
@@ -152,6 +154,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--prefill-chunk", type=int, default=None)
     ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--peer-omp-wait-policy", default="passive",
+                    help="OMP_WAIT_POLICY of llama.cpp's server: passive (default, as llama2c "
+                         "serve's own default), active, or inherit (this environment's)")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -169,16 +174,21 @@ def main(argv=None) -> int:
     if args.prefill_chunk:
         ours_argv += ["--prefill-chunk", str(args.prefill_chunk)]
     servers = []
+    peer_policy = args.peer_omp_wait_policy if args.peer_omp_wait_policy != "inherit" else \
+        os.environ.get("OMP_WAIT_POLICY", "unset")
     try:
         port = free_port()
         servers.append(Server("llama2c", ours_argv + ["--port", str(port)], port, env))
         if not args.no_llama_cpp:
             port = free_port()
+            peer_env = dict(os.environ)
+            if args.peer_omp_wait_policy != "inherit":
+                peer_env["OMP_WAIT_POLICY"] = args.peer_omp_wait_policy
             servers.append(Server("llama.cpp", [
                 sys.executable, "-m", "llama_cpp.server", "--model", args.model,
                 "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
                 "--n_ctx", "2048", "--interrupt_requests", "False", "--host", "127.0.0.1",
-                "--port", str(port)], port))
+                "--port", str(port)], port, peer_env))
         for s in servers:
             s.wait_ready()
         models = {s.name: s.model_id() for s in servers}
@@ -198,7 +208,9 @@ def main(argv=None) -> int:
         for s in servers:
             s.stop()
     print(f"\n{Path(args.model).name}, {args.threads} threads, {args.prompt_tokens}-token "
-          f"prompts, {args.new_tokens} new tokens, {args.requests} requests per stream\n")
+          f"prompts, {args.new_tokens} new tokens, {args.requests} requests per stream; "
+          f"OMP_WAIT_POLICY llama2c {os.environ.get('OMP_WAIT_POLICY', 'passive')}, llama.cpp "
+          f"{peer_policy}\n")
     print("| server | streams | aggregate tok/s | vs 1 stream | TTFT p50 / p99 ms | "
           "ITL p50 / p99 ms |")
     print("|---|---|---|---|---|---|")
