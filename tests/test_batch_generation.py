@@ -277,10 +277,20 @@ def test_close_cancels_everything_and_a_bad_sink_does_not_stop_it(model):
     good = s.submit("the", {"max_new_tokens": 5, "temperature": 0})
     assert good.wait(30).finish_reason in ("stop", "length")
     assert bad.wait(30).token_ids == good.result.token_ids
-    long = s.submit("the cat", {"max_new_tokens": 500})
-    next(iter(long))
-    s.close(timeout=30)
-    assert long.result.finish_reason == "cancelled"
+    first, release = threading.Event(), threading.Event()
+
+    def slow_sink(chunk):                 # holds the scheduler after the first token ...
+        first.set()
+        release.wait(30)
+    long = s.submit("the cat", {"max_new_tokens": 500}, sink=slow_sink)
+    assert first.wait(30)
+    closer = threading.Thread(target=s.close, kwargs={"timeout": 30})
+    closer.start()                        # ... until close() has begun
+    while not s._closed:
+        time.sleep(0.001)
+    release.set()
+    closer.join(30)
+    assert long.result.finish_reason == "cancelled" and len(long.result.token_ids) < 500
     assert s.pool.blocks_used == 0
     with pytest.raises(RuntimeError, match="closed"):
         s.submit("a")
