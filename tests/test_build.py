@@ -1,8 +1,9 @@
 """Portability and interpreter safety.
 
-* The baseline objects (everything but csrc/arch/kernels_{avx2,avx512}.c) contain no AVX or
-  AVX-512 instruction, so the extension imports and runs its generic path on any x86-64 CPU;
-  the AVX2 object uses ymm but no AVX-512, the AVX-512 object uses zmm.
+* The baseline objects (everything but csrc/arch/kernels_{avx2,avxvnni,avx512}.c) contain no
+  AVX or AVX-512 instruction, so the extension imports and runs its generic path on any x86-64
+  CPU; the AVX2 and AVX-VNNI objects use ymm but no AVX-512 (no EVEX encoding at all: the
+  AVX-VNNI dot products must be the VEX form), the AVX-512 object uses zmm.
 * LLAMA2C_SIMD=generic gives the same logits as the default (best) kernel table.
 * llama2c next to numpy and scikit-learn (another OpenMP runtime) in one process, and an
   interpreter that exits with live models, sessions and a half-consumed stream.
@@ -25,7 +26,8 @@ from l2c_files import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 X86 = platform.machine().lower() in ("x86_64", "amd64")
-BASELINE = ["csrc/forward.o", "csrc/dispatch.o", "csrc/arch/kernels_generic.o", "src/_engine.o"]
+BASELINE = ["csrc/forward.o", "csrc/dispatch.o", "csrc/linear.o", "csrc/pack.o",
+            "csrc/arch/kernels_generic.o", "src/_engine.o"]
 _INSN = re.compile(r"^\s*[0-9a-f]+:\s+([a-z][a-z0-9.]*)\s*(.*)$")
 
 
@@ -103,6 +105,36 @@ def test_simd_objects_use_their_isa():
     assert c2["zmm"] == 0 and c2["kmask"] == 0, (
         f"the AVX2 table uses AVX-512 ({c2}): SIGILL on AVX2-only CPUs")
     assert c512["zmm"] > 50, c512
+    assert _evex_count(avx2) == 0
+
+
+def _evex_count(obj):
+    """Instructions with an EVEX prefix (0x62 first, after an optional 0x67; in 64-bit code
+    0x62 is nothing else): AVX-512 encodings, even on ymm registers."""
+    out = subprocess.run(["objdump", "-d", obj], capture_output=True, text=True, check=True).stdout
+    n = 0
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 3 and re.match(r"^\s*[0-9a-f]+:$", parts[0]):
+            raw = parts[1].split()
+            if raw and (raw[0] == "62" or raw[:2] == ["67", "62"]):
+                n += 1
+    return n
+
+
+@needs_objdump
+@needs_x86
+@needs_build
+def test_avxvnni_object_is_vex_only():
+    obj = _objects("csrc/arch/kernels_avxvnni.o")
+    if obj is None:
+        pytest.skip("the AVX-VNNI kernel object was not built (compiler without -mavxvnni?)")
+    counts, examples = _vector_use(obj)
+    assert counts["ymm"] > 50 and counts["zmm"] == 0 and counts["kmask"] == 0, (counts, examples)
+    text = subprocess.run(["objdump", "-d", obj], capture_output=True, text=True, check=True).stdout
+    assert "{vex} vpdpbusd" in text, "the AVX-VNNI table has no VEX vpdpbusd"
+    assert _evex_count(obj) == 0, "EVEX (AVX-512) encodings in the AVX-VNNI table: SIGILL on " \
+                                  "AVX-VNNI CPUs without AVX-512 (Alder Lake)"
 
 
 _SIMD_SCRIPT = textwrap.dedent("""
