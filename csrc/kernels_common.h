@@ -143,6 +143,33 @@ L2C_INLINE __m256i dpbusd256(__m256i acc, __m256i w, __m256i x) {
 }
 #endif
 
+// The same problem with the avx2 table's accumulations: acc + vpmaddwd(a, b) (int32 lanes)
+// and acc + vpmaddubsw(u0, s0) + vpmaddubsw(u1, s1) (int16 lanes; u unsigned, s signed bytes).
+#if defined(L2C_X256)
+L2C_INLINE __m256i madd_acc256(__m256i acc, __m256i a, __m256i b) {
+#if defined(__GNUC__) && !defined(__clang__)
+    __m256i t;
+    __asm__("vpmaddwd %3, %2, %1\n\tvpaddd %1, %0, %0" : "+x"(acc), "=&x"(t) : "x"(a), "x"(b));
+    return acc;
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+L2C_INLINE __m256i maddubs2_acc256(__m256i acc, __m256i u0, __m256i s0, __m256i u1, __m256i s1) {
+#if defined(__GNUC__) && !defined(__clang__)
+    __m256i t, v;
+    __asm__("vpmaddubsw %4, %3, %1\n\tvpmaddubsw %6, %5, %2\n\tvpaddw %2, %1, %1\n\t"
+            "vpaddw %1, %0, %0"
+            : "+x"(acc), "=&x"(t), "=&x"(v)
+            : "x"(u0), "x"(s0), "x"(u1), "x"(s1));
+    return acc;
+#else
+    return _mm256_add_epi16(acc, _mm256_add_epi16(_mm256_maddubs_epi16(u0, s0),
+                                                  _mm256_maddubs_epi16(u1, s1)));
+#endif
+}
+#endif
+
 #if defined(L2C_X512)
 L2C_INLINE __m512 load16_scales(const void *s, int64_t i, int f16) {
     return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)s + i)))

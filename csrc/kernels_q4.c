@@ -157,16 +157,12 @@ L2C_INLINE void q4_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
                     const __m256i x0 = bcast4_256(xh + t * n + 8 * j), x1 = bcast4_256(xh + t * n + 8 * j + 4);
                     for (int b = 0; b < RB; b++)
                         for (int h = 0; h < 2; h++)
-                            sh[b][t][h] = _mm256_add_epi16(sh[b][t][h],
-                                _mm256_add_epi16(_mm256_maddubs_epi16(w[b][h][0], x0),
-                                                 _mm256_maddubs_epi16(w[b][h][1], x1)));
+                            sh[b][t][h] = maddubs2_acc256(sh[b][t][h], w[b][h][0], x0, w[b][h][1], x1);
                     if (TWO) {
                         const __m256i y0 = bcast4_256(xl + t * n + 8 * j), y1 = bcast4_256(xl + t * n + 8 * j + 4);
                         for (int b = 0; b < RB; b++)
                             for (int h = 0; h < 2; h++)
-                                sl[b][t][h] = _mm256_add_epi16(sl[b][t][h],
-                                    _mm256_add_epi16(_mm256_maddubs_epi16(w[b][h][0], y0),
-                                                     _mm256_maddubs_epi16(w[b][h][1], y1)));
+                                sl[b][t][h] = maddubs2_acc256(sl[b][t][h], w[b][h][0], y0, w[b][h][1], y1);
                     }
                 }
             }
