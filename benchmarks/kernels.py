@@ -6,10 +6,14 @@
 For each kind of weights (fp32 panels; int8 and 4-bit blocks with 16-bit or 8-bit activations)
 it packs `layers` layers of random weights of SmolLM2's shapes (wq 576x576, wk/wv 192x576, wo
 576x576, w1/w3 1536x576, w2 576x1536) plus the 49152x576 classifier, then times one pass over
-all of them (what a forward pass multiplies, attention and norms excluded) for T tokens. The
-weights are distinct matrices, more than the caches hold, so T = 1 reads them from memory as
-decode does. Tables run in turn inside every round (interleaved A/B, best of `rounds`), so a
-busy machine slows them alike.
+all of them (what a forward pass multiplies, attention and norms excluded) for T tokens. Each
+shape's layers are stacked into one tall matrix (rows x layers: the same bytes and the same
+kernel, 8 calls per pass, so Python's per-call cost stays out of the figures); the weights are
+more than the caches hold, so T = 1 reads them from memory as decode does. Tables run in turn
+inside every round (interleaved A/B, best of `rounds`), so a busy machine slows them alike;
+`--clock cpu` times 1-thread runs by the thread's CPU time (immune to other processes taking
+the core, not to their memory traffic). 2-thread figures need a quiet machine: OpenMP
+threads wait for each other at every call, so a descheduled thread stalls the pair.
 
 Reported per (table, kind, T): GFLOP/s (fp32) or GOP/s (2 per multiply-add), its share of the
 table's peak probe (_engine.peak_gops: fp32 FMA chains, or the int8 dot instruction; the
@@ -37,9 +41,9 @@ KINDS = {"f32": (None, 16), "q8a16": ("q8", 16), "q8a8": ("q8", 8),
 
 
 def build(kind, n_layers, rng, gs=32):
-    """Packed matrices of n_layers layers + the classifier, in forward order."""
+    """Packed matrices: each layer shape stacked over n_layers, then the classifier."""
     mats = []
-    shapes = [(r, c) for _ in range(n_layers) for _, r, c in LAYER] + [(VOCAB, DIM)]
+    shapes = [(r * n_layers, c) for _, r, c in LAYER] + [(VOCAB, DIM)]
     for r, c in shapes:
         w = (rng.standard_normal((r, c)) * 0.05).astype(np.float32)
         t = w if kind is None else quantize_q8(w, gs) if kind == "q8" else quantize_q4(w, gs)
@@ -65,8 +69,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--seconds", type=float, default=0.3, help="minimum time per measurement")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: the calling thread's CPU time (1 thread only)")
     args = ap.parse_args()
     tables = args.simd.split(",")
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
     threads = [int(t) for t in args.threads.split(",")]
     Ts = [int(t) for t in args.T.split(",")]
     rng = np.random.default_rng(0)
@@ -76,6 +83,8 @@ def main():
         bw = E.read_bandwidth(1 << 30, 5, nth)
         peaks = {t: {k: max(E.peak_gops(k, t, nth) for _ in range(3)) for k in ("fp32", "int8")}
                  for t in tables}
+        if nth > 1 and args.clock == "cpu":
+            raise SystemExit("--clock cpu measures one thread only")
         print(f"\n== {nth} thread(s): read bandwidth {bw:.1f} GB/s; peak probes: " +
               ", ".join(f"{t} fp32 {p['fp32']:.0f} GFLOP/s int8 {p['int8']:.0f} GOP/s"
                         for t, p in peaks.items()))
@@ -106,12 +115,12 @@ def main():
                             # HIDDEN) and the classifier's
                             qt = args.layers * (3 * tq[DIM] + tq[HIDDEN]) + tq[DIM]
                             qbest[t] = min(qbest[t], qt)
-                        reps, t0 = 0, time.perf_counter()
+                        reps, t0, w0 = 0, clock(), time.perf_counter()
                         while True:
                             run_pass(mats, xs, acts, t, nth)
                             reps += 1
-                            el = time.perf_counter() - t0
-                            if el >= args.seconds:
+                            el = clock() - t0
+                            if time.perf_counter() - w0 >= args.seconds:
                                 break
                         best[t] = min(best[t], el / reps)
                 for t in tables:

@@ -80,7 +80,7 @@ L2C_INLINE void q4_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
 
 #elif defined(L2C_X256)
 #define Q4_RB 1
-#define Q4_RBD 2
+#define Q4_RBD 4    // decode: 4 block streams in flight
 #if defined(L2C_XVNNI)
 #define Q4_NT1 3
 #define Q4_NT2 2
@@ -90,7 +90,7 @@ L2C_INLINE void q4_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
 #define Q4_NT2 2
 #define Q4_NTX 2
 #endif
-#define Q4_RBX 2
+#define Q4_RBX 4
 
 // the four Q8P-shaped operands of one 64-byte step: [half h of the rows][low/high nibbles]
 L2C_INLINE void q4_unpack256(__m256i w[2][2], const uint8_t *p) {

@@ -205,10 +205,10 @@ L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
 
 #elif defined(L2C_XVNNI)
 #define Q8_RB 1
-#define Q8_RBD 2
+#define Q8_RBD 4    // decode: 4 block streams in flight
 #define Q8_NT1 3    // 6 int + 6 float accumulators (16 ymm registers)
 #define Q8_NT2 2    // 8 int + 4 float
-#define Q8_RBX 2
+#define Q8_RBX 4
 #define Q8_NTX 3
 
 L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, const l2c_qact *a,
