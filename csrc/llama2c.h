@@ -99,8 +99,8 @@ int l2c_pack_q4p(int8_t *restrict qp, void *restrict sp, void *restrict mp,
 // x (cols,) = row `row` of W, dequantized (q * s + m in float32), for every type.
 // L2C_OK or L2C_ERR_ARG / L2C_ERR_RANGE.
 int l2c_matrix_row(float *restrict x, const l2c_matrix *W, int64_t row);
-// 1 if W is a well-formed matrix of `type` class: `matmul` (F32P, Q8P, Q4P) when for_matmul,
-// else any type (lookups); checks pointers, group size and rows/cols.
+// 1 if W is a well-formed (rows, cols) matrix: pointers, group size and scale storage for its
+// type; with for_matmul, only the packed types (the matmul reads nothing else).
 int l2c_matrix_ok(const l2c_matrix *W, int64_t rows, int64_t cols, int for_matmul);
 
 // Quantized activations, T rows of n values in groups of gs (n/gs groups per row). 8-bit:
