@@ -25,6 +25,11 @@ QUANT_RTOL = 2e-6
 QUANT_ATOL_OF_MAX = 1e-6
 # the 4-bit reference quantizer: at most half a step (plus float rounding) from the input
 Q4_ROUND_SLACK = 1.0001
+# a whole model on quantized weights vs the NumPy reference model, relative to max |logit|:
+# 16-bit activations; 8-bit activations, where one code rounding the other way (each kernel
+# table sums rmsnorm and attention in its own order) moves the logits by about a step
+MODEL_A16_REL = 1e-3
+MODEL_A8_REL = 3e-2
 
 T_VALUES = [1, 2, 3, 5, 8, 17, 64, 65]
 
@@ -343,7 +348,8 @@ def test_engine_runs_4bit_weights_like_the_reference():
         for act_bits in ACT_BITS:
             got = Model(cfg, w, n_threads=2, act_bits=act_bits).logits(tokens)
             want = ReferenceModel(cfg, w, act_bits=act_bits).logits(tokens)
-            np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+            rel = MODEL_A16_REL if act_bits == 16 else MODEL_A8_REL
+            assert np.abs(got - want).max() <= rel * np.abs(want).max()
 
 
 # ---- the peak probe ---------------------------------------------------------------------------
