@@ -238,3 +238,21 @@ def test_interpreter_exit_with_live_objects(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == "bye"
     assert r.stderr == ""
+
+
+@needs_x86
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@pytest.mark.parametrize("src", ["kernels_f32.c", "kernels_q8.c", "kernels_q4.c", "kernels_peak.c",
+                                 "pack.c"])
+def test_kernel_sources_compile_on_their_own(src):
+    """Each matrix-kernel source is a complete translation unit (its own includes, the shared
+    kernels_common.h), under the flags of every kernel table (as setup.py gives them)."""
+    import ast
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    isa = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+               and getattr(node.targets[0], "id", None) == "ISA_FLAGS")
+    for flags in [[]] + list(isa.values()):
+        r = subprocess.run(["cc", "-std=gnu11", "-fsyntax-only", "-Wall", "-Werror",
+                            "-Wno-unused-function", "-fopenmp", "-I", str(ROOT / "csrc"), *flags,
+                            str(ROOT / "csrc" / src)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{src} {' '.join(flags)}:\n{r.stderr[-3000:]}"
