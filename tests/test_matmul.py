@@ -416,3 +416,30 @@ def test_bad_matmul_arguments_raise_value_error(rng):
         E.quantize(rand(rng, 1, 48), 32)
     with pytest.raises(IndexError):
         P.row(20)
+
+
+def test_engine_mixes_types_and_group_sizes_per_matrix():
+    """One model with fp32, int8 and 4-bit matrices and group sizes 16, 32 and 64 (as a K-quant
+    file mixes them): the readers of one input get it quantized once per group size."""
+    from llama2c import Config, Model
+    from llama2c.reference import ReferenceModel
+    from llama2c.testing import make_random_model
+    cfg = Config(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=53,
+                 seq_len=32, shared_classifier=False)
+    w = make_random_model(cfg, 7)
+    plan = {"wq": (8, 16), "wk": (4, 32), "wv": None, "wo": (4, 64), "w1": (8, 32),
+            "w3": (4, 16), "w2": (8, 64)}
+    for name in list(w):
+        key = name.split(".")[-1]
+        if key in plan and plan[key] is not None:
+            bits, gs = plan[key]
+            w[name] = (quantize_q8 if bits == 8 else quantize_q4)(w[name], gs)
+    w["tok_embeddings"] = quantize_q4(w["tok_embeddings"], 32)   # lookups from a packed 4-bit
+    w["output"] = quantize_q8(w["output"], 16)
+    tokens = [3, 7, 11, 50, 2, 9, 30]
+    for act_bits in ACT_BITS:
+        want = ReferenceModel(cfg, w, act_bits=act_bits).logits(tokens)
+        for simd in SIMD:
+            got = Model(cfg, w, n_threads=2, simd=simd, act_bits=act_bits).logits(tokens)
+            rel = MODEL_A16_REL if act_bits == 16 else MODEL_A8_REL
+            assert np.abs(got - want).max() <= rel * np.abs(want).max(), (simd, act_bits)
