@@ -60,6 +60,20 @@ static inline void split_blocks(int64_t nb, int64_t parts, int64_t p, int64_t *b
     *b1 = nb * (p + 1) / parts;
 }
 
+// Row chunks for prefill: a thread's blocks are walked in chunks of about this many weight
+// bytes; for each chunk every token tile, then the chunk's blocks. So the chunk's weights stay
+// in L2 while the tokens pass, and the output (T rows of d floats: megabytes for a classifier)
+// is written as runs of chunk-width per token row rather than one 64-byte store per row and
+// block (a new page and a write-allocate miss each: int8 at d=46080, T=64 went from 36% to
+// 50% of peak; 67% when the output fits the caches).
+#define L2C_CHUNK_BYTES (384 * 1024)
+
+static inline int64_t chunk_blocks(int64_t block_bytes, int64_t rb) {
+    int64_t c = L2C_CHUNK_BYTES / (block_bytes > 0 ? block_bytes : 1);
+    c = c / rb * rb;
+    return c < rb ? rb : c;
+}
+
 // Token tiles: T tokens in ceil(T / nt_max) tiles of balanced sizes (so T = 7 with tiles of
 // at most 6 runs as 4 + 3, never 6 + 1: a lone token keeps too few chains in flight).
 static inline int64_t tile_count(int64_t T, int64_t nt_max) { return (T + nt_max - 1) / nt_max; }

@@ -143,19 +143,22 @@ static void f32_range(float *restrict out, const float *restrict wp, const float
         return;
     }
     const int64_t RP = T <= 3 ? F32_RP2 : F32_RP;
-    const int64_t tiles = tile_count(T, F32_NT);
-    for (; p < p1; p += RP) {
-        const int64_t rp = min64(RP, p1 - p);
+    const int64_t tiles = tile_count(T, F32_NT), cb = chunk_blocks(n * F32P * 4, RP);
+    for (int64_t c0 = p0; c0 < p1; c0 += cb) {
+        const int64_t c1 = min64(c0 + cb, p1);
         for (int64_t i = 0; i < tiles; i++) {
             const int64_t t0 = tile_start(T, tiles, i), nt = tile_start(T, tiles, i + 1) - t0;
             const float *xt = x + t0 * n;
             float *o = out + t0 * d;
-            if (rp == F32_RP) {
-                F32_TILE_NT(F32_RP, p, nt)
-            } else if (rp == F32_RP2) {
-                F32_TILE_NT(F32_RP2, p, nt)
-            } else {  // the last panels of the range, one at a time
-                for (int64_t q = p; q < p + rp; q++) F32_TILE_NT(1, q, nt)
+            for (p = c0; p < c1; p += RP) {
+                const int64_t rp = min64(RP, c1 - p);
+                if (rp == F32_RP) {
+                    F32_TILE_NT(F32_RP, p, nt)
+                } else if (rp == F32_RP2) {
+                    F32_TILE_NT(F32_RP2, p, nt)
+                } else {  // the chunk's last panels, one at a time
+                    for (int64_t q = p; q < p + rp; q++) F32_TILE_NT(1, q, nt)
+                }
             }
         }
     }

@@ -249,15 +249,18 @@ L2C_INLINE void q4_range_(float *restrict out, const l2c_matrix *W, const l2c_qa
         for (; b < b1; b++) q4_tile(out, d, W, a, t0, b, 1, 1, TWO);
         return;
     }
-    const int64_t tiles = tile_count(T, NTMAX);
-    for (; b < b1; b += Q4_RB) {
-        const int64_t rb = min64(Q4_RB, b1 - b);
+    const int64_t tiles = tile_count(T, NTMAX), cb = chunk_blocks(Q4B * W->cols / 2, Q4_RB);
+    for (int64_t c0 = b0; c0 < b1; c0 += cb) {
+        const int64_t c1 = min64(c0 + cb, b1);
         for (int64_t i = 0; i < tiles; i++) {
             const int64_t t0 = tile_start(T, tiles, i), nt = tile_start(T, tiles, i + 1) - t0;
-            if (rb == Q4_RB) {
-                Q4_TILE(Q4_RB, b, nt, NTMAX, TWO)
-            } else {
-                for (int64_t q = b; q < b + rb; q++) Q4_TILE(1, q, nt, NTMAX, TWO)
+            for (b = c0; b < c1; b += Q4_RB) {
+                const int64_t rb = min64(Q4_RB, c1 - b);
+                if (rb == Q4_RB) {
+                    Q4_TILE(Q4_RB, b, nt, NTMAX, TWO)
+                } else {  // the chunk's last blocks, one at a time
+                    for (int64_t q = b; q < b + rb; q++) Q4_TILE(1, q, nt, NTMAX, TWO)
+                }
             }
         }
     }
