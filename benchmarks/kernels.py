@@ -6,10 +6,12 @@
 For each kind of weights (fp32 panels; int8 and 4-bit blocks with 16-bit or 8-bit activations)
 it packs `layers` layers of random weights of SmolLM2's shapes (wq 576x576, wk/wv 192x576, wo
 576x576, w1/w3 1536x576, w2 576x1536) plus the 49152x576 classifier, then times one pass over
-all of them (what a forward pass multiplies, attention and norms excluded) for T tokens. Each
-shape's layers are stacked into one tall matrix (rows x layers: the same bytes and the same
-kernel, 8 calls per pass, so Python's per-call cost stays out of the figures); the weights are
-more than the caches hold, so T = 1 reads them from memory as decode does. Tables run in turn
+all of them (what a forward pass multiplies, attention and norms excluded) for T tokens: the
+weights are more than the caches hold, so T = 1 reads them from memory as decode does. For
+T = 1 each shape's layers are stacked into one tall matrix (rows x layers: the same bytes and
+the same kernel in 8 calls per pass instead of 211, so Python's per-call cost stays out of the
+figure); T > 1 runs the real per-layer matrices (a layer's outputs fit the caches, as in a
+forward pass). Tables run in turn
 inside every round (interleaved A/B, best of `rounds`), so a busy machine slows them alike;
 `--clock cpu` times 1-thread runs by the thread's CPU time (immune to other processes taking
 the core, not to their memory traffic). 2-thread figures need a quiet machine: OpenMP
@@ -40,10 +42,14 @@ KINDS = {"f32": (None, 16), "q8a16": ("q8", 16), "q8a8": ("q8", 8),
          "q4a16": ("q4", 16), "q4a8": ("q4", 8)}
 
 
-def build(kind, n_layers, rng, gs=32):
-    """Packed matrices: each layer shape stacked over n_layers, then the classifier."""
+def build(kind, n_layers, rng, stacked, gs=32):
+    """Packed matrices in forward order: n_layers layers (or, stacked, each layer shape as one
+    matrix of n_layers times the rows), then the classifier."""
     mats = []
-    shapes = [(r * n_layers, c) for _, r, c in LAYER] + [(VOCAB, DIM)]
+    if stacked:
+        shapes = [(r * n_layers, c) for _, r, c in LAYER] + [(VOCAB, DIM)]
+    else:
+        shapes = [(r, c) for _ in range(n_layers) for _, r, c in LAYER] + [(VOCAB, DIM)]
     for r, c in shapes:
         w = (rng.standard_normal((r, c)) * 0.05).astype(np.float32)
         t = w if kind is None else quantize_q8(w, gs) if kind == "q8" else quantize_q4(w, gs)
@@ -90,14 +96,19 @@ def main():
                         for t, p in peaks.items()))
         for kname in args.kinds.split(","):
             qkind, act_bits = KINDS[kname]
-            mats = build(qkind, args.layers, rng)
+            sets = {}
+            if any(T == 1 for T in Ts):
+                sets[True] = build(qkind, args.layers, rng, stacked=True)
+            if any(T > 1 for T in Ts):
+                sets[False] = build(qkind, args.layers, rng, stacked=False)
+            mats = next(iter(sets.values()))
             nbytes = sum(P.nbytes for P in mats)
             params = sum(P.shape[0] * P.shape[1] for P in mats)
-            print(f"\n{kname}: {len(mats)} matrices, {params / 1e6:.1f} M weights, "
-                  f"{nbytes / 1e6:.0f} MB packed")
+            print(f"\n{kname}: {params / 1e6:.1f} M weights, {nbytes / 1e6:.0f} MB packed")
             print(f"{'T':>4} {'table':>8} {'G(FL)OP/s':>10} {'% peak':>7} {'tok/s':>9} "
                   f"{'GB/s':>6} {'quant ms':>9}")
             for T in Ts:
+                mats = sets[T == 1]
                 xs = {n: (rng.standard_normal((T, n)) * 0.5).astype(np.float32)
                       for n in (DIM, HIDDEN)}
                 best = {t: float("inf") for t in tables}
@@ -131,7 +142,7 @@ def main():
                     q = f"{qbest[t] * 1e3:9.2f}" if qkind else " " * 9
                     print(f"{T:4d} {t:>8} {ops:10.1f} {100 * ops / peak:6.0f}% {T / dt:9.1f} "
                           f"{gbs} {q}")
-            del mats
+            del mats, sets
 
 
 if __name__ == "__main__":
