@@ -101,9 +101,12 @@ Q4_MAX = 15
 
 def quantize_q4(w: np.ndarray, group_size: int = 32, name: str = "tensor") -> QTensor:
     """Quantize a 2-D float matrix to 4 bits, asymmetric per group as ggml's Q4_1 (reference):
-    per group of `group_size` inputs (a multiple of 8), m = min, s = (max - min) / 15,
-    q = round((w - m) / s) clipped to [0, 15] (round half to even); a constant group gets
-    s = 0, q = 0 and m = its value, so it dequantizes exactly. Returns a QTensor with bits=4."""
+    per group of `group_size` inputs (a multiple of 8), m = min and s = (max - min) / 15, both
+    rounded to IEEE halves as Q4_1 stores them (so the engine keeps them as halves: 5 bits per
+    weight at group size 32), then q = round((w - m) / s) clipped to [0, 15] (round half to
+    even). A constant group gets s = 0, q = 0 and m its value (exact when that is a half).
+    Should a scale or offset not fit a half, the matrix keeps float32 ones. Returns a QTensor
+    with bits=4."""
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D matrix, got shape {w.shape}")
@@ -112,9 +115,13 @@ def quantize_q4(w: np.ndarray, group_size: int = 32, name: str = "tensor") -> QT
     g = w.reshape(rows, cols // group_size, group_size)
     lo = g.min(axis=2)
     scale = ((g.max(axis=2) - lo) / np.float32(Q4_MAX)).astype(np.float32)
+    with np.errstate(over="ignore"):
+        lo16, scale16 = lo.astype(np.float16).astype(np.float32), scale.astype(np.float16).astype(np.float32)
+    if np.isfinite(lo16).all() and np.isfinite(scale16).all():
+        lo, scale = lo16, scale16
     inv = np.divide(np.float32(1.0), scale, out=np.zeros_like(scale), where=scale != 0)
     q = np.clip(np.rint((g - lo[:, :, None]) * inv[:, :, None]), 0, Q4_MAX).astype(np.uint8)
-    return QTensor(q.reshape(rows, cols), scale, int(group_size), lo.astype(np.float32), bits=4)
+    return QTensor(q.reshape(rows, cols), scale, int(group_size), lo, bits=4)
 
 
 def as_fp32(t) -> np.ndarray:

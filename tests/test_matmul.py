@@ -318,14 +318,27 @@ def test_quantize_q4_reference(rng):
     assert t.bits == 4 and t.q.dtype == np.uint8 and t.q.max() <= 15
     assert t.s[0, 0] == 0 and (t.q[0, :32] == 0).all() and t.m[0, 0] == np.float32(0.75)
     g = w.reshape(9, 3, 32)
-    np.testing.assert_array_equal(t.m, g.min(-1))
-    np.testing.assert_allclose(t.s, (g.max(-1) - g.min(-1)) / 15, rtol=1e-6)
+    # min and (max - min) / 15, rounded to halves (as ggml's Q4_1 stores them)
+    np.testing.assert_array_equal(t.m, g.min(-1).astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(
+        t.s, ((g.max(-1) - g.min(-1)) / np.float32(15)).astype(np.float16).astype(np.float32))
+    # at most half a step from the input, plus what the halves' rounding moved
+    half_err = 2.0 ** -11 * (np.abs(g.min(-1)) + 15 * t.s)
     err = np.abs(t.dequantize().reshape(9, 3, 32) - g)
-    assert (err <= t.s[:, :, None] / 2 * Q4_ROUND_SLACK + 1e-6).all()
-    assert (t.q.reshape(9, 3, 32).max(-1)[t.s > 0] == 15).all()
-    assert (t.q.reshape(9, 3, 32).min(-1) == 0).all()
-    # exact through the engine: lookups equal the dequantized matrix
-    np.testing.assert_array_equal(E.PackedMatrix(t).rows(range(9)), t.dequantize())
+    assert (err <= (t.s / 2 * Q4_ROUND_SLACK + half_err)[:, :, None] + 1e-6).all()
+    assert (t.q.reshape(9, 3, 32).max(-1)[t.s > 0] >= 14).all()
+    # exact through the engine (lookups equal the dequantized matrix), scales kept as halves
+    P = E.PackedMatrix(t)
+    assert P.scales_f16
+    np.testing.assert_array_equal(P.rows(range(9)), t.dequantize())
+
+
+def test_quantize_q4_keeps_float_scales_beyond_halves(rng):
+    w = rand(rng, 2, 32)
+    w[0, 0] = 1e6                          # (max - min) / 15 is beyond the largest half
+    t = quantize_q4(w, 32)
+    assert t.s[0, 0] == np.float32((w[0].max() - w[0].min()) / np.float32(15))
+    assert not E.PackedMatrix(t).scales_f16
 
 
 def test_quantize_q4_rejects_bad_group_size(rng):
