@@ -32,7 +32,7 @@ L2C_INLINE void f32_tile(float *restrict out, int64_t d, const float *restrict w
     for (int64_t k = 0; k < n; k++) {
         __m512 wv[F32_RP1];
         for (int p = 0; p < RP; p++) wv[p] = _mm512_loadu_ps(w + (p * n + k) * F32P);
-        if (NT == 1)
+        if (NT <= L2C_PF_NT)
             for (int p = 0; p < RP; p++)
                 _mm_prefetch((const char *)(w + (p * n + k) * F32P) + 1024, _MM_HINT_T0);
         for (int t = 0; t < NT; t++) {
@@ -66,7 +66,7 @@ L2C_INLINE void f32_tile(float *restrict out, int64_t d, const float *restrict w
             wv[p][0] = _mm256_loadu_ps(w + (p * n + k) * F32P);
             wv[p][1] = _mm256_loadu_ps(w + (p * n + k) * F32P + 8);
         }
-        if (NT == 1)
+        if (NT <= L2C_PF_NT)
             for (int p = 0; p < RP; p++)
                 _mm_prefetch((const char *)(w + (p * n + k) * F32P) + 1024, _MM_HINT_T0);
         for (int t = 0; t < NT; t++) {

@@ -46,7 +46,7 @@ L2C_INLINE void q4_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
                 wl[b] = _mm512_and_si512(raw, m4);
                 wh[b] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
             }
-            if (NT == 1)
+            if (NT <= L2C_PF_NT)
                 for (int b = 0; b < RB; b++)
                     _mm_prefetch((const char *)(wg + b * bs + j * 64 + Q4_PREFETCH), _MM_HINT_T0);
             for (int t = 0; t < NT; t++) {
@@ -121,7 +121,7 @@ L2C_INLINE void q4_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
         for (int64_t j = 0; j < steps; j++) {
             __m256i w[Q4_RBX][2][2];
             for (int b = 0; b < RB; b++) q4_unpack256(w[b], wg + b * bs + j * 64);
-            if (NT == 1)
+            if (NT <= L2C_PF_NT)
                 for (int b = 0; b < RB; b++)
                     _mm_prefetch((const char *)(wg + b * bs + j * 64 + Q4_PREFETCH), _MM_HINT_T0);
             for (int t = 0; t < NT; t++) {
@@ -150,7 +150,7 @@ L2C_INLINE void q4_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
             for (int64_t j = j0; j < j1; j++) {
                 __m256i w[Q4_RBX][2][2];
                 for (int b = 0; b < RB; b++) q4_unpack256(w[b], wg + b * bs + j * 64);
-                if (NT == 1)
+                if (NT <= L2C_PF_NT)
                     for (int b = 0; b < RB; b++)
                         _mm_prefetch((const char *)(wg + b * bs + j * 64 + Q4_PREFETCH), _MM_HINT_T0);
                 for (int t = 0; t < NT; t++) {

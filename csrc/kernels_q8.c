@@ -173,7 +173,7 @@ L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
         for (int64_t j = 0; j < steps; j++) {
             __m512i w[Q8_RBX];
             L2C_UNROLL for (int b = 0; b < RB; b++) w[b] = _mm512_loadu_si512(wg + b * bs + j * 64);
-            if (NT == 1)
+            if (NT <= L2C_PF_NT)
                 L2C_UNROLL for (int b = 0; b < RB; b++)
                     _mm_prefetch((const char *)(wg + b * bs + j * 64 + Q_PREFETCH), _MM_HINT_T0);
             L2C_UNROLL for (int t = 0; t < NT; t++) {
@@ -235,7 +235,7 @@ L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
                 w[b][0] = _mm256_loadu_si256((const __m256i *)(wg + b * bs + j * 64));
                 w[b][1] = _mm256_loadu_si256((const __m256i *)(wg + b * bs + j * 64 + 32));
             }
-            if (NT == 1)
+            if (NT <= L2C_PF_NT)
                 for (int b = 0; b < RB; b++)
                     _mm_prefetch((const char *)(wg + b * bs + j * 64 + Q_PREFETCH), _MM_HINT_T0);
             for (int t = 0; t < NT; t++) {
@@ -304,7 +304,7 @@ L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
         const uint8_t *wg = wq + g * gs * Q8B;
         const int16_t *xv = a->v16 + t0 * n + g * gs;
         for (int64_t j = 0; j < steps; j++) {
-            if (NT == 1)
+            if (NT <= L2C_PF_NT)
                 for (int b = 0; b < RB; b++)
                     _mm_prefetch((const char *)(wg + b * bs + j * 64 + Q_PREFETCH), _MM_HINT_T0);
             __m256i xb[Q8_NTX];
