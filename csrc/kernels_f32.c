@@ -10,9 +10,11 @@
 // result of out[t][i] is the same bitwise whatever T, the tile t falls in and n_threads. The
 // latency of that chain is hidden by the RP*NT independent chains of the tile.
 //
-// Threads split the panels into equal contiguous ranges (one parallel loop); each thread walks
-// its panels RP at a time and, for each group of RP panels (64 rows x n: a few hundred KB, kept
-// in L2), every token tile (NT rows of X, in L1). X is read once per panel group, W once.
+// Threads split the panels into equal contiguous ranges (one parallel loop). Decode walks a
+// range F32_RP1 panels at a time (that many weight streams in flight, prefetched). Prefill
+// walks it in chunks of about L2C_CHUNK_BYTES of weights (kept in L2): for each chunk every
+// token tile (NT rows of X, in L1), then the chunk's panels RP at a time; W is read from
+// memory once, X once per chunk.
 #include "kernels_common.h"
 
 #define F32P L2C_PANEL

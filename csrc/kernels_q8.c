@@ -387,8 +387,8 @@ L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
     }
 
 // blocks [b0, b1) x all T tokens: decode runs Q8_RBD blocks side by side; prefill walks the
-// blocks Q8_RB at a time and, for each, every token tile (balanced, at most NTMAX tokens), so
-// the blocks' weights stay in L1/L2 while the activations stream past them.
+// blocks in chunks of about L2C_CHUNK_BYTES (kept in L2) and, per chunk, every token tile
+// (balanced, at most NTMAX tokens), then the chunk's blocks Q8_RB at a time.
 L2C_INLINE void q8_range_(float *restrict out, const l2c_matrix *W, const l2c_qact *a, int64_t T,
                           int64_t b0, int64_t b1, const int TWO, const int64_t NTMAX) {
     const int64_t d = W->rows;
