@@ -42,11 +42,11 @@ NORM_NAMES = ("attention_norm", "ffn_norm")
 
 @dataclass
 class QTensor:
-    q: np.ndarray          # (rows, cols): int8 in [-127, 127] (bits 8) or uint8 in [0, 15] (bits 4)
+    q: np.ndarray          # (rows, cols): int8 (bits 8) or uint8 (bits 4)
     s: np.ndarray          # float32, (rows, cols // group_size)
     group_size: int
     m: np.ndarray | None = None   # float32 per-group offsets, same shape as s: w = q * s + m
-    bits: int = 8          # 8 or 4
+    bits: int = 8          # 8: q int8 in [-127, 127]; 4: q uint8 in [0, 15] (unsigned)
 
     @property
     def shape(self):
@@ -155,12 +155,14 @@ def validate_weights(cfg, weights: dict, source: str = "model") -> None:
             raise ModelFormatError(f"{source}: missing tensor {name!r} (expected shape {shape})")
         t = weights[name]
         if isinstance(t, QTensor):
-            want = np.int8 if t.bits == 8 else np.uint8
             if t.bits not in (4, 8):
-                raise ModelFormatError(f"{source}: tensor {name!r} has bits={t.bits!r}, expected 8 or 4")
-            if t.q.shape != shape or t.q.dtype != want:
+                raise ModelFormatError(f"{source}: tensor {name!r} has bits={t.bits!r}, expected 4 or 8")
+            qtypes = (np.int8,) if t.bits == 8 else (np.uint8, np.int8)
+            if t.q.shape != shape or t.q.dtype not in qtypes:
                 raise ModelFormatError(f"{source}: tensor {name!r} has shape {t.q.shape} {t.q.dtype}, "
-                                       f"expected {shape} {np.dtype(want)}")
+                                       f"expected {shape} {'int8' if t.bits == 8 else 'uint8'}")
+            if t.bits == 4 and t.q.size and not (0 <= int(t.q.min()) and int(t.q.max()) <= 15):
+                raise ModelFormatError(f"{source}: tensor {name!r}: 4-bit values must lie in 0..15")
             if t.s.shape != (shape[0], shape[1] // t.group_size) or t.s.dtype != np.float32:
                 raise ModelFormatError(f"{source}: tensor {name!r} has scales of shape {t.s.shape}, "
                                        f"expected {(shape[0], shape[1] // t.group_size)}")
@@ -182,8 +184,9 @@ def validate_weights(cfg, weights: dict, source: str = "model") -> None:
 def quantize_weights(cfg, weights: dict, group_size: int = 64, progress=None, bits: int = 8) -> dict:
     """Return a new dict with every matrix (embedding and classifier included) quantized to
     `bits` (8: quantize_q8, symmetric; 4: quantize_q4, asymmetric); norms stay fp32. QTensors
-    already at `bits` and `group_size` are kept as they are (offsets m included); others are
-    requantized from their dequantized values. progress(name, old, new) is called per tensor.
+    already at `group_size` are kept exactly (offsets m included; for bits 8 a 4-bit one is
+    widened, widen_to_int8); others are requantized from their dequantized values.
+    progress(name, old, new) is called per tensor.
     Raises ValueError if group_size does not divide an input dimension (or, for 4 bits, is not
     a multiple of 8)."""
     if bits not in (4, 8):
@@ -191,8 +194,8 @@ def quantize_weights(cfg, weights: dict, group_size: int = 64, progress=None, bi
     quant = quantize_q8 if bits == 8 else quantize_q4
     out = {}
     for name, t in weights.items():
-        if isinstance(t, QTensor) and t.group_size == group_size and t.bits == bits:
-            out[name] = t
+        if isinstance(t, QTensor) and t.group_size == group_size and t.bits <= bits:
+            out[name] = widen_to_int8(t) if bits == 8 else t
         elif np.ndim(t if not isinstance(t, QTensor) else t.q) == 2:
             out[name] = quant(as_fp32(t), group_size, name)
         else:
@@ -202,21 +205,28 @@ def quantize_weights(cfg, weights: dict, group_size: int = 64, progress=None, bi
     return out
 
 
+def widen_to_int8(t: QTensor) -> QTensor:
+    """A bits-4 QTensor as a bits-8 one with the same q, s and m (exact: q * s + m is the same
+    float32 computation); bits-8 tensors are returned as they are."""
+    if t.bits == 8:
+        return t
+    return QTensor(t.q.astype(np.int8), t.s, t.group_size, t.m, bits=8)
+
+
 def dequantize_weights(weights: dict) -> dict:
     return {k: as_fp32(v) for k, v in weights.items()}
 
 
-def fit_group_size(config: Config, gs: int, bits: int = 8) -> int:
+def fit_group_size(config: Config, gs: int, multiple: int = 4) -> int:
     """Largest group size <= gs dividing every matrix input dimension (halving, as llama2.c's
-    export does, down to 4 for int8 or 8 for 4 bits: the kernels' step), with a warning when it
-    had to back off."""
+    export does, down to `multiple`: the int8 kernels take 4 inputs per step, the 4-bit ones
+    8), with a warning when it had to back off."""
     want = gs
-    step = 4 if bits == 8 else 8
     dims = {config.dim, config.hidden_dim, config.n_heads * config.head_size}
-    while gs > step and any(d % gs for d in dims):
+    while gs > multiple and any(d % gs for d in dims):
         gs //= 2
-    if gs % step or any(d % gs for d in dims):
-        raise ValueError(f"no group size that is a multiple of {step} divides the model's "
+    if gs % multiple or any(d % gs for d in dims):
+        raise ValueError(f"no group size that is a multiple of {multiple} divides the model's "
                          f"dimensions {sorted(dims)}; use dtype='fp32'")
     if gs != want:
         warnings.warn(f"group size {want} does not divide the model's dimensions {sorted(dims)}; "

@@ -456,3 +456,22 @@ def test_engine_mixes_types_and_group_sizes_per_matrix():
             got = Model(cfg, w, n_threads=2, simd=simd, act_bits=act_bits).logits(tokens)
             rel = MODEL_A16_REL if act_bits == 16 else MODEL_A8_REL
             assert np.abs(got - want).max() <= rel * np.abs(want).max(), (simd, act_bits)
+
+
+def test_quantize_weights_keeps_or_widens_stored_groups(rng):
+    from llama2c import Config
+    from llama2c.testing import make_random_model
+    cfg = Config(dim=64, hidden_dim=96, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=40,
+                 seq_len=16)
+    w = make_random_model(cfg, 1)
+    w4 = quantize_weights(cfg, w, 32, bits=4)
+    as8 = quantize_weights(cfg, w4, 32, bits=8)       # 4-bit groups of 32 widened exactly
+    for name, t in as8.items():
+        if isinstance(t, QTensor):
+            assert t.bits == 8 and t.q.dtype == np.int8
+            np.testing.assert_array_equal(t.dequantize(), w4[name].dequantize())
+    assert quantize_weights(cfg, w4, 32, bits=4)["layers.0.wq"] is w4["layers.0.wq"]
+    again = quantize_weights(cfg, as8, 32, bits=4)    # 8-bit ones are requantized to 4 bits
+    assert again["layers.0.wq"].bits == 4
+    with pytest.raises(ValueError, match="bits"):
+        quantize_weights(cfg, w, 32, bits=5)
