@@ -14,30 +14,40 @@ import llama2c  # noqa: E402
 from llama2c import _engine as E  # noqa: E402
 from llama2c.reference import ReferenceModel  # noqa: E402
 from llama2c.testing import make_random_model  # noqa: E402
-from llama2c.weights import fit_group_size, quantize_q8, quantize_weights  # noqa: E402
+from llama2c.weights import fit_group_size, quantize_q4, quantize_q8, quantize_weights  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 THREADS = int(os.environ.get("LLAMA2C_BENCH_THREADS", "2"))
 rng = np.random.default_rng(0)
 
 
+def _packed(kind):
+    """A (1536, 576) matrix (SmolLM2's w1) packed once, as the engine holds it."""
+    w = rng.standard_normal((1536, 576)).astype(np.float32)
+    return E.PackedMatrix({"f32": w, "q8": quantize_q8(w, 32), "q4": quantize_q4(w, 32)}[kind])
+
+
 @pytest.mark.parametrize("simd", E.available_simd())
 @pytest.mark.parametrize("T", [1, 64])
 def test_matmul_f32(benchmark, simd, T):
+    P = _packed("f32")
     x = rng.standard_normal((T, 576)).astype(np.float32)
-    w = rng.standard_normal((1536, 576)).astype(np.float32)
     out = np.empty((T, 1536), np.float32)
-    benchmark(E.matmul, out, x, w, simd=simd, n_threads=THREADS)
+    benchmark(P.matmul, x, out, simd=simd, n_threads=THREADS)
 
 
 @pytest.mark.parametrize("simd", E.available_simd())
 @pytest.mark.parametrize("T", [1, 64])
-def test_matmul_q8(benchmark, simd, T):
-    w = quantize_q8(rng.standard_normal((1536, 576)).astype(np.float32), 64)
-    xq = rng.integers(-127, 128, (T, 576)).astype(np.int8)
-    xs = np.ones((T, 9), np.float32)
+@pytest.mark.parametrize("kind", ["q8", "q4"])
+@pytest.mark.parametrize("act_bits", [16, 8])
+def test_matmul_quantized(benchmark, simd, T, kind, act_bits):
+    """The packed matrix's matmul on activations quantized beforehand (the engine quantizes
+    once per layer input and reuses it for the matrices that read it)."""
+    P = _packed(kind)
+    x = rng.standard_normal((T, 576)).astype(np.float32)
+    a = E.quantize(x, 32, act_bits, simd=simd)
     out = np.empty((T, 1536), np.float32)
-    benchmark(E.matmul_q8, out, xq, xs, w.q, w.s, 64, simd=simd, n_threads=THREADS)
+    benchmark(P.matmul_q, a, out, simd=simd, n_threads=THREADS)
 
 
 @pytest.mark.parametrize("simd", E.available_simd())

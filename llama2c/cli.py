@@ -99,7 +99,7 @@ def _add_load_options(p, tokenizer: bool = True) -> None:
                    help="threads for the kernels (default: OMP_NUM_THREADS or the available cores)")
     p.add_argument("--dtype", choices=("fp32", "int8"),
                    help="weight type (default: as stored; int8 quantizes fp32 weights at load)")
-    p.add_argument("--simd", choices=("auto", "generic", "avx2", "avx512"),
+    p.add_argument("--simd", choices=("auto", "generic", "avx2", "avxvnni", "avx512"),
                    help="kernel table (default: LLAMA2C_SIMD or the best the CPU supports)")
     p.add_argument("--act-bits", type=int, choices=(8, 16), default=16,
                    help="activations of int8 matmuls: 16 (two int8 planes, default) or 8 "

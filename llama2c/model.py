@@ -12,7 +12,6 @@ types, bytes). Several Python threads may generate from one model at once.
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from .errors import ContextLengthError, TokenizerError
 from .generation import (DEFAULT_PROMPT_CACHE_BYTES, PREFILL_CHUNK, Generation,
                          GenerationOptions, GenerationResult, GenerationSession, PromptCache,
                          ScoreResult, load_state, number, weights_fingerprint)
-from .weights import QTensor, validate_weights, widen_to_int8
+from .weights import QTensor, validate_weights
 
 __all__ = ["Model", "GenerationResult", "TensorInfo", "PREFILL_CHUNK"]
 
@@ -66,35 +65,6 @@ def resolve_model_path(path) -> str:
     return p
 
 
-@functools.lru_cache(maxsize=None)
-def engine_supports(feature: str) -> bool:
-    """Whether this build's engine handles `feature`: 'bits4' (packs bits-4 QTensors).
-    Probed once on a tiny model."""
-    from .config import Config
-    from .testing import make_random_model
-    if feature != "bits4":
-        raise ValueError(f"unknown engine feature {feature!r}")
-    cfg = Config(dim=16, hidden_dim=16, n_layers=1, n_heads=1, n_kv_heads=1, vocab_size=4,
-                 seq_len=4)
-    w = make_random_model(cfg, seed=0)
-    w["layers.0.w1"] = QTensor(np.zeros((16, 16), np.uint8), np.ones((16, 2), np.float32), 8,
-                               np.zeros((16, 2), np.float32), bits=4)
-    try:
-        _engine.Engine(cfg, w, None, 4, 16)
-    except (ValueError, TypeError):
-        return False
-    return True
-
-
-def _engine_weights(config: Config, weights: dict) -> dict:
-    """The weights as this engine build takes them: bits-4 QTensors widened exactly to bits 8
-    when it cannot pack 4-bit matrices."""
-    if any(isinstance(t, QTensor) and t.bits == 4 for t in weights.values()) \
-            and not engine_supports("bits4"):
-        weights = {k: widen_to_int8(t) if isinstance(t, QTensor) else t for k, t in weights.items()}
-    return weights
-
-
 class Model:
     """A loaded model: the C engine (weights packed, read-only, shared by threads), its
     tokenizer, and a cache of recent sessions (prompt_cache)."""
@@ -117,7 +87,7 @@ class Model:
         self.context_length = number("context_length", context_length, integer=True, minimum=1,
                                      maximum=config.max_context)
         self.n_threads = default_threads() if n_threads is None else n_threads
-        self._engine = _engine.Engine(config, _engine_weights(config, weights), simd,
+        self._engine = _engine.Engine(config, weights, simd,
                                       self.context_length, act_bits)
         # what the model keeps of the weights: their description, not their arrays
         self.manifest = {name: _tensor_info(name, t) for name, t in weights.items()}

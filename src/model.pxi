@@ -32,7 +32,6 @@ cdef class Engine:
         self.m.cfg.vocab_size = c.vocab_size
         self.m.cfg.seq_len = max_positions
         self.m.cfg.norm_eps = c.norm_eps
-        self.m.cfg.group_size = 0
         if act_bits not in (8, 16):
             raise ValueError(f"act_bits must be 8 or 16, got {act_bits}")
         self.m.cfg.act_bits = act_bits
@@ -64,14 +63,15 @@ cdef class Engine:
             self.layers[i].bq = _vector(weights[p + "bq"], qd, p + "bq", keep) if p + "bq" in weights else NULL
             self.layers[i].bk = _vector(weights[p + "bk"], kvd, p + "bk", keep) if p + "bk" in weights else NULL
             self.layers[i].bv = _vector(weights[p + "bv"], kvd, p + "bv", keep) if p + "bv" in weights else NULL
-            if self.layers[i].wq.type == L2C_Q8P and self.m.cfg.group_size == 0:
-                self.m.cfg.group_size = self.layers[i].wq.group_size
         self.m.layers = self.layers
-        _fill_matrix(&self.m.tok_embeddings, get("tok_embeddings"), (c.vocab_size, d),
-                     "tok_embeddings", keep, packed=False)
         self.m.rms_final = _vector(get("norm"), d, "norm", keep)
-        cls = get("tok_embeddings") if c.shared_classifier else get("output")
-        _fill_matrix(&self.m.wcls, cls, (c.vocab_size, d), "output", keep)
+        if c.shared_classifier:  # packed once: the embedding rows are looked up in the classifier
+            _fill_matrix(&self.m.wcls, get("tok_embeddings"), (c.vocab_size, d), "tok_embeddings", keep)
+            self.m.tok_embeddings = self.m.wcls
+        else:
+            _fill_matrix(&self.m.wcls, get("output"), (c.vocab_size, d), "output", keep)
+            _fill_matrix(&self.m.tok_embeddings, get("tok_embeddings"), (c.vocab_size, d),
+                         "tok_embeddings", keep, packed=False)
         cos_t, sin_t = rope_tables(max_positions, c.head_size,
                                    freqs=c.rope_frequencies(max_positions))
         self._rope = (cos_t, sin_t)
