@@ -37,6 +37,21 @@ def rss():
     return out
 
 
+def cpu_features(llama_cpp):
+    """What ggml's CPU backend was built with (the system info string lists only the features
+    that are on): e.g. "ggml_cpu_has: avx2 = 1 | avx512 = 0 | ..."."""
+    import ctypes
+    path = os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-cpu.so")
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as e:
+        return f"ggml_cpu_has: unavailable ({e})"
+    names = ("avx2", "fma", "f16c", "avx_vnni", "avx512", "avx512_vnni", "avx512_bf16")
+    flags = [f"{n} = {getattr(lib, 'ggml_cpu_has_' + n)()}" for n in names
+             if hasattr(lib, "ggml_cpu_has_" + n)]
+    return "ggml_cpu_has: " + " | ".join(flags)
+
+
 class Peer:
     def __init__(self):
         self.llm = None
@@ -98,6 +113,7 @@ def main():
     if "--info" in sys.argv[1:]:
         import llama_cpp
         print(f"llama-cpp-python {llama_cpp.__version__}: {llama_cpp.llama_print_system_info().decode()}")
+        print(cpu_features(llama_cpp))
         return 0
     # replies go to the original stdout; anything the C library prints goes to stderr
     replies = os.fdopen(os.dup(1), "w")

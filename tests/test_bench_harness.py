@@ -139,8 +139,8 @@ def test_cli_bench_tiny(capsys):
                      "--repeat", "1", "--peers", "reference", "--act-bits", "16,8", "--quiet"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    for label in ("llama2c fp32", "llama2c int8", " a8 ", "NumPy reference fp32"):
-        assert label in out
+    for label in ("llama2c fp32", "llama2c int8", " a8 |", "NumPy reference fp32"):
+        assert label in out, label
     assert "prefill 16: tok/s" in out
     assert cli_main(["bench", "tiny", "--long-context", "32,64", "--tokens", "2", "--threads", "1",
                      "--quiet"]) == 0
