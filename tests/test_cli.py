@@ -333,7 +333,7 @@ def test_bench_tiny_prints_fields(capsys):
                               "--threads", "1", "--repeat", "1", "--quiet")
     assert code == 0, err
     for field in (r"memory read bandwidth \(C probe, 1 GiB buffer.*\): 1 thread [0-9.]+ GB/s",
-                  r"\| llama2c fp32 \w+ \| 1 \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9]+% \| [0-9]+% \|",
+                  r"\| llama2c fp32 \w+ \| 1 \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9]+% \| [0-9]+% \| [0-9.]+ \|",
                   r"\| llama2c int8 \w+ \| 1 \| [0-9]+ \([0-9]+, [0-9]+%\) \|",
                   r"decode: 16 greedy tokens", r"prefill 32: tok/s", r"CPU: .*kernel tables: "):
         assert re.search(field, out), field
