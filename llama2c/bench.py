@@ -602,13 +602,14 @@ def _run(engine: Engine, case: Case) -> tuple:
 
 
 def interleaved(engines: list, cases: list, rounds: int = 3, warmup: bool = True,
-                progress=None) -> dict:
+                progress=None, results: dict | None = None) -> dict:
     """Run `rounds` rounds; in each, every case on every engine once (case by case, so one
     case's engines run back to back). Returns {(engine label, Case): Result}; probe cases are
     stored under the label "probe", with 1 / (GB/s) in place of seconds (1 / best = best GB/s).
-    Engines with threads_fixed run only at the largest thread count."""
+    Engines with threads_fixed run only at the largest thread count. Results go into
+    `results` when given, so a caller interrupted midway keeps what was measured."""
     top = max(c.threads for c in cases)
-    results: dict = {}
+    results = {} if results is None else results
     if warmup:
         for e in engines:
             for c in cases:
@@ -1025,9 +1026,15 @@ def run_command(args, out=None) -> int:
                   "runs in its own)\n", file=out)
             print(context_table(engines, results, args.tokens), file=out)
         else:
-            rounds = args.repeat or 3
-            results = interleaved(engines, short_cases(args.threads, args.tokens, args.prompt),
-                                  rounds, progress=progress)
+            rounds, results = args.repeat or 3, {}
+            try:
+                interleaved(engines, short_cases(args.threads, args.tokens, args.prompt), rounds,
+                            progress=progress, results=results)
+            except KeyboardInterrupt:       # report what was measured (e.g. under `timeout -s INT`)
+                if not any(c.kind != "probe" for (_, c) in results):
+                    raise
+                print("(interrupted: the figures below are from the rounds that ran)\n", file=out)
+                rounds = max(len(r.seconds) for r in results.values())
             print(short_report(engines, results, machine, rounds), file=out)
             ratios = peer_table(engines, results)
             if ratios:
