@@ -6,7 +6,7 @@
     llama2c quantize IN OUT [--group-size N]                             -> llama2.c v2 int8 file
     llama2c convert IN OUT --dtype fp32|int8 [--format v1|v2|hf]         between formats
     llama2c perplexity MODEL FILE [--compare]                            perplexity of a text
-    llama2c bench [MODEL]                                                speed vs memory bandwidth
+    llama2c bench [MODEL...] [--simd L] [--threads L] [--peers L]        speed vs the machine's limits
     llama2c info MODEL                                                   what a model file holds
 
 Every command returns an exit code: 0 on success, 2 for a bad command line or parameter,
@@ -31,7 +31,6 @@ from .weights import fit_group_size
 PROG = "llama2c"
 LLAMA2C_BOS_ID = 1        # llama2.c's BOS, the prompt of `run` without a tokenizer or text
 DEFAULT_GROUP_SIZE = 64
-BENCH_PREFILL_TOKENS = 128
 
 
 class UsageError(Exception):
@@ -227,17 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(p)
     p.set_defaults(func=cmd_perplexity)
 
-    p = sub.add_parser("bench", help="measure decode and prefill speed against memory bandwidth",
-                       description="Measure memory read bandwidth, decode and prefill speed. "
-                                   "Without MODEL: random weights of SmolLM2-135M's shape.")
-    p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="model to benchmark (default: random weights, SmolLM2-135M shape)")
-    p.add_argument("--tokens", type=POSITIVE, default=64, metavar="N",
-                   help="tokens to decode (default 64)")
-    p.add_argument("--probe-mb", type=POSITIVE, default=1024, metavar="MB",
-                   help="size of the bandwidth probe buffer in MiB (default 1024)")
-    p.add_argument("--shape", choices=tuple(BENCH_SHAPES), default="smollm2", help=argparse.SUPPRESS)
-    _add_load_options(p, tokenizer=False)
+    p = sub.add_parser("bench", help="measure decode and prefill speed against the machine's limits",
+                       description="Decode and prefill tok/s against the memory bandwidth probe "
+                                   "and the kernel table's peak, 1 and 2 threads, interleaved "
+                                   "with optional peers (llama.cpp, the NumPy reference); prints "
+                                   "Markdown tables. See llama2c/bench.py.")
+    from .bench import add_arguments as add_bench_arguments
+    add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("info", help="describe a model file",
@@ -596,78 +591,15 @@ def cmd_perplexity(args) -> int:
 
 # ---- bench -------------------------------------------------------------------------------------
 
-BENCH_SHAPES = {
-    "smollm2": dict(dim=576, hidden_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3,
-                    vocab_size=49152, seq_len=1024, rope_theta=100000.0),
-    "tiny": dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
-                 vocab_size=256, seq_len=256),
-}
-
-
-def _random_model(shape: str, args):
-    """A random-weight model of a named shape (int8 with --dtype int8, group size 64)."""
-    from .config import Config
-    from .model import Model
-    from .testing import make_random_model
-    from .weights import quantize_weights
-    cfg = Config(**BENCH_SHAPES[shape])
-    weights = make_random_model(cfg)
-    if args.dtype == "int8":
-        weights = quantize_weights(cfg, weights, DEFAULT_GROUP_SIZE)
-    return Model(cfg, weights, n_threads=args.threads, simd=args.simd)
-
-
-def _decode_speed(model, n_tokens: int) -> tuple:
-    """(tokens, tok/s) of greedy decoding from a one-token prompt, after a warm-up; with a
-    one-token prompt every token costs exactly one forward pass."""
-    prompt = [LLAMA2C_BOS_ID % model.vocab_size]
-    model.generate(prompt, max_new_tokens=min(8, n_tokens), temperature=0, stop_token_ids=[])
-    r = model.generate(prompt, max_new_tokens=n_tokens, temperature=0, stop_token_ids=[])
-    return len(r.token_ids), len(r.token_ids) / r.generate_seconds
-
-
-def _prefill_speed(model, n_tokens: int) -> tuple:
-    """(tokens, tok/s) of model.logits on a random prompt, best of 3."""
-    import numpy as np
-    n = min(n_tokens, model.context_length)
-    ids = np.random.default_rng(0).integers(model.vocab_size, size=n)
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        model.logits(ids)
-        best = min(best, time.perf_counter() - t0)
-    return n, n / best
-
-
 def _kernel_line(info: dict) -> str:
     """kernel_info() as one `key=value, ...` line."""
     return ", ".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in info.items())
 
 
 def cmd_bench(args) -> int:
-    """Read bandwidth, decode and prefill speed, and how much of the bandwidth decoding uses."""
-    from . import _engine
-    if args.model is None:
-        model, what = _random_model(args.shape, args), f"random weights, {args.shape} shape"
-    else:
-        model, what = _load(args, args.model), args.model
-    bandwidth = _engine.read_bandwidth(args.probe_mb << 20, 5, model.n_threads)
-    nbytes = model.weight_bytes()
-    # the same read over a buffer the size of the weights: what caches give a working set this big
-    same_size = _engine.read_bandwidth(nbytes, 5, model.n_threads)
-    n_dec, decode = _decode_speed(model, args.tokens)
-    n_pre, prefill = _prefill_speed(model, BENCH_PREFILL_TOKENS)
-    effective = nbytes * decode / 1e9
-    print(f"model: {what} ({model.dtype}, simd {model.simd}, {model.n_threads} threads)")
-    print(f"read bandwidth: {bandwidth:.2f} GB/s ({args.probe_mb} MiB buffer); "
-          f"{same_size:.2f} GB/s over a buffer the size of the weights")
-    print(f"decode: {decode:.2f} tok/s ({n_dec} tokens, greedy)")
-    print(f"prefill: {prefill:.2f} tok/s ({n_pre}-token prompt, best of 3)")
-    print(f"weight bytes/token: {nbytes} ({_size(nbytes)})")
-    print(f"effective bandwidth: {effective:.2f} GB/s ({100 * effective / bandwidth:.1f}% of read "
-          f"bandwidth, {100 * effective / same_size:.1f}% of the same-size read)")
-    print(f"kernel_info: {_kernel_line(_engine.kernel_info())}")
-    return 0
+    """Speed against the machine's limits: the harness in llama2c/bench.py."""
+    from . import bench
+    return bench.run_command(args)
 
 
 # ---- info --------------------------------------------------------------------------------------
