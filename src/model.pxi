@@ -13,6 +13,7 @@ cdef class Engine:
     # names of tensors read in place from a file map (pages resident only as they are read)
     cdef readonly frozenset mapped_tensors
     cdef set _mapped
+    cdef int64_t held_bytes            # sum of tensor_bytes
 
     def __cinit__(self):
         self.layers = NULL
@@ -78,6 +79,7 @@ cdef class Engine:
                          packed=False)
         self.mapped_tensors = frozenset(self._mapped)
         self._mapped = None
+        self.held_bytes = sum(self.tensor_bytes.values())
         cos_t, sin_t = rope_tables(max_positions, c.head_size,
                                    freqs=c.rope_frequencies(max_positions))
         self._rope = (cos_t, sin_t)
@@ -90,6 +92,10 @@ cdef class Engine:
     def __dealloc__(self):
         free(self.layers)
         self.layers = NULL
+        # a big model's packed arrays go back to the OS now, not when the heap's top shrinks
+        self._keep = None
+        if self.held_bytes >= TRIM_AFTER_BYTES:
+            l2c_trim_heap()
 
     cdef _matrix(self, l2c_matrix *m, weights, str name, tuple shape, bint packed=True):
         """Fill m from weights[name] (made, packed and dropped here: _fill_matrix)."""

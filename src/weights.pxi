@@ -22,6 +22,11 @@ cdef extern from *:
     """
     int l2c_trim_heap() nogil
 
+# an engine holding this many bytes of weights trims the heap when it is freed (a C constant:
+# engines may be freed at interpreter exit, after the module's globals)
+cdef int64_t TRIM_AFTER_BYTES = 16 << 20
+
+
 def trim_heap():
     """Return free heap pages to the OS (glibc malloc_trim; a no-op elsewhere); True if any.
     Model.load calls it once the unpacked tensors, freed one by one between the packed arrays
