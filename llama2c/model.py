@@ -104,7 +104,7 @@ class Model:
     """A loaded model: the C engine (weights packed, read-only, shared by threads), its
     tokenizer, and a cache of recent sessions (prompt_cache)."""
 
-    def __init__(self, config: Config, weights: dict, tokenizer=None, n_threads: int | None = None,
+    def __init__(self, config: Config, weights: Mapping, tokenizer=None, n_threads: int | None = None,
                  context_length: int | None = None, simd: str | None = None,
                  metadata: dict | None = None, act_bits: int = 16, kv_dtype: str = "f16",
                  prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES):
@@ -177,13 +177,16 @@ class Model:
         # dtype/group_size mean the same for every format (llama2c/loaders/dtypes.py); lazy:
         # each tensor is made when the engine packs it, then dropped
         config, weights, metadata = load_any(path, dtype=dtype, group_size=group_size, lazy=True)
+        own_tokenizer = tokenizer is None
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = Tokenizer.load(tokenizer)
         elif tokenizer is None:
             tokenizer = _tokenizer_from_model(path, metadata, config.vocab_size)
+        if own_tokenizer and tokenizer is not None:
+            metadata = _lean_metadata(metadata)
         model = cls(config, weights, tokenizer, n_threads=n_threads, context_length=context_length,
-                    simd=simd, metadata=_lean_metadata(metadata, tokenizer), act_bits=act_bits,
-                    kv_dtype=kv_dtype, prompt_cache_bytes=prompt_cache_bytes)
+                    simd=simd, metadata=metadata, act_bits=act_bits, kv_dtype=kv_dtype,
+                    prompt_cache_bytes=prompt_cache_bytes)
         # the last references to the file map (unless a tensor is read in place) and to the
         # GGUF vocabulary arrays the tokenizer has taken what it needs from
         del weights, metadata
@@ -449,12 +452,12 @@ _TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenize
                      "tokenizer.ggml.merges")
 
 
-def _lean_metadata(metadata: dict, tokenizer) -> dict:
-    """The metadata a loaded model keeps: a GGUF file's keys without the vocabulary arrays
-    when its tokenizer was built from them (tens of MB of Python strings for a 50k vocabulary;
-    model.tokenizer has them)."""
+def _lean_metadata(metadata: dict) -> dict:
+    """The metadata a model whose tokenizer was built from its GGUF file keeps: the file's
+    keys without the vocabulary arrays (about 10 MB of Python strings for a 50k vocabulary;
+    model.tokenizer has what it needs of them)."""
     gguf = metadata.get("gguf_metadata")
-    if tokenizer is None or not gguf or "tokenizer.ggml.tokens" not in gguf:
+    if not gguf or "tokenizer.ggml.tokens" not in gguf:
         return metadata
     return dict(metadata, gguf_metadata={k: v for k, v in gguf.items()
                                          if k not in _TOKENIZER_ARRAYS})

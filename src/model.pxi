@@ -21,9 +21,10 @@ cdef class Engine:
     def __init__(self, config, weights, simd=None, max_positions=None, int act_bits=16):
         """weights: a mapping name -> float32 array or QTensor (a dict, or a
         llama2c.weights.LazyWeights whose tensors are made as they are read: each is read once,
-        packed, and not kept). max_positions: positions to prepare RoPE tables for (default config.seq_len, at most
-        config.max_context); no session of this engine can hold more. act_bits: activations of
-        the int8 matmuls, 8 or 16 (two int8 planes: 128x finer, twice the integer work)."""
+        packed, and not kept). max_positions: positions to prepare RoPE tables for (default
+        config.seq_len, at most config.max_context); no session of this engine can hold more.
+        act_bits: activations of the int8 matmuls, 8 or 16 (two int8 planes: 128x finer, twice
+        the integer work)."""
         cdef int64_t i
         self.config = config
         if max_positions is None:
