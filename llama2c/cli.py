@@ -96,8 +96,9 @@ def _add_load_options(p, tokenizer: bool = True) -> None:
                             "the model's own, or a matching tokenizer.bin beside it")
     p.add_argument("--threads", type=POSITIVE, metavar="N",
                    help="threads for the kernels (default: OMP_NUM_THREADS or the available cores)")
-    p.add_argument("--dtype", choices=("fp32", "int8"),
-                   help="weight type (default: as stored; int8 quantizes fp32 weights at load)")
+    p.add_argument("--dtype", choices=("fp32", "int8", "q4"),
+                   help="weight type (default: as stored; int8 / q4 quantize other weights at "
+                        "load)")
     p.add_argument("--simd", choices=("auto", "generic", "avx2", "avxvnni", "avx512"),
                    help="kernel table (default: LLAMA2C_SIMD or the best the CPU supports)")
     p.add_argument("--act-bits", type=int, choices=(8, 16), default=16,
@@ -235,11 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("info", help="describe a model file",
+    p = sub.add_parser("info", help="describe a model file and what it costs",
                        description="Print a model's config, weight type, tensor count, file "
-                                   "format, tokenizer and the kernels that would run it.")
+                                   "format, tokenizer, the kernels that would run it, and what "
+                                   "it costs: weight bytes read per token, resident weight "
+                                   "memory, KV cache bytes per 1,000 tokens (--kv-dtype) and "
+                                   "the total at 1k/4k/8k tokens of context.")
     _add_model(p, optional=False)
     p.add_argument("-z", "--tokenizer", metavar="TOKENIZER", help="tokenizer to load with it")
+    _add_load_options(p, tokenizer=False)
     p.set_defaults(func=cmd_info)
     return parser
 
@@ -605,22 +610,47 @@ def cmd_bench(args) -> int:
 # ---- info --------------------------------------------------------------------------------------
 
 def cmd_info(args) -> int:
-    """What a model file holds and which kernels would run it."""
+    """What a model file holds, what it costs and which kernels would run it."""
+    from collections import Counter
+
     from . import _engine
     model = _load(args, args.model)
     meta, tok = model.metadata, model.tokenizer
     print(f"model: {args.model}")
     print(f"format: {meta.get('format', 'unknown')}")
+    kinds = Counter(t.dtype for t in model.manifest.values() if len(t.shape) == 2)
     print(f"dtype: {model.dtype}" + (f" (group size {meta['group_size']})" if model.dtype == "int8"
-                                     and meta.get("group_size") else ""))
+                                     and meta.get("group_size") else "")
+          + (" (" + ", ".join(f"{k}: {n} {'matrix' if n == 1 else 'matrices'}"
+                              for k, n in sorted(kinds.items())) + ")"
+             if len(kinds) > 1 else ""))
     print(f"tensors: {len(model.manifest)}")
-    print(f"weight bytes/token: {model.weight_bytes()} ({_size(model.weight_bytes())})")
+    _print_costs(model)
     print("config:")
     for key, value in model.config.to_dict().items():
         print(f"  {key}: {value}")
     print(f"tokenizer: {f'{tok.kind} ({tok.vocab_size} tokens)' if tok is not None else 'none'}")
     print(f"kernel_info: {_kernel_line(_engine.kernel_info())}")
     return 0
+
+
+def _print_costs(model) -> None:
+    """What the model costs: weights read per token, resident weights, KV cache, totals."""
+    cost = model.memory((1000, 4000, 8000))
+    print(f"weight bytes/token: {cost['weight_bytes_per_token']} "
+          f"({_size(cost['weight_bytes_per_token'])})")
+    mapped = "".join(f"; {t.name} read in place from the file ({_size(t.nbytes)}, resident as "
+                     f"rows are looked up)" for t in model.manifest.values() if t.mapped)
+    print(f"resident weights: {cost['resident_weights']} ({_size(cost['resident_weights'])}, "
+          f"packed in the engine's memory{mapped})")
+    kv = cost["kv_bytes_per_1000_tokens"]
+    print(f"kv cache ({cost['kv_dtype']}): {kv} bytes per 1,000 tokens ({_size(kv)}; memory is "
+          f"touched as positions fill)")
+    over = [f"{n // 1000}k" for n in cost["total"] if n > model.context_length]
+    print(f"memory at {' / '.join(f'{n // 1000}k' for n in cost['total'])} tokens: "
+          f"{' / '.join(_size(b) for b in cost['total'].values())} (resident weights + kv "
+          f"cache; context {model.context_length}"
+          + (f", {', '.join(over)} beyond it" if over else "") + ")")
 
 
 # ---- entry point -------------------------------------------------------------------------------

@@ -1008,22 +1008,29 @@ class GenerationStream:
 # helpers for Model
 
 
-def weights_fingerprint(config, weights: dict, extra: dict) -> str:
+def weights_fingerprint(config, weights: dict, extra: dict, tensor_parts: dict | None = None) -> str:
     """A short hash identifying a model's weights (a sample of every tensor's bytes, its shape
-    and type) with its config and `extra` settings: saved states carry it."""
+    and type) with its config and `extra` settings: saved states carry it. tensor_parts:
+    name -> tensor_fingerprint(name, tensor) computed earlier (a model whose tensors were made
+    one at a time and packed); the hash is the same."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
     h.update(json.dumps(extra, sort_keys=True, default=str).encode())
     for name in sorted(weights):
-        t = weights[name]
-        h.update(name.encode())
-        for arr in (getattr(t, "q", t), getattr(t, "s", None), getattr(t, "m", None)):
-            if arr is None:
-                continue
-            a = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-            h.update(str((arr.dtype, arr.shape)).encode())
-            step = max(1, a.size // 64)
-            h.update(a[::step][:64].tobytes())
-            h.update(a[:256].tobytes())
-            h.update(a[-256:].tobytes())
+        part = (tensor_parts or {}).get(name)
+        h.update(part if part is not None else tensor_fingerprint(name, weights[name]))
     return h.hexdigest()
+
+
+def tensor_fingerprint(name: str, t) -> bytes:
+    """What weights_fingerprint hashes of one tensor: its name, and for each array (values,
+    scales, offsets) its dtype, shape and a sample of its bytes."""
+    parts = [name.encode()]
+    for arr in (getattr(t, "q", t), getattr(t, "s", None), getattr(t, "m", None)):
+        if arr is None:
+            continue
+        a = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        parts.append(str((arr.dtype, arr.shape)).encode())
+        step = max(1, a.size // 64)
+        parts += [a[::step][:64].tobytes(), a[:256].tobytes(), a[-256:].tobytes()]
+    return b"".join(parts)

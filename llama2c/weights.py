@@ -32,6 +32,7 @@ bits 4 with offsets, ...); Q and K biases follow their rows' interleaved order; 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,37 +155,85 @@ def expected_shapes(cfg) -> dict:
     return shapes
 
 
-def validate_weights(cfg, weights: dict, source: str = "model") -> None:
-    """Check that every tensor is present with the right shape, dtype and finite scales."""
+def validate_weights(cfg, weights, source: str = "model") -> None:
+    """Check that every tensor is present with the right shape, dtype and finite scales. A
+    LazyWeights is checked for names only: each of its tensors is checked when it is made."""
+    lazy = isinstance(weights, LazyWeights)
     for name, shape in expected_shapes(cfg).items():
         if name not in weights:
             raise ModelFormatError(f"{source}: missing tensor {name!r} (expected shape {shape})")
-        t = weights[name]
-        if isinstance(t, QTensor):
-            if t.bits not in (4, 8):
-                raise ModelFormatError(f"{source}: tensor {name!r} has bits={t.bits!r}, expected 4 or 8")
-            qtypes = (np.int8,) if t.bits == 8 else (np.uint8, np.int8)
-            if t.q.shape != shape or t.q.dtype not in qtypes:
-                raise ModelFormatError(f"{source}: tensor {name!r} has shape {t.q.shape} {t.q.dtype}, "
-                                       f"expected {shape} {'int8' if t.bits == 8 else 'uint8'}")
-            if t.bits == 4 and t.q.size and not (0 <= int(t.q.min()) and int(t.q.max()) <= 15):
-                raise ModelFormatError(f"{source}: tensor {name!r}: 4-bit values must lie in 0..15")
-            if t.s.shape != (shape[0], shape[1] // t.group_size) or t.s.dtype != np.float32:
-                raise ModelFormatError(f"{source}: tensor {name!r} has scales of shape {t.s.shape}, "
-                                       f"expected {(shape[0], shape[1] // t.group_size)}")
-            if not np.isfinite(t.s).all():
-                raise ModelFormatError(f"{source}: tensor {name!r} has a NaN or infinite scale")
-            if t.m is not None:
-                if t.m.shape != t.s.shape or t.m.dtype != np.float32:
-                    raise ModelFormatError(f"{source}: tensor {name!r} has offsets of shape {t.m.shape} "
-                                           f"{t.m.dtype}, expected {t.s.shape} float32")
-                if not np.isfinite(t.m).all():
-                    raise ModelFormatError(f"{source}: tensor {name!r} has a NaN or infinite offset")
-        else:
-            if tuple(t.shape) != shape:
-                raise ModelFormatError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
-            if t.dtype != np.float32:
-                raise ModelFormatError(f"{source}: tensor {name!r} has dtype {t.dtype}, expected float32")
+        if not lazy:
+            validate_tensor(name, weights[name], shape, source)
+
+
+def validate_tensor(name: str, t, shape: tuple, source: str = "model") -> None:
+    """Check one tensor: shape, dtype, 4-bit value range, finite scales and offsets."""
+    if isinstance(t, QTensor):
+        if t.bits not in (4, 8):
+            raise ModelFormatError(f"{source}: tensor {name!r} has bits={t.bits!r}, expected 4 or 8")
+        qtypes = (np.int8,) if t.bits == 8 else (np.uint8, np.int8)
+        if t.q.shape != shape or t.q.dtype not in qtypes:
+            raise ModelFormatError(f"{source}: tensor {name!r} has shape {t.q.shape} {t.q.dtype}, "
+                                   f"expected {shape} {'int8' if t.bits == 8 else 'uint8'}")
+        if t.bits == 4 and t.q.size and not (0 <= int(t.q.min()) and int(t.q.max()) <= 15):
+            raise ModelFormatError(f"{source}: tensor {name!r}: 4-bit values must lie in 0..15")
+        if t.s.shape != (shape[0], shape[1] // t.group_size) or t.s.dtype != np.float32:
+            raise ModelFormatError(f"{source}: tensor {name!r} has scales of shape {t.s.shape}, "
+                                   f"expected {(shape[0], shape[1] // t.group_size)}")
+        if not np.isfinite(t.s).all():
+            raise ModelFormatError(f"{source}: tensor {name!r} has a NaN or infinite scale")
+        if t.m is not None:
+            if t.m.shape != t.s.shape or t.m.dtype != np.float32:
+                raise ModelFormatError(f"{source}: tensor {name!r} has offsets of shape {t.m.shape} "
+                                       f"{t.m.dtype}, expected {t.s.shape} float32")
+            if not np.isfinite(t.m).all():
+                raise ModelFormatError(f"{source}: tensor {name!r} has a NaN or infinite offset")
+    else:
+        if tuple(t.shape) != shape:
+            raise ModelFormatError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+        if t.dtype != np.float32:
+            raise ModelFormatError(f"{source}: tensor {name!r} has dtype {t.dtype}, expected float32")
+
+
+class LazyWeights(Mapping):
+    """A weights dict whose tensors are made when asked for, one at a time, and not kept: the
+    form Model.load asks the loaders for (load_any(..., lazy=True)), so that the engine packs
+    each matrix while it is the only one that exists unpacked, and nothing of the file but
+    what the engine keeps survives the load. Each tensor is validated as it is made.
+
+    names: the tensors' names in the order the engine reads them (any order works);
+    make(name): the tensor; shapes: name -> expected shape (for validation);
+    release(): drops the source's resident pages (e.g. madvise(MADV_DONTNEED) on the file
+    map) once the engine has packed what it needs; pages still read in place (an untied
+    embedding used from the map) fault back in as they are read.
+    Reading a tensor twice makes it twice: use dict(lazy) for a materialized copy.
+    """
+
+    def __init__(self, shapes: dict, make, source: str = "model", release=None):
+        self._shapes = dict(shapes)
+        self._make = make
+        self._source = source
+        self._release = release
+
+    def __getitem__(self, name):
+        shape = self._shapes[name]          # KeyError for an unknown name
+        t = self._make(name)
+        validate_tensor(name, t, shape, self._source)
+        return t
+
+    def __contains__(self, name):
+        return name in self._shapes
+
+    def __iter__(self):
+        return iter(self._shapes)
+
+    def __len__(self):
+        return len(self._shapes)
+
+    def release(self) -> None:
+        """Give back the source's resident pages (see the class docstring); idempotent."""
+        if self._release is not None:
+            self._release()
 
 
 def quantize_weights(cfg, weights: dict, group_size: int = 64, progress=None, bits: int = 8) -> dict:

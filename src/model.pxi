@@ -7,14 +7,24 @@ cdef class Engine:
     cdef list _keep
     cdef object _rope
     cdef readonly object config
+    # name -> bytes the engine holds for the tensor (packed arrays; an in-place embedding's
+    # arrays; vectors' copies)
+    cdef readonly dict tensor_bytes
+    # names of tensors read in place from a file map (pages resident only as they are read)
+    cdef readonly frozenset mapped_tensors
+    cdef set _mapped
+    cdef int64_t held_bytes            # sum of tensor_bytes
 
     def __cinit__(self):
         self.layers = NULL
 
-    def __init__(self, config, dict weights, simd=None, max_positions=None, int act_bits=16):
-        """max_positions: positions to prepare RoPE tables for (default config.seq_len, at most
-        config.max_context); no session of this engine can hold more. act_bits: activations of
-        the int8 matmuls, 8 or 16 (two int8 planes: 128x finer, twice the integer work)."""
+    def __init__(self, config, weights, simd=None, max_positions=None, int act_bits=16):
+        """weights: a mapping name -> float32 array or QTensor (a dict, or a
+        llama2c.weights.LazyWeights whose tensors are made as they are read: each is read once,
+        packed, and not kept). max_positions: positions to prepare RoPE tables for (default
+        config.seq_len, at most config.max_context); no session of this engine can hold more.
+        act_bits: activations of the int8 matmuls, 8 or 16 (two int8 planes: 128x finer, twice
+        the integer work)."""
         cdef int64_t i
         self.config = config
         if max_positions is None:
@@ -40,38 +50,37 @@ cdef class Engine:
         self.layers = <l2c_layer *>calloc(c.n_layers, sizeof(l2c_layer))
         if self.layers == NULL:
             raise MemoryError("Engine: cannot allocate the layer table")
-        keep = self._keep
-
-        def get(name):
-            try:
-                return weights[name]
-            except KeyError:
-                raise ValueError(f"missing tensor {name!r}") from None
-
+        self.tensor_bytes = {}
+        self._mapped = set()
+        # one tensor at a time: with lazy weights (llama2c.weights.LazyWeights) each is made
+        # here, packed, and dropped before the next one is made
         for i in range(c.n_layers):
             p = f"layers.{i}."
-            self.layers[i].rms_att = _vector(get(p + "attention_norm"), d, p + "attention_norm", keep)
-            self.layers[i].rms_ffn = _vector(get(p + "ffn_norm"), d, p + "ffn_norm", keep)
-            _fill_matrix(&self.layers[i].wq, get(p + "wq"), (qd, d), p + "wq", keep)
-            _fill_matrix(&self.layers[i].wk, get(p + "wk"), (kvd, d), p + "wk", keep)
-            _fill_matrix(&self.layers[i].wv, get(p + "wv"), (kvd, d), p + "wv", keep)
-            _fill_matrix(&self.layers[i].wo, get(p + "wo"), (d, qd), p + "wo", keep)
-            _fill_matrix(&self.layers[i].w1, get(p + "w1"), (h, d), p + "w1", keep)
-            _fill_matrix(&self.layers[i].w2, get(p + "w2"), (d, h), p + "w2", keep)
-            _fill_matrix(&self.layers[i].w3, get(p + "w3"), (h, d), p + "w3", keep)
+            self.layers[i].rms_att = self._vector(weights, p + "attention_norm", d)
+            self.layers[i].rms_ffn = self._vector(weights, p + "ffn_norm", d)
+            self._matrix(&self.layers[i].wq, weights, p + "wq", (qd, d))
+            self._matrix(&self.layers[i].wk, weights, p + "wk", (kvd, d))
+            self._matrix(&self.layers[i].wv, weights, p + "wv", (kvd, d))
+            self._matrix(&self.layers[i].wo, weights, p + "wo", (d, qd))
+            self._matrix(&self.layers[i].w1, weights, p + "w1", (h, d))
+            self._matrix(&self.layers[i].w2, weights, p + "w2", (d, h))
+            self._matrix(&self.layers[i].w3, weights, p + "w3", (h, d))
             # optional q/k/v biases (qwen2)
-            self.layers[i].bq = _vector(weights[p + "bq"], qd, p + "bq", keep) if p + "bq" in weights else NULL
-            self.layers[i].bk = _vector(weights[p + "bk"], kvd, p + "bk", keep) if p + "bk" in weights else NULL
-            self.layers[i].bv = _vector(weights[p + "bv"], kvd, p + "bv", keep) if p + "bv" in weights else NULL
+            self.layers[i].bq = self._vector(weights, p + "bq", qd) if p + "bq" in weights else NULL
+            self.layers[i].bk = self._vector(weights, p + "bk", kvd) if p + "bk" in weights else NULL
+            self.layers[i].bv = self._vector(weights, p + "bv", kvd) if p + "bv" in weights else NULL
         self.m.layers = self.layers
-        self.m.rms_final = _vector(get("norm"), d, "norm", keep)
+        self.m.rms_final = self._vector(weights, "norm", d)
         if c.shared_classifier:  # packed once: the embedding rows are looked up in the classifier
-            _fill_matrix(&self.m.wcls, get("tok_embeddings"), (c.vocab_size, d), "tok_embeddings", keep)
+            self._matrix(&self.m.wcls, weights, "tok_embeddings", (c.vocab_size, d))
             self.m.tok_embeddings = self.m.wcls
         else:
-            _fill_matrix(&self.m.wcls, get("output"), (c.vocab_size, d), "output", keep)
-            _fill_matrix(&self.m.tok_embeddings, get("tok_embeddings"), (c.vocab_size, d),
-                         "tok_embeddings", keep, packed=False)
+            self._matrix(&self.m.wcls, weights, "output", (c.vocab_size, d))
+            self._matrix(&self.m.tok_embeddings, weights, "tok_embeddings", (c.vocab_size, d),
+                         packed=False)
+        self.mapped_tensors = frozenset(self._mapped)
+        self._mapped = None
+        self.held_bytes = sum(self.tensor_bytes.values())
         cos_t, sin_t = rope_tables(max_positions, c.head_size,
                                    freqs=c.rope_frequencies(max_positions))
         self._rope = (cos_t, sin_t)
@@ -84,11 +93,42 @@ cdef class Engine:
     def __dealloc__(self):
         free(self.layers)
         self.layers = NULL
+        # a big model's packed arrays go back to the OS now, not when the heap's top shrinks
+        self._keep = None
+        if self.held_bytes >= TRIM_AFTER_BYTES:
+            l2c_trim_heap()
+
+    cdef _matrix(self, l2c_matrix *m, weights, str name, tuple shape, bint packed=True):
+        """Fill m from weights[name] (made, packed and dropped here: _fill_matrix)."""
+        try:
+            t = weights[name]
+        except KeyError:
+            raise ValueError(f"missing tensor {name!r}") from None
+        self.tensor_bytes[name], in_map = _fill_matrix(m, t, shape, name, self._keep, packed)
+        if in_map:
+            self._mapped.add(name)
+
+    cdef const float *_vector(self, weights, str name, int64_t n) except NULL:
+        try:
+            t = weights[name]
+        except KeyError:
+            raise ValueError(f"missing tensor {name!r}") from None
+        self.tensor_bytes[name] = 4 * n
+        return _vector(t, n, name, self._keep)
 
     @property
     def act_bits(self):
         """8 or 16: the activations of the int8 matmuls."""
         return self.m.cfg.act_bits
+
+    def kv_block_bytes(self, kv_dtype="f16", int64_t block_size=L2C_KV_BLOCK):
+        """Bytes of one KV pool block of block_size positions (every layer and kv head) in
+        kv_dtype "f16", "f32" or "q8": what a session's cache grows by per block it fills."""
+        cdef int64_t bb = l2c_kv_block_bytes(self.m.cfg.n_layers, self.m.cfg.n_kv_heads,
+                                             self.m.cfg.head_size, _kv_dtype(kv_dtype), block_size)
+        if bb <= 0:
+            raise ValueError(f"block_size must be a positive multiple of 16, got {block_size}")
+        return bb
 
     @property
     def simd(self):

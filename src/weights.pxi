@@ -3,7 +3,39 @@
 #
 # Weights as the engine holds them (csrc/llama2c.h "weight matrices"): every matrix a forward
 # pass multiplies by is packed (fp32 panels, int8 or 4-bit blocks), in C, in parallel; an untied
-# fp32 or int8 embedding is used in place (row lookups from the caller's array, e.g. a file map).
+# embedding is used in place when it is fp32 or an int8 view of a file map (row lookups read
+# the map: only the rows looked up become resident), and packed otherwise (a quantized
+# embedding is never expanded to fp32). Vectors (norms, biases) are copied, a few KB, so that
+# the engine keeps no reference into a file map it does not read from.
+
+import mmap
+
+cdef extern from *:
+    """
+    #if defined(__GLIBC__)
+    #include <malloc.h>
+    /* give the heap's free pages back to the OS (glibc keeps freed chunks below live ones) */
+    static int l2c_trim_heap(void) { return malloc_trim(0); }
+    #else
+    static int l2c_trim_heap(void) { return 0; }
+    #endif
+    """
+    int l2c_trim_heap() nogil
+
+# an engine holding this many bytes of weights trims the heap when it is freed (a C constant:
+# engines may be freed at interpreter exit, after the module's globals)
+cdef int64_t TRIM_AFTER_BYTES = 16 << 20
+
+
+def trim_heap():
+    """Return free heap pages to the OS (glibc malloc_trim; a no-op elsewhere); True if any.
+    Model.load calls it once the unpacked tensors, freed one by one between the packed arrays
+    the engine keeps, are gone: glibc gives back only the top of the heap by itself."""
+    cdef int r
+    with nogil:
+        r = l2c_trim_heap()
+    return bool(r)
+
 
 # weights per matrix from which packing runs on OpenMP's default thread count
 PACK_PARALLEL_MIN = 1 << 20
@@ -136,20 +168,47 @@ cdef object _pack_matrix(l2c_matrix *m, object t, tuple shape, str name, list ke
     keep.extend((qp, sp, mp))
 
 
+def _file_mapped(a):
+    """Whether array a is a view into a memory-mapped file (mmap.mmap, np.memmap)."""
+    while True:
+        if isinstance(a, mmap.mmap):
+            return True
+        if isinstance(a, memoryview):
+            a = a.obj
+        elif isinstance(a, np.ndarray):
+            a = a.base
+        else:
+            return False
+
+
 cdef object _fill_matrix(l2c_matrix *m, object t, tuple shape, str name, list keep,
                          bint packed=True):
     """Point m at tensor t for the engine: a float32 ndarray or a QTensor (bits 8 or 4), packed
     for the matmul kernels (packed=True) or, for an untied embedding (packed=False), used in
-    place when its layout allows row lookups (fp32, int8) and packed otherwise (4-bit)."""
+    place when that costs no copy: fp32 (the caller's array, e.g. a file map) and int8 groups
+    that are views of a file map (llama2.c v2); any other quantized embedding (GGUF Q8_0, 4-bit)
+    is packed, which serves lookups as well. Returns (bytes the engine holds for it, whether
+    they are pages of a file map rather than the engine's own memory)."""
+    cdef Py_ssize_t first = len(keep)
+    mapped = False
+    if not packed and hasattr(t, "group_size"):
+        mapped = int(getattr(t, "bits", 8)) == 8 and _file_mapped(t.q) and _file_mapped(t.s)
+        packed = not mapped
+    elif not packed:
+        mapped = _file_mapped(t)
     _pack_matrix(m, t, shape, name, keep, packed)
+    held = {id(a): a.nbytes for a in keep[first:] if isinstance(a, np.ndarray)}
+    return sum(held.values()), mapped
 
 
 cdef const float *_vector(object t, int64_t n, str name, list keep) except NULL:
+    """The engine's own copy of a float32 vector (norm weights, biases)."""
     cdef const float[::1] v
     if not isinstance(t, np.ndarray) or t.dtype != np.float32 or t.ndim != 1 or not t.flags.c_contiguous:
         raise ValueError(f"{name}: expected a contiguous 1-D float32 array")
     if t.shape[0] != n:
         raise _shape_error(name, t.shape, (n,))
+    t = t.copy()
     v = t
     keep.append(t)
     return &v[0]
