@@ -426,13 +426,18 @@ int l2c_forward(const l2c_model *m, l2c_state *s, l2c_kvpool *pool, const l2c_ru
 
 struct l2c_sampler;
 // One sequence's generation loop in one call: run prompt[0..n_prompt) (if any) appended to seq,
-// then sample up to max_new tokens, each fed back except the last, stopping after a token in
-// stop[0..n_stop) or when seq is full. logits (vocab_size,): in, the logits to sample the first
-// token from when n_prompt == 0; out, the last ones computed. out receives the ids, *n_out their
-// count. *s->cancel is checked before every forward step.
+// then sample up to max_new tokens (each accepted into the sampler's penalty window), each fed
+// back except the last, stopping after a token in stop[0..n_stop) or when seq is full.
+// logits (vocab_size,): in, the logits to sample the first token from when n_prompt == 0; out,
+// the last ones computed. out receives the ids, *n_out their count; rng_out (optional, max_new)
+// the sampler's RNG state after each token (so that a caller that keeps only the first j tokens,
+// e.g. at a stop string, can rewind the sampler). *s->cancel is checked before every forward
+// step: L2C_ERR_CANCELLED then comes with the tokens sampled so far in out/*n_out (the last of
+// them not fed).
 int l2c_generate(const l2c_model *m, l2c_state *s, l2c_seq *seq, struct l2c_sampler *sp,
                  const int32_t *prompt, int64_t n_prompt, float *logits, int32_t *out,
-                 int64_t max_new, const int32_t *stop, int64_t n_stop, int64_t *n_out);
+                 uint64_t *rng_out, int64_t max_new, const int32_t *stop, int64_t n_stop,
+                 int64_t *n_out);
 
 // ---------------------------------------------------------------------------------------------
 // sampler

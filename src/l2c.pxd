@@ -216,5 +216,6 @@ cdef extern from "llama2c.h" nogil:
                      int64_t n, int32_t token, int64_t k, float *work, int32_t *scratch)
     int l2c_generate(const l2c_model *m, l2c_state *s, l2c_seq *seq, l2c_sampler *sp,
                      const int32_t *prompt, int64_t n_prompt, float *logits, int32_t *out,
-                     int64_t max_new, const int32_t *stop, int64_t n_stop, int64_t *n_out)
+                     uint64_t *rng_out, int64_t max_new, const int32_t *stop, int64_t n_stop,
+                     int64_t *n_out)
     double l2c_read_bandwidth(int64_t bytes, int reps, int n_threads)

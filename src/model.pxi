@@ -501,38 +501,37 @@ cdef class Session:
             return self.last_logits()
         return self.eval(tokens, "last")
 
-    def generate(self, const int32_t[::1] prompt, int64_t pos0, int64_t max_new, Sampler sampler,
-                 const int32_t[::1] stop=None):
-        """Prefill prompt at pos0 (<= n_tokens: the cache is cut to pos0 first), then sample up to
-        max_new tokens (each fed back except the last), stopping after a stop id; one C call
-        with the GIL released. Returns the generated ids (int32 array)."""
-        cdef int64_t n_prompt = prompt.shape[0], n_out = 0, n_stop = 0, V = self.engine.m.cfg.vocab_size
-        cdef const int32_t *pp = NULL
+    def decode(self, Sampler sampler, int32_t feed, float[::1] logits, int32_t[::1] out,
+               uint64_t[::1] rng_out=None, const int32_t[::1] stop=None):
+        """The decode loop in one C call with the GIL released: feed token `feed` (-1: none;
+        the first token is drawn from `logits` as given), then draw up to len(out) tokens into
+        out, each accepted into the sampler's window and fed back except the last, stopping
+        after a token of `stop` or when the context is full. logits (vocab,), in and out: the
+        logits the next draw uses. rng_out (len(out),), optional: the sampler's RNG state after
+        each token. Returns (n_out, cancelled): cancelled after request_cancel(), with the
+        tokens drawn before it in out[:n_out] (the last one not fed)."""
+        cdef int64_t n_prompt = 1 if feed >= 0 else 0, n_out = 0, n_stop = 0
+        cdef int64_t V = self.engine.m.cfg.vocab_size, max_new = out.shape[0]
         cdef const int32_t *sp = NULL
-        cdef float[::1] lv
+        cdef uint64_t *rp = NULL
+        cdef int32_t fed = feed
         cdef int rc
-        if max_new < 0:
-            raise ValueError(f"max_new must be >= 0, got {max_new}")
         if sampler.sp.vocab_size != V:
-            raise ValueError("sampler vocab size differs from the model's")
-        if pos0 < 0 or pos0 + n_prompt > self.context:
-            raise ContextLengthError(
-                f"a prompt of {n_prompt} tokens at position {pos0} does not fit the context of {self.context}")
-        if n_prompt == 0 and pos0 == 0:
-            raise ValueError("generate: an empty prompt at position 0 has no logits to sample from")
-        if pos0 > self.seq.n_pos:
-            raise ValueError(f"generate: position {pos0} is beyond the {self.seq.n_pos} cached")
-        if n_prompt:
-            self.truncate(pos0)
-            logits = np.empty(V, dtype=np.float32)
-            pp = &prompt[0]
-        else:
-            if pos0 != self.seq.n_pos:
-                raise ValueError("generate: without a prompt, pos0 must be n_tokens")
-            logits = self.last_logits()
-        lv = logits
-        out = np.zeros(max(max_new, 1), dtype=np.int32)
-        cdef int32_t[::1] o = out
+            raise ValueError("decode: the sampler's vocab size differs from the model's")
+        if logits.shape[0] != V:
+            raise _shape_error("logits", (logits.shape[0],), (V,))
+        if max_new == 0:
+            raise ValueError("decode: out is empty")
+        if rng_out is not None:
+            if rng_out.shape[0] < max_new:
+                raise _shape_error("rng_out", (rng_out.shape[0],), (max_new,))
+            rp = &rng_out[0]
+        if feed >= V:
+            raise ValueError(f"decode: token {feed} is not in the vocabulary of {V}")
+        if self.seq.n_pos + n_prompt > self.context:
+            raise ContextLengthError(f"decode: the context of {self.context} is full")
+        if n_prompt == 0 and self.seq.n_pos == 0:
+            raise ValueError("decode: an empty session has no logits to sample from")
         if stop is not None and stop.shape[0]:
             sp = &stop[0]
             n_stop = stop.shape[0]
@@ -542,18 +541,16 @@ cdef class Session:
         try:
             with nogil:
                 PyThread_acquire_lock(self.pool.lock, WAIT_LOCK)
-                rc = l2c_generate(&self.engine.m, &self.s, &self.seq, &sampler.sp, pp, n_prompt,
-                                  &lv[0], &o[0], max_new, sp, n_stop, &n_out)
+                rc = l2c_generate(&self.engine.m, &self.s, &self.seq, &sampler.sp, &fed, n_prompt,
+                                  &logits[0], &out[0], rp, max_new, sp, n_stop, &n_out)
                 PyThread_release_lock(self.pool.lock)
         finally:
             self.busy = False
-        if rc != L2C_OK:
-            self._last = None
-            if rc == L2C_ERR_CANCELLED:
-                raise GenerationCancelled(f"cancelled after {self.seq.n_pos - start} positions")
-            _check(rc, "generate")
-        self._last = logits if self.seq.n_pos > start else self._last
-        return out[:n_out]
+        self._last = None
+        if rc == L2C_ERR_CANCELLED:
+            return n_out, True
+        _check(rc, "decode")
+        return n_out, False
 
 
 def forward_batch(sessions, token_arrays, logits_modes="last", n_threads=None):
