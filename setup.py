@@ -1,8 +1,9 @@
 """Build of llama2c's native extension `llama2c._engine`.
 
 One extension from csrc/ (C11 + OpenMP) and src/_engine.pyx (Cython). The kernels in
-csrc/kernels.c are compiled once per instruction set, each object with its own flags
-(csrc/arch/kernels_{generic,avx2,avx512}.c); every other object targets the baseline of the
+csrc/kernels.c (with the matrix kernels it includes: kernels_f32.c, kernels_q8.c, kernels_q4.c)
+are compiled once per instruction set, each object with its own flags
+(csrc/arch/kernels_{generic,avx2,avxvnni,avx512}.c); every other object targets the baseline of the
 platform, and csrc/dispatch.c picks a kernel table at run time from the CPU's features. So a
 wheel built here runs on any x86-64 CPU.
 
@@ -37,11 +38,16 @@ COMPILE_OPTIONS = {
               "-Wno-unused-function", "-Wno-unreachable-code"] + (["-g"] if DEBUG else []),
 }
 LINK_OPTIONS = {"msvc": [], "other": []}
-# Per-file flags of the SIMD kernel objects.
+# Per-file flags of the SIMD kernel objects (dispatch.c checks the same features at run time).
 ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
-    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+    "avxvnni": ["-mavx2", "-mfma", "-mf16c", "-mavxvnni"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
+               "-mavx512vnni"],
 }
+KERNEL_SOURCES = ["csrc/kernels.c", "csrc/kernels_common.h", "csrc/kernels_f32.c",
+                  "csrc/kernels_q8.c", "csrc/kernels_q4.c", "csrc/kernels_peak.c",
+                  "csrc/ops.c", "csrc/attention.c", "csrc/vec.h", "csrc/kv.h", "csrc/llama2c.h"]
 
 CYTHON_DIRECTIVES = {
     "language_level": 3,
@@ -92,8 +98,8 @@ class BuildExt(build_ext):
         super().build_extensions()
 
     def add_isa_objects(self, ext, cflags):
-        """Compile csrc/arch/kernels_<isa>.c with that ISA's flags and link the objects in."""
-        built = []
+        """Compile csrc/arch/kernels_<isa>.c with that ISA's flags and link the objects in; a
+        table the compiler cannot build is left out (dispatch.c then never offers it)."""
         for isa, flags in ISA_FLAGS.items():
             if not compiler_accepts(self.compiler, flags):
                 print(f"WARNING: the C compiler does not accept {' '.join(flags)}; "
@@ -104,25 +110,21 @@ class BuildExt(build_ext):
                 output_dir=self.build_temp,
                 include_dirs=["csrc"],
                 extra_postargs=cflags + flags,
-                depends=["csrc/kernels.c", "csrc/kernels_q8.c", "csrc/llama2c.h", "csrc/ops.c",
-                         "csrc/attention.c", "csrc/vec.h", "csrc/kv.h"],
+                depends=KERNEL_SOURCES,
             )
             ext.extra_objects.extend(objs)
-            built.append(isa)
-        if len(built) == len(ISA_FLAGS):
-            ext.define_macros.append(("L2C_HAVE_X86_KERNELS", "1"))
+            ext.define_macros.append((f"L2C_HAVE_{isa.upper()}", "1"))
 
 
 extensions = [
     Extension(
         "llama2c._engine",
-        sources=["src/_engine.pyx", "csrc/forward.c", "csrc/kvcache.c", "csrc/linear.c", "csrc/sampler.c",
-                 "csrc/dispatch.c", "csrc/arch/kernels_generic.c"],
+        sources=["src/_engine.pyx", "csrc/forward.c", "csrc/kvcache.c", "csrc/linear.c", "csrc/pack.c",
+                 "csrc/sampler.c", "csrc/dispatch.c", "csrc/arch/kernels_generic.c"],
         include_dirs=["csrc", "src", np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        depends=["csrc/llama2c.h", "csrc/internal.h", "csrc/kernels.c", "csrc/kernels_q8.c",
-                 "csrc/ops.c", "csrc/attention.c", "csrc/vec.h", "csrc/kv.h",
-                 "src/l2c.pxd"] + sorted(str(p) for p in Path("src").glob("*.pxi")),
+        depends=["csrc/internal.h", "src/l2c.pxd"] + KERNEL_SOURCES
+        + sorted(str(p) for p in Path("src").glob("*.pxi")),
     )
 ]
 

@@ -1,6 +1,9 @@
-"""pytest-benchmark suite: kernels, decode and prefill on the benchmark shapes.
+"""pytest-benchmark suite: kernels per table, decode and prefill per shape and dtype, the NumPy
+reference. The measurements are llama2c.bench's (the same as `llama2c bench` and
+benchmarks/report.py): pytest-benchmark times the same phases, with the untimed set-up
+(weight packing, the 1-token prompt, emptying the cache) outside the timed call.
 
-    pytest benchmarks/ --benchmark-only            (benchmarks/report.py prints the summary table)
+    pytest benchmarks/ --benchmark-only        (LLAMA2C_BENCH_THREADS, default 2)
 """
 import os
 import sys
@@ -8,78 +11,75 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import llama2c  # noqa: E402
+from llama2c import bench  # noqa: E402
 from llama2c import _engine as E  # noqa: E402
-from llama2c.reference import ReferenceModel  # noqa: E402
-from llama2c.testing import make_random_model  # noqa: E402
-from llama2c.weights import fit_group_size, quantize_q8, quantize_weights  # noqa: E402
-from shapes import SHAPES  # noqa: E402
 
 THREADS = int(os.environ.get("LLAMA2C_BENCH_THREADS", "2"))
-rng = np.random.default_rng(0)
+DECODE_TOKENS = 32
+PROMPTS = (128, 512)
 
 
-@pytest.mark.parametrize("simd", E.available_simd())
-@pytest.mark.parametrize("T", [1, 64])
-def test_matmul_f32(benchmark, simd, T):
-    x = rng.standard_normal((T, 576)).astype(np.float32)
-    w = rng.standard_normal((1536, 576)).astype(np.float32)
-    out = np.empty((T, 1536), np.float32)
-    benchmark(E.matmul, out, x, w, simd=simd, n_threads=THREADS)
+# ---- kernels: SmolLM2's w1 (1536 x 576); weights packed once, outside the timed call ----------
+
+@pytest.mark.parametrize("simd", bench.available_simd())
+@pytest.mark.parametrize("T", [1, 4, 64])
+@pytest.mark.parametrize("dtype", ["fp32", "int8", "q4"])
+def test_matmul(benchmark, dtype, T, simd):
+    case = bench.MatmulCase(dtype, simd, T, 1536, 576, THREADS)
+    benchmark.extra_info["GOP"] = case.ops / 1e9
+    benchmark(case.run)
 
 
-@pytest.mark.parametrize("simd", E.available_simd())
-@pytest.mark.parametrize("T", [1, 64])
-def test_matmul_q8(benchmark, simd, T):
-    w = quantize_q8(rng.standard_normal((1536, 576)).astype(np.float32), 64)
-    xq = rng.integers(-127, 128, (T, 576)).astype(np.int8)
-    xs = np.ones((T, 9), np.float32)
-    out = np.empty((T, 1536), np.float32)
-    benchmark(E.matmul_q8, out, xq, xs, w.q, w.s, 64, simd=simd, n_threads=THREADS)
+@pytest.mark.parametrize("simd", bench.available_simd())
+@pytest.mark.parametrize("rows", [1, 64])
+def test_attention_4k(benchmark, simd, rows):
+    """One SmolLM2 layer's attention (9 heads, 3 kv heads, head 64) over 4,096 cached
+    positions in the f16 cache: a decode row, or a 64-row prefill tile at the end."""
+    rng = np.random.default_rng(0)
+    ctx = 4096
+    q = rng.standard_normal((rows, 576)).astype(np.float32)
+    k = rng.standard_normal((ctx, 192)).astype(np.float32)
+    v = rng.standard_normal((ctx, 192)).astype(np.float32)
+    benchmark.pedantic(E.attention_seqs, args=([q], [k], [v], [ctx - rows], 9, 3), kwargs=dict(
+        simd=simd, kv_dtype="f16", n_threads=THREADS, readback=False), rounds=5)
 
 
-@pytest.mark.parametrize("simd", E.available_simd())
-def test_attention_1k(benchmark, simd):
-    q = rng.standard_normal((1, 576)).astype(np.float32)
-    kc = rng.standard_normal((1024, 192)).astype(np.float32)
-    vc = rng.standard_normal((1024, 192)).astype(np.float32)
-    out = np.empty_like(q)
-    benchmark(E.attention, out, q, kc, vc, 1023, 9, 3, simd=simd, n_threads=THREADS)
+# ---- the model: decode and prefill per shape and dtype ----------------------------------------
 
-
-@pytest.fixture(scope="module", params=list(SHAPES))
+@pytest.fixture(scope="module", params=bench.README_SHAPES)
 def shape(request):
-    cfg = SHAPES[request.param]
-    return request.param, cfg, make_random_model(cfg, 0)
+    return request.param
 
 
-def c_model(shape, dtype):
-    """The C engine on the shape's random weights, fp32 or int8."""
-    name, cfg, w = shape
-    if dtype == "int8":
-        w = quantize_weights(cfg, w, fit_group_size(cfg, 64))
-    return llama2c.Model(cfg, w, n_threads=THREADS)
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def engine(request, shape):
+    e = bench.Llama2c.from_shape(shape, request.param)
+    yield e
+    e.close()
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "int8"])
-def test_decode_32_tokens(benchmark, shape, dtype):
-    model = c_model(shape, dtype)
-    benchmark.extra_info["tokens"] = 32
-    benchmark.pedantic(model.generate, args=([1],), kwargs=dict(
-        max_new_tokens=32, temperature=0, stop_token_ids=[]), rounds=3, warmup_rounds=1)
+def test_decode(benchmark, engine):
+    """DECODE_TOKENS greedy tokens after a 1-token prompt (bench.Llama2c.time_decode)."""
+    def setup():
+        sess, tok = engine.start_decode(THREADS, DECODE_TOKENS + 1)
+        return (sess, tok, DECODE_TOKENS), {}
+    benchmark.extra_info.update(tokens=DECODE_TOKENS, weight_bytes=engine.weight_bytes)
+    benchmark.pedantic(engine.decode_steps, setup=setup, rounds=3, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "int8"])
-def test_prefill_128(benchmark, shape, dtype):
-    model = c_model(shape, dtype)
-    prompt = list(range(1, 129))
-    benchmark.pedantic(model.generate, args=(prompt,), kwargs=dict(max_new_tokens=1, temperature=0),
-                       rounds=3, warmup_rounds=1)
+@pytest.mark.parametrize("n", PROMPTS)
+def test_prefill(benchmark, engine, n):
+    """An n-token prompt from an empty cache (bench.Llama2c.time_prefill)."""
+    ids = bench.prompt_ids(n, engine.config.vocab_size)
+
+    def setup():
+        return (engine.start_prefill(THREADS, n), ids), {}
+    benchmark.extra_info.update(tokens=n, GOP_per_token=bench.prefill_ops_per_token(engine.config, n) / 1e9)
+    benchmark.pedantic(engine.prefill, setup=setup, rounds=3, warmup_rounds=1)
 
 
-def test_reference_decode_16_tokens(benchmark, shape):
-    name, cfg, w = shape
-    ref = ReferenceModel(cfg, w)
-    benchmark.pedantic(ref.generate, args=([1], 16), rounds=2, warmup_rounds=1)
+def test_reference_decode(benchmark, shape):
+    ref = bench.Reference.of(bench.Llama2c.from_shape(shape, "fp32"))
+    benchmark.pedantic(ref.time_decode, args=(16, THREADS), rounds=2, warmup_rounds=1)

@@ -9,10 +9,19 @@
 #include <omp.h>
 #endif
 
+// setup.py defines L2C_HAVE_<ISA> for each table it could compile
 extern const l2c_kernels l2c_kernels_generic;
-#if defined(L2C_HAVE_X86_KERNELS)
+#if defined(L2C_HAVE_AVX2)
 extern const l2c_kernels l2c_kernels_avx2;
+#endif
+#if defined(L2C_HAVE_AVXVNNI)
+extern const l2c_kernels l2c_kernels_avxvnni;
+#endif
+#if defined(L2C_HAVE_AVX512)
 extern const l2c_kernels l2c_kernels_avx512;
+#endif
+#if defined(L2C_HAVE_AVX2) || defined(L2C_HAVE_AVXVNNI) || defined(L2C_HAVE_AVX512)
+#define L2C_HAVE_X86_KERNELS 1
 #endif
 
 int l2c_cpu_supports(int isa) {
@@ -23,11 +32,12 @@ int l2c_cpu_supports(int isa) {
     case L2C_ISA_AVX2:
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                __builtin_cpu_supports("f16c");
+    case L2C_ISA_AVXVNNI:
+        return l2c_cpu_supports(L2C_ISA_AVX2) && __builtin_cpu_supports("avxvnni");
     case L2C_ISA_AVX512:
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-               __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("f16c");
+               l2c_cpu_supports(L2C_ISA_AVX2);
     default: return 0;
     }
 #else
@@ -35,14 +45,17 @@ int l2c_cpu_supports(int isa) {
 #endif
 }
 
-int l2c_cpu_has_vnni(void) { return l2c_cpu_supports(L2C_ISA_AVX512); }
-
 const l2c_kernels *l2c_kernels_exact(int isa) {
     if (!l2c_cpu_supports(isa)) return NULL;
     switch (isa) {
     case L2C_ISA_GENERIC: return &l2c_kernels_generic;
-#if defined(L2C_HAVE_X86_KERNELS)
+#if defined(L2C_HAVE_AVX2)
     case L2C_ISA_AVX2: return &l2c_kernels_avx2;
+#endif
+#if defined(L2C_HAVE_AVXVNNI)
+    case L2C_ISA_AVXVNNI: return &l2c_kernels_avxvnni;
+#endif
+#if defined(L2C_HAVE_AVX512)
     case L2C_ISA_AVX512: return &l2c_kernels_avx512;
 #endif
     default: return NULL;

@@ -240,7 +240,8 @@ int l2c_forward(const l2c_model *m, l2c_state *s, l2c_kvpool *pool, const l2c_ru
 
 int l2c_generate(const l2c_model *m, l2c_state *s, l2c_seq *seq, struct l2c_sampler *sp,
                  const int32_t *prompt, int64_t n_prompt, float *logits, int32_t *out,
-                 int64_t max_new, const int32_t *stop, int64_t n_stop, int64_t *n_out) {
+                 uint64_t *rng_out, int64_t max_new, const int32_t *stop, int64_t n_stop,
+                 int64_t *n_out) {
     *n_out = 0;
     if (!seq || !logits || max_new < 0 || n_prompt < 0 || (max_new > 0 && !out)) return L2C_ERR_ARG;
     int rc;
@@ -248,7 +249,9 @@ int l2c_generate(const l2c_model *m, l2c_state *s, l2c_seq *seq, struct l2c_samp
     if (n_prompt > 0 && (rc = l2c_forward(m, s, seq->pool, &run, 1, prompt, logits)) != L2C_OK) return rc;
     for (int64_t i = 0; i < max_new; i++) {
         const int32_t tok = l2c_sample(sp, logits);
+        if ((rc = l2c_sampler_accept(sp, tok)) != L2C_OK) return rc;
         out[i] = tok;
+        if (rng_out) rng_out[i] = sp->rng_state;
         *n_out = i + 1;
         for (int64_t j = 0; j < n_stop; j++)
             if (tok == stop[j]) return L2C_OK;

@@ -27,78 +27,117 @@ extern "C" {
 #define L2C_ERR_CANCELLED (-6) // l2c_forward stopped between steps (*l2c_state.cancel was set)
 
 // ---------------------------------------------------------------------------------------------
-// int8 group quantization
+// weight matrices
 //
-// Values: symmetric per-group int8 along the input dimension (llama2.c runq.c, ggml Q8_0): each
-// run of gs consecutive inputs of a row shares one float scale s = max|w| / 127 (0 for an
-// all-zero group) and q = round(w / s) in [-127, 127]; w ~= q * s. gs is a parameter (a
-// multiple of 4 that divides the input dimension; callers check and raise before calling).
-// Activations are quantized the same way, per row, with the weight's gs.
-//
-// Two layouts:
-//   L2C_Q8 (row-major, as llama2.c version 2 files store it, so those map without a copy):
-//     q int8 (rows, cols), s float (rows, cols/gs). Used for the token embedding (a row lookup).
-//   L2C_Q8P (packed for the matmul kernels; l2c_pack_q8 makes it from L2C_Q8): rows in blocks
-//     of 16 (the last block zero-padded), and within a block, for each group g and each run of 4
-//     inputs j, the 4 bytes of each of the 16 rows side by side, stored offset by 128 as
-//     unsigned bytes (u = q + 128, i.e. q ^ 0x80):
-//       qp[((b*ng + g)*(gs/4) + j)*64 + r*4 + c] = q[(16b + r)*cols + g*gs + 4j + c] ^ 0x80
-//       sp[(b*ng + g)*16 + r]                    = s[(16b + r)*ng + g]      (ng = cols/gs)
-//     so one 64-byte load feeds a 16-lane u8 x s8 dot-product instruction (AVX-512 VNNI
-//     vpdpbusd: 16 rows x 4 inputs) with the 4 signed activation bytes broadcast; the offset
-//     adds 128 * sum(x over the group) to every lane, which one subtraction per group removes
-//     (the activation quantizer returns those sums). The group's int32 sums of 16 rows come out
-//     in one register and one multiply-add applies the 16 row scales. A block streams from
-//     memory as one contiguous run.
-#define L2C_Q8_MAX 127.0f
-#define L2C_Q8_ROWS 16
-
-// weight element types
+// A matrix W (rows, cols) is used as out = X @ W^T (X: T activation rows of cols values). Types:
+//   L2C_F32   row-major fp32 (rows, cols), e.g. an untied embedding used in place. Lookups only.
+//   L2C_Q8    row-major int8 q (rows, cols) + float scales s (rows, cols/gs) [+ offsets m], as
+//             llama2.c version 2 files store it. Lookups only.
+//   L2C_F32P  fp32 in panels of 16 rows, k-major inside a panel (matmul + lookups):
+//               f[(p*cols + k)*16 + r] = W[16p + r][k]          (rows past the end: 0)
+//             so one 64-byte load holds column k of 16 rows: the outer-product kernels load it
+//             once and multiply it by a broadcast activation x[t][k] for several tokens t.
+//   L2C_Q8P   int8 in blocks of 16 rows (matmul + lookups). For each group g and each run of 4
+//             inputs j, the 4 bytes of each of the 16 rows side by side, offset by 128 (u8):
+//               q[((b*ng + g)*(gs/4) + j)*64 + r*4 + c] = (uint8)(Q[16b + r][g*gs + 4j + c] + 128)
+//             (ng = cols/gs), so one 64-byte load feeds a 16-lane u8 x s8 dot instruction
+//             (vpdpbusd: 16 rows x 4 inputs) with 4 activation bytes broadcast; the +128 adds
+//             128 * sum(x over the group) to each lane, which the kernels take off (the
+//             activation quantizer returns the group sums). Values Q in [-127, 127].
+//   L2C_Q4P   4-bit unsigned Q in [0, 15], two per byte, blocks of 16 rows (matmul + lookups):
+//               q[((b*ng + g)*(gs/8) + j)*64 + r*4 + c] = Q[16b + r][g*gs + 8j + c]
+//                                                       | Q[16b + r][g*gs + 8j + 4 + c] << 4
+//             so one 64-byte load, masked (low nibbles) and shifted (high nibbles), gives two
+//             Q8P-shaped vectors (inputs 8j..8j+3 and 8j+4..8j+7 of 16 rows); the nibble is the
+//             unsigned operand of vpdpbusd / vpmaddubsw as it is (no offset).
+// Quantized types: w = Q * s + m per group of gs consecutive inputs of a row (m = 0 when there
+// are no offsets). Packed types store s and m per (block, group) for the block's 16 rows:
+//   s[(b*ng + g)*16 + r] = S[16b + r][g]              (m likewise; rows past the end: 0)
+// as IEEE halves when every scale and offset of the matrix is exactly a half (GGUF Q8_0,
+// Q4_0, Q4_1, Q5_x blocks), else as floats (scales_f16 says which). Group sizes: multiples of
+// 4 (L2C_Q8, L2C_Q8P) or 8 (L2C_Q4P), at most 256, dividing cols; one model may mix them.
+// Every type serves row lookups (l2c_matrix_row), so a tied classifier is packed once and the
+// token embedding reads its rows from it.
 #define L2C_F32 0
 #define L2C_Q8 1
 #define L2C_Q8P 2
+#define L2C_F32P 3
+#define L2C_Q4P 4
+#define L2C_PANEL 16          // rows per panel / block of the packed types
+#define L2C_Q8_ROWS L2C_PANEL
+#define L2C_Q8_MAX 127.0f
+#define L2C_GROUP_MAX 256
 
-// A weight matrix W (rows, cols): out = W @ x.
 typedef struct {
-    int32_t type;        // L2C_F32, L2C_Q8 or L2C_Q8P
-    int32_t group_size;  // L2C_Q8/L2C_Q8P: values per scale
+    int32_t type;        // L2C_F32, L2C_Q8, L2C_F32P, L2C_Q8P or L2C_Q4P
+    int32_t group_size;  // quantized types: inputs per scale
     int64_t rows, cols;
-    const float *f;      // L2C_F32: (rows, cols)
-    const int8_t *q;     // L2C_Q8: (rows, cols); L2C_Q8P: (ceil(rows/16)*16 * cols) packed
-    const float *s;      // L2C_Q8: (rows, cols/gs); L2C_Q8P: (ceil(rows/16)*16 * cols/gs) packed
-    const float *m;      // NULL, or per-group offsets laid out as s: w = q * s + m (GGUF Q4_1)
+    int32_t scales_f16;  // quantized packed types: s and m hold halves (1) or floats (0)
+    const float *f;      // L2C_F32: (rows, cols); L2C_F32P: panels (l2c_packed_size floats)
+    const int8_t *q;     // L2C_Q8: (rows, cols); L2C_Q8P, L2C_Q4P: l2c_packed_size bytes
+    const void *s;       // scales: L2C_Q8 float (rows, cols/gs); packed: l2c_packed_scales
+    const void *m;       // NULL, or per-group offsets laid out as s: w = q * s + m
 } l2c_matrix;
+
+// Elements of the packed data array of `type` (floats for L2C_F32P, bytes for L2C_Q8P and
+// L2C_Q4P), and of its scale (and offset) arrays; -1 for a bad type or size.
+int64_t l2c_packed_size(int32_t type, int64_t rows, int64_t cols);
+int64_t l2c_packed_scales(int64_t rows, int64_t cols, int64_t gs);
+// 1 if every x[i] is exactly an IEEE half (NaN: no), else 0.
+int l2c_f16_exact(const float *x, int64_t n);
+// Pack row-major weights into the types above (arrays sized as above, zero padding written
+// here). s, m: float (rows, cols/gs) (m NULL: no offsets, then mp NULL too); f16: store the
+// scales (and offsets) as halves (only when l2c_f16_exact says so for both). Q4P takes q as one
+// value 0..15 per byte. L2C_OK, or L2C_ERR_ARG (bad size or group size, or a 4-bit value
+// above 15). Parallel over blocks with n_threads.
+int l2c_pack_f32p(float *restrict fp, const float *restrict w, int64_t rows, int64_t cols,
+                  int n_threads);
+int l2c_pack_q8p(int8_t *restrict qp, void *restrict sp, void *restrict mp,
+                 const int8_t *restrict q, const float *restrict s, const float *restrict m,
+                 int64_t rows, int64_t cols, int64_t gs, int f16, int n_threads);
+int l2c_pack_q4p(int8_t *restrict qp, void *restrict sp, void *restrict mp,
+                 const uint8_t *restrict q, const float *restrict s, const float *restrict m,
+                 int64_t rows, int64_t cols, int64_t gs, int f16, int n_threads);
+// x (cols,) = row `row` of W, dequantized (q * s + m in float32), for every type.
+// L2C_OK or L2C_ERR_ARG / L2C_ERR_RANGE.
+int l2c_matrix_row(float *restrict x, const l2c_matrix *W, int64_t row);
+// 1 if W is a well-formed (rows, cols) matrix: pointers, group size and scale storage for its
+// type; with for_matmul, only the packed types (the matmul reads nothing else).
+int l2c_matrix_ok(const l2c_matrix *W, int64_t rows, int64_t cols, int for_matmul);
 
 // Quantized activations, T rows of n values in groups of gs (n/gs groups per row). 8-bit:
 // hi = round(x / s) with s = max|x| / 127. Two-plane ("15-bit"): v = round(x / s) with
 // s = max|x| / (127 * 128), split as v = 128 * hi + lo, hi = round(v / 128) in [-127, 127],
 // lo in [-64, 64]; each plane is an int8 operand of the same dot instructions, so the
 // activations keep 128x finer steps for twice the integer work (decode stays memory-bound).
+// v16 holds the codes as int16 (hi, or 128 hi + lo) for kernels that multiply int16 pairs
+// (vpmaddwd: the avx2 table's int8 matmul).
 typedef struct {
     int8_t *hi;          // (T, n)
     int8_t *lo;          // (T, n), NULL for 8-bit activations
     float *s;            // (T, n/gs) scales
     int32_t *sum_hi;     // (T, n/gs) sums of hi over each group
     int32_t *sum_lo;     // (T, n/gs) sums of lo (NULL for 8-bit)
+    int16_t *v16;        // (T, n) the codes as int16
 } l2c_qact;
-
-// Bytes of the packed arrays for a (rows, cols) matrix: q and s element counts.
-int64_t l2c_q8p_q_size(int64_t rows, int64_t cols);
-int64_t l2c_q8p_s_size(int64_t rows, int64_t cols, int64_t gs);
-// Pack row-major q (rows, cols), s (rows, cols/gs) and optional offsets m (like s; NULL: none)
-// into qp, sp, mp (sizes above; mp may be NULL when m is). L2C_OK or L2C_ERR_ARG (gs not a
-// positive multiple of 4 dividing cols).
-int l2c_pack_q8(int8_t *restrict qp, float *restrict sp, float *restrict mp,
-                const int8_t *restrict q, const float *restrict s, const float *restrict m,
-                int64_t rows, int64_t cols, int64_t gs);
 
 // ---------------------------------------------------------------------------------------------
 // kernels: one table per instruction set, each entry a scalar ("generic") twin in the generic
 // table. Chosen at run time from the CPU's features (see l2c_kernels_get).
+//
+// The invariant every table keeps: out[t][i] of a matmul depends only on row t of the input
+// and row i of W, bitwise, whatever T, t's place in a tile and n_threads (threads split output
+// rows, never a sum). fp32: each output is one fused multiply-add chain over k = 0..cols-1 in
+// order; int8/4-bit: exact int32 sums per group, then the group's float terms added in group
+// order. So a token's logits are the same alone, in a prefill chunk or in a batch.
 #define L2C_ISA_GENERIC 0
 #define L2C_ISA_AVX2 1      // AVX2 + FMA + F16C
-#define L2C_ISA_AVX512 2    // AVX-512 F/BW/VL + VNNI (Ice Lake, Zen 4 and later)
-#define L2C_ISA_COUNT 3
+#define L2C_ISA_AVXVNNI 2   // AVX2 + FMA + F16C + AVX-VNNI (vpdpbusd on ymm: Alder Lake, Zen 5)
+#define L2C_ISA_AVX512 3    // AVX-512 F/BW/VL + VNNI (Ice Lake, Zen 4 and later)
+#define L2C_ISA_COUNT 4
+
+#define L2C_PEAK_FP32 0     // peak probe kinds: fp32 FMA chains (2 flops per lane)
+#define L2C_PEAK_INT8 1     // the table's int8 dot (2 ops per multiply-add)
 
 struct l2c_kvpool;
 struct l2c_span;
@@ -106,19 +145,15 @@ struct l2c_span;
 typedef struct l2c_kernels {
     const char *name;
     int isa;
-    // out (d,) = W (d, n) @ x (n,)                                     [parallel over rows]
-    void (*matvec_f32)(float *restrict out, const float *restrict x, const float *restrict w,
-                       int64_t n, int64_t d, int n_threads);
-    // out (T, d) = X (T, n) @ W (d, n)^T                                [parallel over row blocks]
-    void (*matmul_f32)(float *restrict out, const float *restrict x, const float *restrict w,
-                       int64_t T, int64_t n, int64_t d, int n_threads);
-    // quantize X (T, n) row-wise into groups of gs (8-bit, or two planes when a->lo is set)
-    void (*quantize_q8)(const l2c_qact *a, const float *restrict x, int64_t T, int64_t n,
-                        int64_t gs, int n_threads);
-    // out (T, W->rows) = A (T, W->cols) @ W^T for a packed (L2C_Q8P) W, with exact int32 sums
-    // per group scaled per group (T == 1 is the decode matrix-vector product)
-    void (*matmul_q8)(float *restrict out, const l2c_qact *a, const l2c_matrix *W, int64_t T,
-                      int n_threads);
+    // quantize X (T, n) row-wise into groups of gs (8-bit, or two planes when a->lo is set);
+    // fills hi (lo), s, sums and v16                                    [parallel over groups]
+    void (*quantize)(const l2c_qact *a, const float *restrict x, int64_t T, int64_t n,
+                     int64_t gs, int n_threads);
+    // out (T, W->rows) = X (T, W->cols) @ W^T for a packed W: L2C_F32P reads x (T, cols)
+    // float, L2C_Q8P and L2C_Q4P read a (x quantized at W's group size). T == 1 is the decode
+    // matrix-vector product.                                            [parallel over rows]
+    void (*matmul)(float *restrict out, const float *restrict x, const l2c_qact *a,
+                   const l2c_matrix *W, int64_t T, int n_threads);
     // o (T, n) = x * w / sqrt(mean(x^2) + eps), row-wise                [parallel over rows]
     void (*rmsnorm)(float *restrict o, const float *restrict x, const float *restrict w,
                     int64_t T, int64_t n, float eps, int n_threads);
@@ -151,6 +186,10 @@ typedef struct l2c_kernels {
                       int64_t n_heads, void *ws, int n_threads);
     // sum of x (n,) read in 64 KB chunks shared by the threads (the bandwidth probe)
     float (*read_sum)(const float *restrict x, int64_t n, int n_threads);
+    // the peak probe: `reps` rounds of independent dependency chains of the table's fp32 FMA
+    // (kind L2C_PEAK_FP32) or int8 dot instruction (L2C_PEAK_INT8) on each of n_threads
+    // threads; returns the operations done (the caller times it)
+    double (*peak)(int kind, int64_t reps, int n_threads);
 } l2c_kernels;
 
 // The best table this CPU supports, capped at max_isa (use L2C_ISA_COUNT for no cap).
@@ -159,8 +198,6 @@ const l2c_kernels *l2c_kernels_get(int max_isa);
 const l2c_kernels *l2c_kernels_exact(int isa);
 // 1 if the CPU supports isa (and the build has it), else 0.
 int l2c_cpu_supports(int isa);
-// 1 if the CPU has AVX-512 VNNI (used by the int8 kernels of the AVX-512 table).
-int l2c_cpu_has_vnni(void);
 // 1 if built with OpenMP; number of processors OpenMP would use by default.
 int l2c_openmp_enabled(void);
 int l2c_omp_max_threads(void);
@@ -178,11 +215,10 @@ typedef struct {
     int64_t vocab_size;
     int64_t seq_len;      // positions the RoPE tables cover (the most a sequence can hold)
     float norm_eps;       // RMSNorm epsilon
-    int32_t group_size;   // informational: group size of the int8 matrices, 0 for fp32
     int32_t act_bits;     // activations of int8 matmuls: 8, or 16 (two planes, see l2c_qact)
 } l2c_config;
 
-// layer matrices are L2C_F32 or L2C_Q8P
+// layer matrices are packed: L2C_F32P, L2C_Q8P or L2C_Q4P (any mix)
 typedef struct {
     const float *rms_att;   // (dim,)
     const float *rms_ffn;   // (dim,)
@@ -200,10 +236,11 @@ typedef struct {
 
 typedef struct {
     l2c_config cfg;
-    l2c_matrix tok_embeddings;  // (vocab_size, dim), L2C_F32 or L2C_Q8 (row lookups)
+    l2c_matrix tok_embeddings;  // (vocab_size, dim), any type (row lookups); a copy of wcls
+                                //   when the classifier is tied
     const l2c_layer *layers;    // (n_layers,) owned by the caller
     const float *rms_final;     // (dim,)
-    l2c_matrix wcls;            // (vocab_size, dim): the classifier, L2C_F32 or L2C_Q8P
+    l2c_matrix wcls;            // (vocab_size, dim): the classifier, packed
     const float *rope_cos;      // (seq_len, head_size/2): cos(p * freq[i]); the caller computes
     const float *rope_sin;      // (seq_len, head_size/2)   the frequencies (theta, scaling)
     const l2c_kernels *k;       // kernel table
@@ -389,13 +426,18 @@ int l2c_forward(const l2c_model *m, l2c_state *s, l2c_kvpool *pool, const l2c_ru
 
 struct l2c_sampler;
 // One sequence's generation loop in one call: run prompt[0..n_prompt) (if any) appended to seq,
-// then sample up to max_new tokens, each fed back except the last, stopping after a token in
-// stop[0..n_stop) or when seq is full. logits (vocab_size,): in, the logits to sample the first
-// token from when n_prompt == 0; out, the last ones computed. out receives the ids, *n_out their
-// count. *s->cancel is checked before every forward step.
+// then sample up to max_new tokens (each accepted into the sampler's penalty window), each fed
+// back except the last, stopping after a token in stop[0..n_stop) or when seq is full.
+// logits (vocab_size,): in, the logits to sample the first token from when n_prompt == 0; out,
+// the last ones computed. out receives the ids, *n_out their count; rng_out (optional, max_new)
+// the sampler's RNG state after each token (so that a caller that keeps only the first j tokens,
+// e.g. at a stop string, can rewind the sampler). *s->cancel is checked before every forward
+// step: L2C_ERR_CANCELLED then comes with the tokens sampled so far in out/*n_out (the last of
+// them not fed).
 int l2c_generate(const l2c_model *m, l2c_state *s, l2c_seq *seq, struct l2c_sampler *sp,
                  const int32_t *prompt, int64_t n_prompt, float *logits, int32_t *out,
-                 int64_t max_new, const int32_t *stop, int64_t n_stop, int64_t *n_out);
+                 uint64_t *rng_out, int64_t max_new, const int32_t *stop, int64_t n_stop,
+                 int64_t *n_out);
 
 // ---------------------------------------------------------------------------------------------
 // sampler

@@ -6,7 +6,7 @@
     llama2c quantize IN OUT [--group-size N]                             -> llama2.c v2 int8 file
     llama2c convert IN OUT --dtype fp32|int8 [--format v1|v2|hf]         between formats
     llama2c perplexity MODEL FILE [--compare]                            perplexity of a text
-    llama2c bench [MODEL]                                                speed vs memory bandwidth
+    llama2c bench [MODEL...] [--simd L] [--threads L] [--peers L]        speed vs the machine's limits
     llama2c info MODEL                                                   what a model file holds
     llama2c serve [MODEL] [--port 8000] [--api-key KEY]                  OpenAI-compatible server
 
@@ -32,7 +32,6 @@ from .weights import fit_group_size
 PROG = "llama2c"
 LLAMA2C_BOS_ID = 1        # llama2.c's BOS, the prompt of `run` without a tokenizer or text
 DEFAULT_GROUP_SIZE = 64
-BENCH_PREFILL_TOKENS = 128
 
 
 class UsageError(Exception):
@@ -98,9 +97,10 @@ def _add_load_options(p, tokenizer: bool = True) -> None:
                             "the model's own, or a matching tokenizer.bin beside it")
     p.add_argument("--threads", type=POSITIVE, metavar="N",
                    help="threads for the kernels (default: OMP_NUM_THREADS or the available cores)")
-    p.add_argument("--dtype", choices=("fp32", "int8"),
-                   help="weight type (default: as stored; int8 quantizes fp32 weights at load)")
-    p.add_argument("--simd", choices=("auto", "generic", "avx2", "avx512"),
+    p.add_argument("--dtype", choices=("fp32", "int8", "q4"),
+                   help="weight type (default: as stored; int8 / q4 quantize other weights at "
+                        "load)")
+    p.add_argument("--simd", choices=("auto", "generic", "avx2", "avxvnni", "avx512"),
                    help="kernel table (default: LLAMA2C_SIMD or the best the CPU supports)")
     p.add_argument("--act-bits", type=int, choices=(8, 16), default=16,
                    help="activations of int8 matmuls: 16 (two int8 planes, default) or 8 "
@@ -228,17 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(p)
     p.set_defaults(func=cmd_perplexity)
 
-    p = sub.add_parser("bench", help="measure decode and prefill speed against memory bandwidth",
-                       description="Measure memory read bandwidth, decode and prefill speed. "
-                                   "Without MODEL: random weights of SmolLM2-135M's shape.")
-    p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="model to benchmark (default: random weights, SmolLM2-135M shape)")
-    p.add_argument("--tokens", type=POSITIVE, default=64, metavar="N",
-                   help="tokens to decode (default 64)")
-    p.add_argument("--probe-mb", type=POSITIVE, default=1024, metavar="MB",
-                   help="size of the bandwidth probe buffer in MiB (default 1024)")
-    p.add_argument("--shape", choices=tuple(BENCH_SHAPES), default="smollm2", help=argparse.SUPPRESS)
-    _add_load_options(p, tokenizer=False)
+    p = sub.add_parser("bench", help="measure decode and prefill speed against the machine's limits",
+                       description="Decode and prefill tok/s against the memory bandwidth probe "
+                                   "and the kernel table's peak, 1 and 2 threads, interleaved "
+                                   "with optional peers (llama.cpp, the NumPy reference); prints "
+                                   "Markdown tables. See llama2c/bench.py.")
+    from .bench import add_arguments as add_bench_arguments
+    add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="serve a model with an OpenAI-compatible HTTP API",
@@ -278,11 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("info", help="describe a model file",
+    p = sub.add_parser("info", help="describe a model file and what it costs",
                        description="Print a model's config, weight type, tensor count, file "
-                                   "format, tokenizer and the kernels that would run it.")
+                                   "format, tokenizer, the kernels that would run it, and what "
+                                   "it costs: weight bytes read per token, resident weight "
+                                   "memory, KV cache bytes per 1,000 tokens (--kv-dtype) and "
+                                   "the total at 1k/4k/8k tokens of context.")
     _add_model(p, optional=False)
     p.add_argument("-z", "--tokenizer", metavar="TOKENIZER", help="tokenizer to load with it")
+    _add_load_options(p, tokenizer=False)
     p.set_defaults(func=cmd_info)
     return parser
 
@@ -634,93 +634,36 @@ def cmd_perplexity(args) -> int:
 
 # ---- bench -------------------------------------------------------------------------------------
 
-BENCH_SHAPES = {
-    "smollm2": dict(dim=576, hidden_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3,
-                    vocab_size=49152, seq_len=1024, rope_theta=100000.0),
-    "tiny": dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
-                 vocab_size=256, seq_len=256),
-}
-
-
-def _random_model(shape: str, args):
-    """A random-weight model of a named shape (int8 with --dtype int8, group size 64)."""
-    from .config import Config
-    from .model import Model
-    from .testing import make_random_model
-    from .weights import quantize_weights
-    cfg = Config(**BENCH_SHAPES[shape])
-    weights = make_random_model(cfg)
-    if args.dtype == "int8":
-        weights = quantize_weights(cfg, weights, DEFAULT_GROUP_SIZE)
-    return Model(cfg, weights, n_threads=args.threads, simd=args.simd)
-
-
-def _decode_speed(model, n_tokens: int) -> tuple:
-    """(tokens, tok/s) of greedy decoding from a one-token prompt, after a warm-up; with a
-    one-token prompt every token costs exactly one forward pass."""
-    prompt = [LLAMA2C_BOS_ID % model.vocab_size]
-    model.generate(prompt, max_new_tokens=min(8, n_tokens), temperature=0, stop_token_ids=[])
-    r = model.generate(prompt, max_new_tokens=n_tokens, temperature=0, stop_token_ids=[])
-    return len(r.token_ids), len(r.token_ids) / r.generate_seconds
-
-
-def _prefill_speed(model, n_tokens: int) -> tuple:
-    """(tokens, tok/s) of model.logits on a random prompt, best of 3."""
-    import numpy as np
-    n = min(n_tokens, model.context_length)
-    ids = np.random.default_rng(0).integers(model.vocab_size, size=n)
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        model.logits(ids)
-        best = min(best, time.perf_counter() - t0)
-    return n, n / best
-
-
 def _kernel_line(info: dict) -> str:
     """kernel_info() as one `key=value, ...` line."""
     return ", ".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in info.items())
 
 
 def cmd_bench(args) -> int:
-    """Read bandwidth, decode and prefill speed, and how much of the bandwidth decoding uses."""
-    from . import _engine
-    if args.model is None:
-        model, what = _random_model(args.shape, args), f"random weights, {args.shape} shape"
-    else:
-        model, what = _load(args, args.model), args.model
-    bandwidth = _engine.read_bandwidth(args.probe_mb << 20, 5, model.n_threads)
-    nbytes = model.weight_bytes()
-    # the same read over a buffer the size of the weights: what caches give a working set this big
-    same_size = _engine.read_bandwidth(nbytes, 5, model.n_threads)
-    n_dec, decode = _decode_speed(model, args.tokens)
-    n_pre, prefill = _prefill_speed(model, BENCH_PREFILL_TOKENS)
-    effective = nbytes * decode / 1e9
-    print(f"model: {what} ({model.dtype}, simd {model.simd}, {model.n_threads} threads)")
-    print(f"read bandwidth: {bandwidth:.2f} GB/s ({args.probe_mb} MiB buffer); "
-          f"{same_size:.2f} GB/s over a buffer the size of the weights")
-    print(f"decode: {decode:.2f} tok/s ({n_dec} tokens, greedy)")
-    print(f"prefill: {prefill:.2f} tok/s ({n_pre}-token prompt, best of 3)")
-    print(f"weight bytes/token: {nbytes} ({_size(nbytes)})")
-    print(f"effective bandwidth: {effective:.2f} GB/s ({100 * effective / bandwidth:.1f}% of read "
-          f"bandwidth, {100 * effective / same_size:.1f}% of the same-size read)")
-    print(f"kernel_info: {_kernel_line(_engine.kernel_info())}")
-    return 0
+    """Speed against the machine's limits: the harness in llama2c/bench.py."""
+    from . import bench
+    return bench.run_command(args)
 
 
 # ---- info --------------------------------------------------------------------------------------
 
 def cmd_info(args) -> int:
-    """What a model file holds and which kernels would run it."""
+    """What a model file holds, what it costs and which kernels would run it."""
+    from collections import Counter
+
     from . import _engine
     model = _load(args, args.model)
     meta, tok = model.metadata, model.tokenizer
     print(f"model: {args.model}")
     print(f"format: {meta.get('format', 'unknown')}")
+    kinds = Counter(t.dtype for t in model.manifest.values() if len(t.shape) == 2)
     print(f"dtype: {model.dtype}" + (f" (group size {meta['group_size']})" if model.dtype == "int8"
-                                     and meta.get("group_size") else ""))
+                                     and meta.get("group_size") else "")
+          + (" (" + ", ".join(f"{k}: {n} {'matrix' if n == 1 else 'matrices'}"
+                              for k, n in sorted(kinds.items())) + ")"
+             if len(kinds) > 1 else ""))
     print(f"tensors: {len(model.manifest)}")
-    print(f"weight bytes/token: {model.weight_bytes()} ({_size(model.weight_bytes())})")
+    _print_costs(model)
     print("config:")
     for key, value in model.config.to_dict().items():
         print(f"  {key}: {value}")
@@ -759,6 +702,25 @@ def cmd_serve(args) -> int:
               f"may use it")
     run_server(model, settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _print_costs(model) -> None:
+    """What the model costs: weights read per token, resident weights, KV cache, totals."""
+    cost = model.memory((1000, 4000, 8000))
+    print(f"weight bytes/token: {cost['weight_bytes_per_token']} "
+          f"({_size(cost['weight_bytes_per_token'])})")
+    mapped = "".join(f"; {t.name} read in place from the file ({_size(t.nbytes)}, resident as "
+                     f"rows are looked up)" for t in model.manifest.values() if t.mapped)
+    print(f"resident weights: {cost['resident_weights']} ({_size(cost['resident_weights'])}, "
+          f"packed in the engine's memory{mapped})")
+    kv = cost["kv_bytes_per_1000_tokens"]
+    print(f"kv cache ({cost['kv_dtype']}): {kv} bytes per 1,000 tokens ({_size(kv)}; memory is "
+          f"touched as positions fill)")
+    over = [f"{n // 1000}k" for n in cost["total"] if n > model.context_length]
+    print(f"memory at {' / '.join(f'{n // 1000}k' for n in cost['total'])} tokens: "
+          f"{' / '.join(_size(b) for b in cost['total'].values())} (resident weights + kv "
+          f"cache; context {model.context_length}"
+          + (f", {', '.join(over)} beyond it" if over else "") + ")")
 
 
 # ---- entry point -------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from .errors import ContextLengthError, GenerationCancelled, Llama2cError
 # Tokens per prefill step: the batched kernels read each weight once per step, and between
 # steps a cancel (or max_time) is noticed.
 PREFILL_CHUNK = 64
+RUN_SECONDS = 0.05      # the decode loop's runs in C take about this long (see Generation)
 MAX_LOGPROBS = 20
 DEFAULT_PROMPT_CACHE_BYTES = 256 << 20
 DEFAULT_PROMPT_CACHE_ENTRIES = 4
@@ -767,7 +768,7 @@ class Generation:
         return GenerationStream(self)
 
     def result(self) -> GenerationResult:
-        for _ in self._chunks():
+        for _ in self._chunks(per_token=self.opts.logprobs is not None):
             pass
         return self.make_result()
 
@@ -859,8 +860,13 @@ class Generation:
         finish_reason set. Unless finished, the driver feeds self.generated[-1] next and calls
         step() with the logits after it. (The loop here drives it with Session.eval; a batched
         scheduler can drive many generations with one forward pass per step.)"""
-        gs, k = self.session, self.opts.logprobs
         t = self.sampler.sample_accept(logits)
+        return self._took(t, logits)
+
+    def _took(self, t: int, logits: np.ndarray | None) -> StreamChunk:
+        """What step() does after the draw: the token's logprobs (from the logits it was drawn
+        from), the stop checks, its text."""
+        gs, k = self.session, self.opts.logprobs
         lp = _logprob_rows(logits[None], np.array([t], np.int32), k) if k is not None else None
         gs._tokens.append(t)
         gs._logits = None
@@ -884,8 +890,13 @@ class Generation:
         self.text_parts.append(text)
         return StreamChunk(text, [t], lp, prompt_logprobs=self._take_prompt_logprobs())
 
-    def _chunks(self):
-        """The loop, yielding StreamChunks (the last with finish_reason and usage)."""
+    def _chunks(self, per_token: bool = True):
+        """The loop, yielding StreamChunks (the last with finish_reason and usage). The decode
+        loop runs in C (Session.decode: draw, feed back, repeat, with the GIL released): one
+        token per call when streaming or computing logprobs, else runs of tokens sized to take
+        about RUN_SECONDS, so that a cancel or max_time is seen soon and other Python threads
+        cost one GIL hand-over per run, not per token. A run that overshoots a stop string is
+        rewound (cache, RNG, penalty window): the result is the same as token by token."""
         self.begin()
         gs = self.session
         try:
@@ -897,17 +908,7 @@ class Generation:
             if final is not None:
                 yield final
                 return
-            sess = gs._sess
-            buf = np.empty((1, self.model.vocab_size), np.float32)
-            feed = np.empty(1, np.int32)
-            while True:
-                chunk = self.step(row)                         # the sampler chain, in C
-                yield chunk
-                if chunk.finish_reason is not None:
-                    return
-                feed[0] = self.generated[-1]
-                sess.eval(feed, logits="all", out=buf)         # the forward pass, in C
-                row = buf[0]
+            yield from self._decode(np.array(row, np.float32), per_token)
         finally:
             if self._t_prefill is None:
                 self.prefilled()
@@ -917,6 +918,47 @@ class Generation:
             if self.finish_reason is None:
                 self.finish_reason = "cancelled"        # closed stream, exception
             self._finish()
+
+    def _decode(self, row: np.ndarray, per_token: bool):
+        sess, sampler = self.session._sess, self.sampler
+        stop = np.array(sorted(self.stop_ids), np.int32)
+        keep_logits = self.opts.logprobs is not None
+        feed, per_tok = -1, None            # seconds per token, measured
+        while True:
+            n = self.max_new - len(self.generated)
+            if not per_token and per_tok is not None:
+                budget = RUN_SECONDS if self._deadline is None else min(
+                    RUN_SECONDS, self._deadline - time.perf_counter())
+                n = max(1, min(n, int(budget / per_tok)))
+            elif not per_token:
+                n = min(n, 4)
+            else:
+                n = 1
+            out = np.empty(n, np.int32)
+            rng = np.empty(n, np.uint64)
+            t0 = time.perf_counter()
+            n_out, cancelled = sess.decode(sampler, feed, row, out, rng, stop)
+            if n_out:
+                per_tok = (time.perf_counter() - t0) / n_out
+            base = sess.n_tokens - n_out + 1        # where out[0] is (or would be) fed
+            for i in range(n_out):
+                chunk = self._took(int(out[i]), row if keep_logits else None)
+                if chunk.finish_reason is not None:
+                    if i < n_out - 1:               # rewind what the run did past the end
+                        sess.truncate(base + i)
+                        sampler.rng_state = int(rng[i])
+                        if self.opts.penalties_on:
+                            sampler.reset_window()
+                            sampler.accept_many(np.asarray(
+                                self.session._tokens[-self.opts.penalty_last_n:], np.int32))
+                    yield chunk
+                    return
+                yield chunk
+            if cancelled:
+                self.finish_reason = "cancelled"
+                yield self._final("", [], None)
+                return
+            feed = int(out[n_out - 1])
 
     def _final(self, text, ids, lp) -> StreamChunk:
         """The last chunk: the text still held back is released unless a stop string ended
@@ -1021,22 +1063,29 @@ class GenerationStream:
 # helpers for Model
 
 
-def weights_fingerprint(config, weights: dict, extra: dict) -> str:
+def weights_fingerprint(config, weights: dict, extra: dict, tensor_parts: dict | None = None) -> str:
     """A short hash identifying a model's weights (a sample of every tensor's bytes, its shape
-    and type) with its config and `extra` settings: saved states carry it."""
+    and type) with its config and `extra` settings: saved states carry it. tensor_parts:
+    name -> tensor_fingerprint(name, tensor) computed earlier (a model whose tensors were made
+    one at a time and packed); the hash is the same."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
     h.update(json.dumps(extra, sort_keys=True, default=str).encode())
     for name in sorted(weights):
-        t = weights[name]
-        h.update(name.encode())
-        for arr in (getattr(t, "q", t), getattr(t, "s", None), getattr(t, "m", None)):
-            if arr is None:
-                continue
-            a = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-            h.update(str((arr.dtype, arr.shape)).encode())
-            step = max(1, a.size // 64)
-            h.update(a[::step][:64].tobytes())
-            h.update(a[:256].tobytes())
-            h.update(a[-256:].tobytes())
+        part = (tensor_parts or {}).get(name)
+        h.update(part if part is not None else tensor_fingerprint(name, weights[name]))
     return h.hexdigest()
+
+
+def tensor_fingerprint(name: str, t) -> bytes:
+    """What weights_fingerprint hashes of one tensor: its name, and for each array (values,
+    scales, offsets) its dtype, shape and a sample of its bytes."""
+    parts = [name.encode()]
+    for arr in (getattr(t, "q", t), getattr(t, "s", None), getattr(t, "m", None)):
+        if arr is None:
+            continue
+        a = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        parts.append(str((arr.dtype, arr.shape)).encode())
+        step = max(1, a.size // 64)
+        parts += [a[::step][:64].tobytes(), a[:256].tobytes(), a[-256:].tobytes()]
+    return b"".join(parts)

@@ -8,12 +8,15 @@ The forward pass and the sampler run in C with the GIL released; the token loop,
 strings, log-probabilities, sessions and the prompt cache live in llama2c.generation, which
 every entry point here (generate, chat, new_session, load_state) calls. The weights are handed
 to the C engine, which packs them; the model keeps only a manifest of them (names, shapes,
-types, bytes). Several Python threads may generate from one model at once.
+types, bytes). Model.load streams them: each tensor is made from the file, packed and dropped
+before the next (llama2c.weights.LazyWeights), and the file map's pages are released after,
+so a loaded model costs its packed weights (weight_bytes(), info()), not the file plus
+copies. Several Python threads may generate from one model at once.
 """
 from __future__ import annotations
 
-import functools
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +28,8 @@ from .config import Config
 from .errors import ContextLengthError, TokenizerError
 from .generation import (DEFAULT_PROMPT_CACHE_BYTES, PREFILL_CHUNK, Generation,
                          GenerationOptions, GenerationResult, GenerationSession, PromptCache,
-                         ScoreResult, load_state, number, weights_fingerprint)
-from .weights import QTensor, validate_weights, widen_to_int8
+                         ScoreResult, load_state, number, tensor_fingerprint, weights_fingerprint)
+from .weights import LazyWeights, QTensor, validate_weights
 
 __all__ = ["Model", "GenerationResult", "TensorInfo", "PREFILL_CHUNK"]
 
@@ -39,15 +42,46 @@ class TensorInfo:
     dtype: str             # "fp32", "int8" or "q4" (4-bit values)
     group_size: int        # values per scale (0 for fp32)
     has_offset: bool       # per-group offsets (w = q * s + m)
-    nbytes: int            # bytes of values, scales and offsets
+    nbytes: int            # bytes the engine holds for it: packed values, scales, offsets
+    mapped: bool = False   # read in place from the file map (an untied embedding): its pages
+                           # are resident only as rows are looked up
 
 
-def _tensor_info(name, t) -> TensorInfo:
+def _tensor_kind(t) -> tuple:
+    """(shape, dtype, group_size, has_offset, nbytes) of a float32 array or QTensor."""
     if isinstance(t, QTensor):
         nbytes = t.q.nbytes + t.s.nbytes + (t.m.nbytes if t.m is not None else 0)
         kind = "q4" if getattr(t, "bits", 8) == 4 else "int8"
-        return TensorInfo(name, tuple(t.q.shape), kind, int(t.group_size), t.m is not None, nbytes)
-    return TensorInfo(name, tuple(np.shape(t)), "fp32", 0, False, int(np.asarray(t).nbytes))
+        return tuple(t.q.shape), kind, int(t.group_size), t.m is not None, nbytes
+    return tuple(np.shape(t)), "fp32", 0, False, int(np.asarray(t).nbytes)
+
+
+class _Consumed(Mapping):
+    """The weights as the engine reads them, each tensor once: its kind and fingerprint are
+    noted as it passes, so that nothing needs to make it again (LazyWeights make each tensor
+    on demand and keep none)."""
+
+    def __init__(self, weights):
+        self._weights = weights
+        self.kinds, self.parts = {}, {}
+
+    def note(self, name, t):
+        self.kinds[name] = _tensor_kind(t)
+        self.parts[name] = tensor_fingerprint(name, t)
+
+    def __getitem__(self, name):
+        t = self._weights[name]
+        self.note(name, t)
+        return t
+
+    def __contains__(self, name):
+        return name in self._weights
+
+    def __iter__(self):
+        return iter(self._weights)
+
+    def __len__(self):
+        return len(self._weights)
 
 
 def _manifest_dtype(manifest: dict) -> str:
@@ -66,40 +100,11 @@ def resolve_model_path(path) -> str:
     return p
 
 
-@functools.lru_cache(maxsize=None)
-def engine_supports(feature: str) -> bool:
-    """Whether this build's engine handles `feature`: 'bits4' (packs bits-4 QTensors).
-    Probed once on a tiny model."""
-    from .config import Config
-    from .testing import make_random_model
-    if feature != "bits4":
-        raise ValueError(f"unknown engine feature {feature!r}")
-    cfg = Config(dim=16, hidden_dim=16, n_layers=1, n_heads=1, n_kv_heads=1, vocab_size=4,
-                 seq_len=4)
-    w = make_random_model(cfg, seed=0)
-    w["layers.0.w1"] = QTensor(np.zeros((16, 16), np.uint8), np.ones((16, 2), np.float32), 8,
-                               np.zeros((16, 2), np.float32), bits=4)
-    try:
-        _engine.Engine(cfg, w, None, 4, 16)
-    except (ValueError, TypeError):
-        return False
-    return True
-
-
-def _engine_weights(config: Config, weights: dict) -> dict:
-    """The weights as this engine build takes them: bits-4 QTensors widened exactly to bits 8
-    when it cannot pack 4-bit matrices."""
-    if any(isinstance(t, QTensor) and t.bits == 4 for t in weights.values()) \
-            and not engine_supports("bits4"):
-        weights = {k: widen_to_int8(t) if isinstance(t, QTensor) else t for k, t in weights.items()}
-    return weights
-
-
 class Model:
     """A loaded model: the C engine (weights packed, read-only, shared by threads), its
     tokenizer, and a cache of recent sessions (prompt_cache)."""
 
-    def __init__(self, config: Config, weights: dict, tokenizer=None, n_threads: int | None = None,
+    def __init__(self, config: Config, weights: Mapping, tokenizer=None, n_threads: int | None = None,
                  context_length: int | None = None, simd: str | None = None,
                  metadata: dict | None = None, act_bits: int = 16, kv_dtype: str = "f16",
                  prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES):
@@ -117,13 +122,24 @@ class Model:
         self.context_length = number("context_length", context_length, integer=True, minimum=1,
                                      maximum=config.max_context)
         self.n_threads = default_threads() if n_threads is None else n_threads
-        self._engine = _engine.Engine(config, _engine_weights(config, weights), simd,
+        consumed = _Consumed(weights)
+        self._engine = _engine.Engine(config, consumed, simd,
                                       self.context_length, act_bits)
         # what the model keeps of the weights: their description, not their arrays
-        self.manifest = {name: _tensor_info(name, t) for name, t in weights.items()}
+        held, mapped = self._engine.tensor_bytes, self._engine.mapped_tensors
+        self.manifest = {}
+        for name in weights:
+            if name not in consumed.kinds:    # a tensor the engine does not read
+                consumed.note(name, weights[name])
+            shape, kind, gs, offset, nbytes = consumed.kinds[name]
+            self.manifest[name] = TensorInfo(name, shape, kind, gs, offset,
+                                             int(held.get(name, nbytes)), name in mapped)
         self.fingerprint = weights_fingerprint(config, weights, {
             "act_bits": act_bits, "manifest": [(t.name, t.dtype, t.group_size, t.has_offset)
-                                               for t in self.manifest.values()]})
+                                               for t in self.manifest.values()]},
+            tensor_parts=consumed.parts)
+        if isinstance(weights, LazyWeights):   # packed: the file's pages are not needed now
+            weights.release()
         self.prompt_cache = PromptCache(self, max_bytes=prompt_cache_bytes)
 
     # ---- construction ----------------------------------------------------------------------
@@ -158,15 +174,24 @@ class Model:
         from .tokenizer import Tokenizer
 
         path = resolve_model_path(path)
-        # dtype/group_size mean the same for every format (llama2c/loaders/dtypes.py)
-        config, weights, metadata = load_any(path, dtype=dtype, group_size=group_size)
+        # dtype/group_size mean the same for every format (llama2c/loaders/dtypes.py); lazy:
+        # each tensor is made when the engine packs it, then dropped
+        config, weights, metadata = load_any(path, dtype=dtype, group_size=group_size, lazy=True)
+        own_tokenizer = tokenizer is None
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = Tokenizer.load(tokenizer)
         elif tokenizer is None:
             tokenizer = _tokenizer_from_model(path, metadata, config.vocab_size)
+        if own_tokenizer and tokenizer is not None:
+            metadata = _lean_metadata(metadata)
         model = cls(config, weights, tokenizer, n_threads=n_threads, context_length=context_length,
                     simd=simd, metadata=metadata, act_bits=act_bits, kv_dtype=kv_dtype,
                     prompt_cache_bytes=prompt_cache_bytes)
+        # the last references to the file map (unless a tensor is read in place) and to the
+        # GGUF vocabulary arrays the tokenizer has taken what it needs from
+        del weights, metadata
+        _engine.trim_heap()
+        model.metadata.update(_describe_manifest(model.manifest))
         model.path = str(path)
         return model
 
@@ -200,11 +225,37 @@ class Model:
         return self.config.vocab_size
 
     def weight_bytes(self) -> int:
-        """Bytes of weights read per decoded token (every matrix once, one embedding row)."""
+        """Bytes of weights the engine reads per decoded token: every packed matrix once (a tied
+        embedding is the classifier), the norms and biases, one row of an untied embedding."""
         total = sum(t.nbytes for name, t in self.manifest.items() if name != "tok_embeddings")
-        if self.config.shared_classifier:
-            total += self.manifest["tok_embeddings"].nbytes
-        return total
+        emb = self.manifest["tok_embeddings"]
+        return total + (emb.nbytes if self.config.shared_classifier
+                        else emb.nbytes // self.config.vocab_size)
+
+    def resident_weight_bytes(self) -> int:
+        """Bytes of weights the engine holds in its own memory once loaded (packed matrices,
+        norms, biases); an untied embedding read in place from the file map (TensorInfo.mapped)
+        is not counted: only the rows looked up become resident."""
+        return sum(t.nbytes for t in self.manifest.values() if not t.mapped)
+
+    def kv_cache_bytes(self, n_tokens: int, kv_dtype: str | None = None) -> int:
+        """Bytes of KV cache a session holding n_tokens positions uses: whole blocks of 64
+        positions (every layer and kv head), in kv_dtype (default: the model's). The pool is
+        reserved for the full context but touched only as blocks fill."""
+        block = self._engine.kv_block_bytes(kv_dtype or self.kv_dtype)
+        return -(-int(n_tokens) // 64) * block
+
+    def memory(self, contexts=(1000, 4000, 8000)) -> dict:
+        """What this model costs (bytes): 'weight_bytes_per_token', 'resident_weights',
+        'mapped_weights' (read in place from the file, resident as rows are read),
+        'kv_bytes_per_1000_tokens' (this model's kv_dtype) and 'total' {context: resident
+        weights + the KV cache of that many tokens}."""
+        kv_1000 = self._engine.kv_block_bytes(self.kv_dtype) * 1000 // 64
+        resident = self.resident_weight_bytes()
+        return {"weight_bytes_per_token": self.weight_bytes(), "resident_weights": resident,
+                "mapped_weights": sum(t.nbytes for t in self.manifest.values() if t.mapped),
+                "kv_dtype": self.kv_dtype, "kv_bytes_per_1000_tokens": kv_1000,
+                "total": {n: resident + self.kv_cache_bytes(n) for n in contexts}}
 
     # ---- sessions ----------------------------------------------------------------------------
 
@@ -421,6 +472,33 @@ class Model:
         return (f"Model(dim={c.dim}, n_layers={c.n_layers}, n_heads={c.n_heads}, "
                 f"n_kv_heads={c.n_kv_heads}, vocab_size={c.vocab_size}, dtype={self.dtype!r}, "
                 f"simd={self.simd!r}, n_threads={self.n_threads})")
+
+
+# GGUF tokenizer arrays a built Tokenizer holds itself (in a leaner form): not kept twice
+_TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                     "tokenizer.ggml.merges")
+
+
+def _lean_metadata(metadata: dict) -> dict:
+    """The metadata a model whose tokenizer was built from its GGUF file keeps: the file's
+    keys without the vocabulary arrays (about 10 MB of Python strings for a 50k vocabulary;
+    model.tokenizer has what it needs of them)."""
+    gguf = metadata.get("gguf_metadata")
+    if not gguf or "tokenizer.ggml.tokens" not in gguf:
+        return metadata
+    return dict(metadata, gguf_metadata={k: v for k, v in gguf.items()
+                                         if k not in _TOKENIZER_ARRAYS})
+
+
+def _describe_manifest(manifest: dict) -> dict:
+    """metadata 'dtype' ('fp32', 'int8', 'q4' or 'mixed') and, when the quantized matrices
+    share one, 'group_size': loaders.dtypes.describe of the weights as loaded."""
+    kinds = {t.dtype for t in manifest.values() if len(t.shape) == 2}
+    sizes = {t.group_size for t in manifest.values() if t.dtype != "fp32"}
+    out = {"dtype": kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "fp32")}
+    if len(sizes) == 1:
+        out["group_size"] = sizes.pop()
+    return out
 
 
 def _tokenizer_from_model(path, metadata, vocab_size):

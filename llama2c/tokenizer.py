@@ -25,11 +25,12 @@ import codecs
 import json
 import numbers
 import struct
+from array import array
 from pathlib import Path
 
 import regex
 
-from .bpe import WordEncoder, rank_cost, score_cost
+from .bpe import WordEncoder, merge_rank_cost, score_cost
 from .errors import TokenizerError
 from .pretokenize import (BYTE_DECODER, LLAMA3_FAMILY, gguf_pre_tokenizer, hf_normalizer,
                           hf_pre_tokenizer, hf_spec_has_type, json_field,
@@ -66,9 +67,11 @@ class Tokenizer:
     def __init__(self, *, tokens, kind, word_encoder, pre_tokenizer, specials=None,
                  hidden_ids=(), literal_ids=(), bos_id=None, eos_id=None, eos_ids=(),
                  add_bos=False, chat_template=None, space_symbol=SPM_SPACE,
-                 strip_leading_space=False):
+                 strip_leading_space=False, token_ids=None):
         self._tokens = tokens                  # id -> token string (None for an unused id)
-        self._token_ids = {t: i for i, t in enumerate(tokens) if t is not None}
+        # token string -> id (the last id of a repeated string); token_ids: that dict when the
+        # caller has it already (the BPE encoder's vocabulary), so that it is not built twice
+        self._token_ids = token_ids if token_ids is not None else _ids_of(tokens)
         self._kind = kind
         self._words = word_encoder             # one pre-tokenized word -> ids
         # (fragment, at_start, after_special) -> words, for text free of special tokens
@@ -320,6 +323,9 @@ class StreamDecoder:
         self._utf8.reset()
         return text
 
+def _ids_of(tokens) -> dict:
+    return {t: i for i, t in enumerate(tokens) if t is not None}
+
 # ------------------------------------------------------------------------------------------
 # llama2.c tokenizer.bin
 
@@ -358,7 +364,7 @@ def _from_llama2c_bin(path: Path, vocab_size) -> Tokenizer:
         return [" " + fragment if at_start or after_special else fragment]
 
     return Tokenizer(tokens=tokens, kind="spm",
-                     word_encoder=WordEncoder(pieces, score_cost(pieces, scores),
+                     word_encoder=WordEncoder(pieces, score_cost(pieces, array("d", scores)),
                                               byte_ids=byte_ids, unk_id=LLAMA2C_UNK_ID),
                      pre_tokenizer=pre_tokenize, hidden_ids=(LLAMA2C_BOS_ID, LLAMA2C_EOS_ID),
                      bos_id=LLAMA2C_BOS_ID, eos_id=LLAMA2C_EOS_ID, add_bos=True,
@@ -485,7 +491,7 @@ def _gguf_spm(md, types, unk_id, common, source) -> Tokenizer:
         return [prefix + fragment.replace(" ", SPM_SPACE)]
 
     return Tokenizer(kind="spm", word_encoder=WordEncoder(
-        pieces, score_cost(pieces, [float(s) for s in scores]),
+        pieces, score_cost(pieces, array("d", scores)),
         byte_ids=_byte_token_ids(tokens, unk_id), unk_id=unk_id),
         pre_tokenizer=pre_tokenize, strip_leading_space=add_prefix,
         add_bos=_md_value(md, "tokenizer.ggml.add_bos_token", (bool,), source, True), **common)
@@ -495,30 +501,29 @@ def _gguf_bpe(md, unk_id, common, source) -> Tokenizer:
     """GGUF 'gpt2': byte-level BPE, merges by rank, regex chosen by tokenizer.ggml.pre."""
     tokens = common["tokens"]
     merges = _md_list(md, "tokenizer.ggml.merges", (str,), source, required=True)
-    ranks = _merge_ranks(merges, "tokenizer.ggml.merges", source)
     pre_name = _md_value(md, "tokenizer.ggml.pre", (str,), source)
     pre = gguf_pre_tokenizer(pre_name)
     llama3 = pre_name in LLAMA3_FAMILY
-    pieces = {t: i for i, t in enumerate(tokens)}
-    return Tokenizer(kind="bpe", word_encoder=WordEncoder(pieces, rank_cost(ranks),
+    pieces = {t: i for i, t in enumerate(tokens)}     # = the Tokenizer's token -> id
+    cost = merge_rank_cost(_merge_pairs(merges, "tokenizer.ggml.merges", source), pieces)
+    return Tokenizer(kind="bpe", word_encoder=WordEncoder(pieces, cost,
                                                           unk_id=unk_id, ignore_merges=llama3),
                      pre_tokenizer=lambda fragment, at_start, after: pre(fragment, at_start),
                      add_bos=_md_value(md, "tokenizer.ggml.add_bos_token", (bool,), source,
                                        llama3),
-                     **common)
+                     token_ids=pieces, **common)
 
 
-def _merge_ranks(merges, field: str, source: str) -> dict:
-    """(left, right) -> rank from "left right" strings or [left, right] pairs."""
-    ranks = {}
+def _merge_pairs(merges, field: str, source: str):
+    """(left, right) per merge rule, in rank order, from "left right" strings or [left, right]
+    pairs (checked)."""
     for rank, merge in enumerate(merges):
         pair = merge.split(" ") if isinstance(merge, str) else merge
         if (not isinstance(pair, (list, tuple)) or len(pair) != 2
                 or not all(isinstance(p, str) for p in pair)):
             raise TokenizerError(f"{source}: {field}[{rank}]: expected 'left right' or "
                                  f"[left, right], got {merge!r}")
-        ranks.setdefault(tuple(pair), rank)
-    return ranks
+        yield pair[0], pair[1]
 
 
 def _from_gguf_file(path: Path) -> Tokenizer:
@@ -583,12 +588,12 @@ def _from_hf_json(path: Path) -> Tokenizer:
     if not isinstance(spec, dict):
         raise TokenizerError(f"{path}: expected a JSON object, got {type(spec).__name__}")
     tokens, model, vocab, added = _hf_vocab(spec, path)
-    ranks = _merge_ranks(json_field(model, "merges", (list,), path, "model", [], False),
-                         "model.merges", path)
+    merges = _merge_pairs(json_field(model, "merges", (list,), path, "model", [], False),
+                          "model.merges", path)
     unk_name = json_field(model, "unk_token", (str,), path, "model", None, False)
     unk_id = vocab.get(unk_name) if unk_name is not None else None
     byte_fallback = bool(model.get("byte_fallback", False))
-    words = WordEncoder(vocab, rank_cost(ranks),
+    words = WordEncoder(vocab, merge_rank_cost(merges, vocab),
                         byte_ids=_byte_token_ids(tokens, unk_id) if byte_fallback else None,
                         unk_id=unk_id, fuse_unk=bool(model.get("fuse_unk", False)),
                         ignore_merges=bool(model.get("ignore_merges", False)))

@@ -7,7 +7,7 @@
 cimport cython
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK)
-from libc.stdint cimport int8_t, int32_t, int64_t, uint64_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from l2c cimport *
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
@@ -21,7 +21,8 @@ import numpy as np
 
 from llama2c.errors import ContextLengthError, GenerationCancelled, KVCacheFullError
 
-ISA_IDS = {"generic": L2C_ISA_GENERIC, "avx2": L2C_ISA_AVX2, "avx512": L2C_ISA_AVX512}
+ISA_IDS = {"generic": L2C_ISA_GENERIC, "avx2": L2C_ISA_AVX2, "avxvnni": L2C_ISA_AVXVNNI,
+           "avx512": L2C_ISA_AVX512}
 ISA_NAMES = {v: k for k, v in ISA_IDS.items()}
 
 # The highest instruction set new models may use (LLAMA2C_SIMD / set_simd lower it).
@@ -46,7 +47,8 @@ cdef int _check(int rc, str what) except -1:
 
 
 def _parse_simd(name):
-    """'auto' | 'generic' (alias 'scalar') | 'avx2' | 'avx512' -> isa id (L2C_ISA_COUNT = auto)."""
+    """'auto' | 'generic' (alias 'scalar') | 'avx2' | 'avxvnni' | 'avx512' -> isa id
+    (L2C_ISA_COUNT = auto)."""
     if name is None:
         return L2C_ISA_COUNT
     key = str(name).strip().lower()
@@ -55,7 +57,8 @@ def _parse_simd(name):
     if key in ("scalar", "none", "off"):
         key = "generic"
     if key not in ISA_IDS:
-        raise ValueError(f"unknown SIMD level {name!r}: expected one of auto, generic, avx2, avx512")
+        raise ValueError(f"unknown SIMD level {name!r}: expected one of auto, "
+                         f"{', '.join(ISA_IDS)}")
     return ISA_IDS[key]
 
 
@@ -93,7 +96,6 @@ def kernel_info():
     return {
         "simd": l2c_kernels_get(_max_isa).name.decode(),
         "available": available_simd(),
-        "avx512_vnni": bool(l2c_cpu_has_vnni()),
         "openmp": bool(l2c_openmp_enabled()),
         "omp_max_threads": l2c_omp_max_threads(),
         "n_threads": default_threads(),

@@ -1,5 +1,5 @@
 # l2c.pxd: the C API of csrc/llama2c.h, declared nogil (the kernels never touch Python).
-from libc.stdint cimport int8_t, int32_t, int64_t, uint64_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
 
 ctypedef const float[::1] const_float1d
 ctypedef const float[:, ::1] const_float2d
@@ -25,21 +25,28 @@ cdef extern from "llama2c.h" nogil:
     int L2C_F32
     int L2C_Q8
     int L2C_Q8P
-    int L2C_Q8_ROWS
+    int L2C_F32P
+    int L2C_Q4P
+    int L2C_PANEL
+    int L2C_GROUP_MAX
     int L2C_ISA_GENERIC
     int L2C_ISA_AVX2
+    int L2C_ISA_AVXVNNI
     int L2C_ISA_AVX512
     int L2C_ISA_COUNT
+    int L2C_PEAK_FP32
+    int L2C_PEAK_INT8
 
     ctypedef struct l2c_matrix:
         int32_t type
         int32_t group_size
         int64_t rows
         int64_t cols
+        int32_t scales_f16
         const float *f
         const int8_t *q
-        const float *s
-        const float *m
+        const void *s
+        const void *m
 
     ctypedef struct l2c_qact:
         int8_t *hi
@@ -47,6 +54,7 @@ cdef extern from "llama2c.h" nogil:
         float *s
         int32_t *sum_hi
         int32_t *sum_lo
+        int16_t *v16
 
     ctypedef struct l2c_kvpool:
         int32_t dtype
@@ -75,10 +83,8 @@ cdef extern from "llama2c.h" nogil:
     ctypedef struct l2c_kernels:
         const char *name
         int isa
-        void (*matvec_f32)(float *out, const float *x, const float *w, int64_t n, int64_t d, int n_threads) noexcept nogil
-        void (*matmul_f32)(float *out, const float *x, const float *w, int64_t T, int64_t n, int64_t d, int n_threads) noexcept nogil
-        void (*quantize_q8)(const l2c_qact *a, const float *x, int64_t T, int64_t n, int64_t gs, int n_threads) noexcept nogil
-        void (*matmul_q8)(float *out, const l2c_qact *a, const l2c_matrix *W, int64_t T, int n_threads) noexcept nogil
+        void (*quantize)(const l2c_qact *a, const float *x, int64_t T, int64_t n, int64_t gs, int n_threads) noexcept nogil
+        void (*matmul)(float *out, const float *x, const l2c_qact *a, const l2c_matrix *W, int64_t T, int n_threads) noexcept nogil
         void (*rmsnorm)(float *o, const float *x, const float *w, int64_t T, int64_t n, float eps, int n_threads) noexcept nogil
         void (*softmax)(float *x, int64_t n) noexcept nogil
         void (*rope)(float *x, const int64_t *pos, const float *cos_t, const float *sin_t, int64_t T,
@@ -91,16 +97,22 @@ cdef extern from "llama2c.h" nogil:
                           const l2c_span *spans, int64_t n_spans, int64_t n_heads, void *ws,
                           int n_threads) noexcept nogil
         float (*read_sum)(const float *x, int64_t n, int n_threads) noexcept nogil
+        double (*peak)(int kind, int64_t reps, int n_threads) noexcept nogil
 
-    int64_t l2c_q8p_q_size(int64_t rows, int64_t cols)
-    int64_t l2c_q8p_s_size(int64_t rows, int64_t cols, int64_t gs)
-    int l2c_pack_q8(int8_t *qp, float *sp, float *mp, const int8_t *q, const float *s,
-                    const float *m, int64_t rows, int64_t cols, int64_t gs)
+    int64_t l2c_packed_size(int32_t type, int64_t rows, int64_t cols)
+    int64_t l2c_packed_scales(int64_t rows, int64_t cols, int64_t gs)
+    int l2c_f16_exact(const float *x, int64_t n)
+    int l2c_pack_f32p(float *fp, const float *w, int64_t rows, int64_t cols, int n_threads)
+    int l2c_pack_q8p(int8_t *qp, void *sp, void *mp, const int8_t *q, const float *s,
+                     const float *m, int64_t rows, int64_t cols, int64_t gs, int f16, int n_threads)
+    int l2c_pack_q4p(int8_t *qp, void *sp, void *mp, const uint8_t *q, const float *s,
+                     const float *m, int64_t rows, int64_t cols, int64_t gs, int f16, int n_threads)
+    int l2c_matrix_row(float *x, const l2c_matrix *W, int64_t row)
+    int l2c_matrix_ok(const l2c_matrix *W, int64_t rows, int64_t cols, int for_matmul)
 
     const l2c_kernels *l2c_kernels_get(int max_isa)
     const l2c_kernels *l2c_kernels_exact(int isa)
     int l2c_cpu_supports(int isa)
-    int l2c_cpu_has_vnni()
     int l2c_openmp_enabled()
     int l2c_omp_max_threads()
 
@@ -114,7 +126,6 @@ cdef extern from "llama2c.h" nogil:
         int64_t vocab_size
         int64_t seq_len
         float norm_eps
-        int32_t group_size
         int32_t act_bits
 
     ctypedef struct l2c_layer:
@@ -205,5 +216,6 @@ cdef extern from "llama2c.h" nogil:
                      int64_t n, int32_t token, int64_t k, float *work, int32_t *scratch)
     int l2c_generate(const l2c_model *m, l2c_state *s, l2c_seq *seq, l2c_sampler *sp,
                      const int32_t *prompt, int64_t n_prompt, float *logits, int32_t *out,
-                     int64_t max_new, const int32_t *stop, int64_t n_stop, int64_t *n_out)
+                     uint64_t *rng_out, int64_t max_new, const int32_t *stop, int64_t n_stop,
+                     int64_t *n_out)
     double l2c_read_bandwidth(int64_t bytes, int reps, int n_threads)

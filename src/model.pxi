@@ -7,14 +7,24 @@ cdef class Engine:
     cdef list _keep
     cdef object _rope
     cdef readonly object config
+    # name -> bytes the engine holds for the tensor (packed arrays; an in-place embedding's
+    # arrays; vectors' copies)
+    cdef readonly dict tensor_bytes
+    # names of tensors read in place from a file map (pages resident only as they are read)
+    cdef readonly frozenset mapped_tensors
+    cdef set _mapped
+    cdef int64_t held_bytes            # sum of tensor_bytes
 
     def __cinit__(self):
         self.layers = NULL
 
-    def __init__(self, config, dict weights, simd=None, max_positions=None, int act_bits=16):
-        """max_positions: positions to prepare RoPE tables for (default config.seq_len, at most
-        config.max_context); no session of this engine can hold more. act_bits: activations of
-        the int8 matmuls, 8 or 16 (two int8 planes: 128x finer, twice the integer work)."""
+    def __init__(self, config, weights, simd=None, max_positions=None, int act_bits=16):
+        """weights: a mapping name -> float32 array or QTensor (a dict, or a
+        llama2c.weights.LazyWeights whose tensors are made as they are read: each is read once,
+        packed, and not kept). max_positions: positions to prepare RoPE tables for (default
+        config.seq_len, at most config.max_context); no session of this engine can hold more.
+        act_bits: activations of the int8 matmuls, 8 or 16 (two int8 planes: 128x finer, twice
+        the integer work)."""
         cdef int64_t i
         self.config = config
         if max_positions is None:
@@ -32,7 +42,6 @@ cdef class Engine:
         self.m.cfg.vocab_size = c.vocab_size
         self.m.cfg.seq_len = max_positions
         self.m.cfg.norm_eps = c.norm_eps
-        self.m.cfg.group_size = 0
         if act_bits not in (8, 16):
             raise ValueError(f"act_bits must be 8 or 16, got {act_bits}")
         self.m.cfg.act_bits = act_bits
@@ -41,37 +50,37 @@ cdef class Engine:
         self.layers = <l2c_layer *>calloc(c.n_layers, sizeof(l2c_layer))
         if self.layers == NULL:
             raise MemoryError("Engine: cannot allocate the layer table")
-        keep = self._keep
-
-        def get(name):
-            try:
-                return weights[name]
-            except KeyError:
-                raise ValueError(f"missing tensor {name!r}") from None
-
+        self.tensor_bytes = {}
+        self._mapped = set()
+        # one tensor at a time: with lazy weights (llama2c.weights.LazyWeights) each is made
+        # here, packed, and dropped before the next one is made
         for i in range(c.n_layers):
             p = f"layers.{i}."
-            self.layers[i].rms_att = _vector(get(p + "attention_norm"), d, p + "attention_norm", keep)
-            self.layers[i].rms_ffn = _vector(get(p + "ffn_norm"), d, p + "ffn_norm", keep)
-            _fill_matrix(&self.layers[i].wq, get(p + "wq"), (qd, d), p + "wq", keep)
-            _fill_matrix(&self.layers[i].wk, get(p + "wk"), (kvd, d), p + "wk", keep)
-            _fill_matrix(&self.layers[i].wv, get(p + "wv"), (kvd, d), p + "wv", keep)
-            _fill_matrix(&self.layers[i].wo, get(p + "wo"), (d, qd), p + "wo", keep)
-            _fill_matrix(&self.layers[i].w1, get(p + "w1"), (h, d), p + "w1", keep)
-            _fill_matrix(&self.layers[i].w2, get(p + "w2"), (d, h), p + "w2", keep)
-            _fill_matrix(&self.layers[i].w3, get(p + "w3"), (h, d), p + "w3", keep)
+            self.layers[i].rms_att = self._vector(weights, p + "attention_norm", d)
+            self.layers[i].rms_ffn = self._vector(weights, p + "ffn_norm", d)
+            self._matrix(&self.layers[i].wq, weights, p + "wq", (qd, d))
+            self._matrix(&self.layers[i].wk, weights, p + "wk", (kvd, d))
+            self._matrix(&self.layers[i].wv, weights, p + "wv", (kvd, d))
+            self._matrix(&self.layers[i].wo, weights, p + "wo", (d, qd))
+            self._matrix(&self.layers[i].w1, weights, p + "w1", (h, d))
+            self._matrix(&self.layers[i].w2, weights, p + "w2", (d, h))
+            self._matrix(&self.layers[i].w3, weights, p + "w3", (h, d))
             # optional q/k/v biases (qwen2)
-            self.layers[i].bq = _vector(weights[p + "bq"], qd, p + "bq", keep) if p + "bq" in weights else NULL
-            self.layers[i].bk = _vector(weights[p + "bk"], kvd, p + "bk", keep) if p + "bk" in weights else NULL
-            self.layers[i].bv = _vector(weights[p + "bv"], kvd, p + "bv", keep) if p + "bv" in weights else NULL
-            if self.layers[i].wq.type == L2C_Q8P and self.m.cfg.group_size == 0:
-                self.m.cfg.group_size = self.layers[i].wq.group_size
+            self.layers[i].bq = self._vector(weights, p + "bq", qd) if p + "bq" in weights else NULL
+            self.layers[i].bk = self._vector(weights, p + "bk", kvd) if p + "bk" in weights else NULL
+            self.layers[i].bv = self._vector(weights, p + "bv", kvd) if p + "bv" in weights else NULL
         self.m.layers = self.layers
-        _fill_matrix(&self.m.tok_embeddings, get("tok_embeddings"), (c.vocab_size, d),
-                     "tok_embeddings", keep, packed=False)
-        self.m.rms_final = _vector(get("norm"), d, "norm", keep)
-        cls = get("tok_embeddings") if c.shared_classifier else get("output")
-        _fill_matrix(&self.m.wcls, cls, (c.vocab_size, d), "output", keep)
+        self.m.rms_final = self._vector(weights, "norm", d)
+        if c.shared_classifier:  # packed once: the embedding rows are looked up in the classifier
+            self._matrix(&self.m.wcls, weights, "tok_embeddings", (c.vocab_size, d))
+            self.m.tok_embeddings = self.m.wcls
+        else:
+            self._matrix(&self.m.wcls, weights, "output", (c.vocab_size, d))
+            self._matrix(&self.m.tok_embeddings, weights, "tok_embeddings", (c.vocab_size, d),
+                         packed=False)
+        self.mapped_tensors = frozenset(self._mapped)
+        self._mapped = None
+        self.held_bytes = sum(self.tensor_bytes.values())
         cos_t, sin_t = rope_tables(max_positions, c.head_size,
                                    freqs=c.rope_frequencies(max_positions))
         self._rope = (cos_t, sin_t)
@@ -84,11 +93,42 @@ cdef class Engine:
     def __dealloc__(self):
         free(self.layers)
         self.layers = NULL
+        # a big model's packed arrays go back to the OS now, not when the heap's top shrinks
+        self._keep = None
+        if self.held_bytes >= TRIM_AFTER_BYTES:
+            l2c_trim_heap()
+
+    cdef _matrix(self, l2c_matrix *m, weights, str name, tuple shape, bint packed=True):
+        """Fill m from weights[name] (made, packed and dropped here: _fill_matrix)."""
+        try:
+            t = weights[name]
+        except KeyError:
+            raise ValueError(f"missing tensor {name!r}") from None
+        self.tensor_bytes[name], in_map = _fill_matrix(m, t, shape, name, self._keep, packed)
+        if in_map:
+            self._mapped.add(name)
+
+    cdef const float *_vector(self, weights, str name, int64_t n) except NULL:
+        try:
+            t = weights[name]
+        except KeyError:
+            raise ValueError(f"missing tensor {name!r}") from None
+        self.tensor_bytes[name] = 4 * n
+        return _vector(t, n, name, self._keep)
 
     @property
     def act_bits(self):
         """8 or 16: the activations of the int8 matmuls."""
         return self.m.cfg.act_bits
+
+    def kv_block_bytes(self, kv_dtype="f16", int64_t block_size=L2C_KV_BLOCK):
+        """Bytes of one KV pool block of block_size positions (every layer and kv head) in
+        kv_dtype "f16", "f32" or "q8": what a session's cache grows by per block it fills."""
+        cdef int64_t bb = l2c_kv_block_bytes(self.m.cfg.n_layers, self.m.cfg.n_kv_heads,
+                                             self.m.cfg.head_size, _kv_dtype(kv_dtype), block_size)
+        if bb <= 0:
+            raise ValueError(f"block_size must be a positive multiple of 16, got {block_size}")
+        return bb
 
     @property
     def simd(self):
@@ -461,38 +501,37 @@ cdef class Session:
             return self.last_logits()
         return self.eval(tokens, "last")
 
-    def generate(self, const int32_t[::1] prompt, int64_t pos0, int64_t max_new, Sampler sampler,
-                 const int32_t[::1] stop=None):
-        """Prefill prompt at pos0 (<= n_tokens: the cache is cut to pos0 first), then sample up to
-        max_new tokens (each fed back except the last), stopping after a stop id; one C call
-        with the GIL released. Returns the generated ids (int32 array)."""
-        cdef int64_t n_prompt = prompt.shape[0], n_out = 0, n_stop = 0, V = self.engine.m.cfg.vocab_size
-        cdef const int32_t *pp = NULL
+    def decode(self, Sampler sampler, int32_t feed, float[::1] logits, int32_t[::1] out,
+               uint64_t[::1] rng_out=None, const int32_t[::1] stop=None):
+        """The decode loop in one C call with the GIL released: feed token `feed` (-1: none;
+        the first token is drawn from `logits` as given), then draw up to len(out) tokens into
+        out, each accepted into the sampler's window and fed back except the last, stopping
+        after a token of `stop` or when the context is full. logits (vocab,), in and out: the
+        logits the next draw uses. rng_out (len(out),), optional: the sampler's RNG state after
+        each token. Returns (n_out, cancelled): cancelled after request_cancel(), with the
+        tokens drawn before it in out[:n_out] (the last one not fed)."""
+        cdef int64_t n_prompt = 1 if feed >= 0 else 0, n_out = 0, n_stop = 0
+        cdef int64_t V = self.engine.m.cfg.vocab_size, max_new = out.shape[0]
         cdef const int32_t *sp = NULL
-        cdef float[::1] lv
+        cdef uint64_t *rp = NULL
+        cdef int32_t fed = feed
         cdef int rc
-        if max_new < 0:
-            raise ValueError(f"max_new must be >= 0, got {max_new}")
         if sampler.sp.vocab_size != V:
-            raise ValueError("sampler vocab size differs from the model's")
-        if pos0 < 0 or pos0 + n_prompt > self.context:
-            raise ContextLengthError(
-                f"a prompt of {n_prompt} tokens at position {pos0} does not fit the context of {self.context}")
-        if n_prompt == 0 and pos0 == 0:
-            raise ValueError("generate: an empty prompt at position 0 has no logits to sample from")
-        if pos0 > self.seq.n_pos:
-            raise ValueError(f"generate: position {pos0} is beyond the {self.seq.n_pos} cached")
-        if n_prompt:
-            self.truncate(pos0)
-            logits = np.empty(V, dtype=np.float32)
-            pp = &prompt[0]
-        else:
-            if pos0 != self.seq.n_pos:
-                raise ValueError("generate: without a prompt, pos0 must be n_tokens")
-            logits = self.last_logits()
-        lv = logits
-        out = np.zeros(max(max_new, 1), dtype=np.int32)
-        cdef int32_t[::1] o = out
+            raise ValueError("decode: the sampler's vocab size differs from the model's")
+        if logits.shape[0] != V:
+            raise _shape_error("logits", (logits.shape[0],), (V,))
+        if max_new == 0:
+            raise ValueError("decode: out is empty")
+        if rng_out is not None:
+            if rng_out.shape[0] < max_new:
+                raise _shape_error("rng_out", (rng_out.shape[0],), (max_new,))
+            rp = &rng_out[0]
+        if feed >= V:
+            raise ValueError(f"decode: token {feed} is not in the vocabulary of {V}")
+        if self.seq.n_pos + n_prompt > self.context:
+            raise ContextLengthError(f"decode: the context of {self.context} is full")
+        if n_prompt == 0 and self.seq.n_pos == 0:
+            raise ValueError("decode: an empty session has no logits to sample from")
         if stop is not None and stop.shape[0]:
             sp = &stop[0]
             n_stop = stop.shape[0]
@@ -502,18 +541,16 @@ cdef class Session:
         try:
             with nogil:
                 PyThread_acquire_lock(self.pool.lock, WAIT_LOCK)
-                rc = l2c_generate(&self.engine.m, &self.s, &self.seq, &sampler.sp, pp, n_prompt,
-                                  &lv[0], &o[0], max_new, sp, n_stop, &n_out)
+                rc = l2c_generate(&self.engine.m, &self.s, &self.seq, &sampler.sp, &fed, n_prompt,
+                                  &logits[0], &out[0], rp, max_new, sp, n_stop, &n_out)
                 PyThread_release_lock(self.pool.lock)
         finally:
             self.busy = False
-        if rc != L2C_OK:
-            self._last = None
-            if rc == L2C_ERR_CANCELLED:
-                raise GenerationCancelled(f"cancelled after {self.seq.n_pos - start} positions")
-            _check(rc, "generate")
-        self._last = logits if self.seq.n_pos > start else self._last
-        return out[:n_out]
+        self._last = None
+        if rc == L2C_ERR_CANCELLED:
+            return n_out, True
+        _check(rc, "decode")
+        return n_out, False
 
 
 def forward_batch(sessions, token_arrays, logits_modes="last", n_threads=None):

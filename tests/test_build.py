@@ -1,8 +1,9 @@
 """Portability and interpreter safety.
 
-* The baseline objects (everything but csrc/arch/kernels_{avx2,avx512}.c) contain no AVX or
-  AVX-512 instruction, so the extension imports and runs its generic path on any x86-64 CPU;
-  the AVX2 object uses ymm but no AVX-512, the AVX-512 object uses zmm.
+* The baseline objects (everything but csrc/arch/kernels_{avx2,avxvnni,avx512}.c) contain no
+  AVX or AVX-512 instruction, so the extension imports and runs its generic path on any x86-64
+  CPU; the AVX2 and AVX-VNNI objects use ymm but no AVX-512 (no EVEX encoding at all: the
+  AVX-VNNI dot products must be the VEX form), the AVX-512 object uses zmm.
 * LLAMA2C_SIMD=generic gives the same logits as the default (best) kernel table.
 * llama2c next to numpy and scikit-learn (another OpenMP runtime) in one process, and an
   interpreter that exits with live models, sessions and a half-consumed stream.
@@ -25,8 +26,8 @@ from l2c_files import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 X86 = platform.machine().lower() in ("x86_64", "amd64")
-BASELINE = ["csrc/forward.o", "csrc/kvcache.o", "csrc/dispatch.o", "csrc/arch/kernels_generic.o",
-            "src/_engine.o"]
+BASELINE = ["csrc/forward.o", "csrc/kvcache.o", "csrc/dispatch.o", "csrc/linear.o", "csrc/pack.o",
+            "csrc/arch/kernels_generic.o", "src/_engine.o"]
 _INSN = re.compile(r"^\s*[0-9a-f]+:\s+([a-z][a-z0-9.]*)\s*(.*)$")
 
 
@@ -104,6 +105,36 @@ def test_simd_objects_use_their_isa():
     assert c2["zmm"] == 0 and c2["kmask"] == 0, (
         f"the AVX2 table uses AVX-512 ({c2}): SIGILL on AVX2-only CPUs")
     assert c512["zmm"] > 50, c512
+    assert _evex_count(avx2) == 0
+
+
+def _evex_count(obj):
+    """Instructions with an EVEX prefix (0x62 first, after an optional 0x67; in 64-bit code
+    0x62 is nothing else): AVX-512 encodings, even on ymm registers."""
+    out = subprocess.run(["objdump", "-d", obj], capture_output=True, text=True, check=True).stdout
+    n = 0
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 3 and re.match(r"^\s*[0-9a-f]+:$", parts[0]):
+            raw = parts[1].split()
+            if raw and (raw[0] == "62" or raw[:2] == ["67", "62"]):
+                n += 1
+    return n
+
+
+@needs_objdump
+@needs_x86
+@needs_build
+def test_avxvnni_object_is_vex_only():
+    obj = _objects("csrc/arch/kernels_avxvnni.o")
+    if obj is None:
+        pytest.skip("the AVX-VNNI kernel object was not built (compiler without -mavxvnni?)")
+    counts, examples = _vector_use(obj)
+    assert counts["ymm"] > 50 and counts["zmm"] == 0 and counts["kmask"] == 0, (counts, examples)
+    text = subprocess.run(["objdump", "-d", obj], capture_output=True, text=True, check=True).stdout
+    assert "{vex} vpdpbusd" in text, "the AVX-VNNI table has no VEX vpdpbusd"
+    assert _evex_count(obj) == 0, "EVEX (AVX-512) encodings in the AVX-VNNI table: SIGILL on " \
+                                  "AVX-VNNI CPUs without AVX-512 (Alder Lake)"
 
 
 _SIMD_SCRIPT = textwrap.dedent("""
@@ -207,3 +238,21 @@ def test_interpreter_exit_with_live_objects(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == "bye"
     assert r.stderr == ""
+
+
+@needs_x86
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@pytest.mark.parametrize("src", ["kernels_f32.c", "kernels_q8.c", "kernels_q4.c", "kernels_peak.c",
+                                 "pack.c"])
+def test_kernel_sources_compile_on_their_own(src):
+    """Each matrix-kernel source is a complete translation unit (its own includes, the shared
+    kernels_common.h), under the flags of every kernel table (as setup.py gives them)."""
+    import ast
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    isa = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+               and getattr(node.targets[0], "id", None) == "ISA_FLAGS")
+    for flags in [[]] + list(isa.values()):
+        r = subprocess.run(["cc", "-std=gnu11", "-fsyntax-only", "-Wall", "-Werror",
+                            "-Wno-unused-function", "-fopenmp", "-I", str(ROOT / "csrc"), *flags,
+                            str(ROOT / "csrc" / src)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{src} {' '.join(flags)}:\n{r.stderr[-3000:]}"

@@ -79,6 +79,10 @@ def test_prefill_chunk_sizes_agree():
         assert_logits_close(o, outs[0], rel=1e-5)
 
 
+INT8_A16_REL = 1e-3   # int8 weights, 16-bit activations vs the int8 reference
+INT8_A8_REL = 3e-2    # 8-bit activations
+
+
 @pytest.mark.parametrize("act_bits", [8, 16])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_int8_logits_match_int8_reference(name, act_bits):
@@ -91,8 +95,11 @@ def test_int8_logits_match_int8_reference(name, act_bits):
     ids = list(range(1, 20))
     # single tokens (decode path): the reference quantizes exactly as the kernels do
     sess = E.Session(model._engine, model.context_length, 64, 1, kv_dtype="f32")
+    # 8-bit activations: one code that rounds the other way (each kernel table sums rmsnorm and
+    # attention in its own order, the reference in NumPy's) moves the logits by about a step
+    rel = INT8_A16_REL if act_bits == 16 else INT8_A8_REL
     for pos, t in enumerate(ids):
-        assert_logits_close(sess.eval(np.array([t], np.int32)), ref.forward(t, pos), rel=1e-3)
+        assert_logits_close(sess.eval(np.array([t], np.int32)), ref.forward(t, pos), rel=rel)
 
 
 def test_greedy_generation_matches_reference():

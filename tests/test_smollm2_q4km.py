@@ -12,7 +12,6 @@ import pytest
 
 import llama2c
 from llama2c.loaders import load_any
-from llama2c.model import engine_supports
 from llama2c.reference import ReferenceModel
 
 GGUF = "SmolLM2-135M-Instruct.Q4_K_M.gguf"
@@ -79,12 +78,8 @@ def test_int8_exact_blocks_match_golden(golden):
 
 
 def test_default_4bit_path_matches_golden(golden):
-    """The default load keeps Q4_K as 4-bit groups of 32 (and Q6_K as int8 groups of 16): the
-    engine must pack bits-4 QTensors for this to run as stored."""
-    if not engine_supports("bits4"):
-        pytest.skip("this build's engine refuses bits-4 QTensors (Engine raised on a 4-bit "
-                    "matrix); the default load then widens them to int8, which "
-                    "test_int8_exact_blocks_match_golden covers")
+    """The default load keeps Q4_K as 4-bit groups of 32 (and Q6_K as int8 groups of 16), and
+    the engine runs them as stored."""
     path, cases, logits = golden
     model = llama2c.Model.load(path, context_length=256)
     kinds = {(t.dtype, t.group_size) for t in model.manifest.values() if t.dtype != "fp32"}

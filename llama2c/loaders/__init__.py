@@ -3,6 +3,7 @@
 and `dtype` means the same in every loader (see loaders/dtypes.py)."""
 from __future__ import annotations
 
+import mmap
 import struct
 from pathlib import Path
 
@@ -53,20 +54,31 @@ def sniff_format(path) -> str:
     return "llama2c"   # no magic: a legacy v0 header (7 int32), or nothing llama2c reads
 
 
-def load_any(path, dtype=None, group_size: int | None = None):
+def load_any(path, dtype=None, group_size: int | None = None, lazy: bool = False):
     """Load a GGUF file, a Hugging Face directory or a llama2.c checkpoint.
 
     dtype: None/'auto' (as stored, exactly), 'fp32', 'int8' or 'q4'; group_size: the group
     size for load-time quantization (and for requantizing stored groups of another size).
-    See llama2c/loaders/dtypes.py for the full meaning, the same for every format."""
+    See llama2c/loaders/dtypes.py for the full meaning, the same for every format.
+    lazy: weights as a llama2c.weights.LazyWeights, each tensor made (converted, validated)
+    when read and not kept, so the engine packs one matrix at a time (Model.load)."""
     dtype = check_dtype(dtype)
     group_size = check_group_size_arg(group_size)
     kind = sniff_format(path)
     if kind == "gguf":
         from .gguf import load_gguf
-        return load_gguf(path, dtype, group_size)
+        return load_gguf(path, dtype, group_size, lazy=lazy)
     if kind == "hf":
         from .hf import load_hf
-        return load_hf(path, dtype, group_size)
+        return load_hf(path, dtype, group_size, lazy=lazy)
     from .llama2c_bin import load_llama2c_bin
-    return load_llama2c_bin(path, dtype, group_size)
+    return load_llama2c_bin(path, dtype, group_size, lazy=lazy)
+
+
+def drop_pages(mapping) -> None:
+    """madvise(MADV_DONTNEED) on a read-only file map (where the OS has it): this process's
+    resident pages of it go (the page cache keeps the data); pages read again fault back in.
+    Loaders call it once the engine has packed the weights."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if mapping is not None and advice is not None and not mapping.closed:
+        mapping.madvise(advice)

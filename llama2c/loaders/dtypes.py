@@ -87,6 +87,22 @@ def convert_matrix(t, dtype: str | None, group_size: int | None, name: str,
     return quantize_q8(w, gs, name) if want_bits == 8 else quantize_q4(w, gs, name)
 
 
+def conversion_group_sizes(cfg, dtype: str | None, group_size: int | None, default: int,
+                           matrices) -> tuple:
+    """(group_size, fallback) for convert_matrix: the requested group size (checked) and the
+    one for matrices with no exact form in `dtype`. matrices: the stored matrices (float32
+    arrays or QTensors), or None when they are all float32."""
+    fallback = None
+    default = default if dtype == "int8" else 32
+    if dtype in ("int8", "q4"):
+        if group_size is not None:
+            group_size = fallback = default_group_size(cfg, dtype, group_size, default)
+        elif matrices is None or any(not isinstance(t, QTensor) or (dtype == "q4" and t.bits != 4)
+                                     for t in matrices):
+            fallback = default_group_size(cfg, dtype, None, default)
+    return group_size, fallback
+
+
 def convert_weights(cfg, weights: dict, dtype: str | None, group_size: int | None,
                     default: int) -> dict:
     """Every 2-D tensor through convert_matrix; vectors (norms, biases) unchanged. `default` is
@@ -95,15 +111,31 @@ def convert_weights(cfg, weights: dict, dtype: str | None, group_size: int | Non
     if dtype is None:
         return weights
     matrices = [t for t in weights.values() if np.ndim(getattr(t, "q", t)) == 2]
-    fallback = None
-    default = default if dtype == "int8" else 32
-    if dtype in ("int8", "q4"):
-        if group_size is not None:
-            group_size = fallback = default_group_size(cfg, dtype, group_size, default)
-        elif any(not isinstance(t, QTensor) or (dtype == "q4" and t.bits != 4) for t in matrices):
-            fallback = default_group_size(cfg, dtype, None, default)
+    group_size, fallback = conversion_group_sizes(cfg, dtype, group_size, default, matrices)
     return {name: convert_matrix(t, dtype, group_size, name, fallback)
             if np.ndim(getattr(t, "q", t)) == 2 else t for name, t in weights.items()}
+
+
+def convert_weights_lazy(cfg, stored, dtype: str | None, group_size: int | None, default: int,
+                         source: str, release=None, all_float: bool = False):
+    """convert_weights as a llama2c.weights.LazyWeights: each tensor of `stored` (a mapping,
+    itself possibly lazy) converted when it is read. all_float: the stored matrices are all
+    float32 (so they need not be made to choose the group sizes)."""
+    from ..weights import LazyWeights, expected_shapes
+    shapes = expected_shapes(cfg)
+    names = [n for n in stored if n in shapes]
+    if dtype is None:
+        group_size = fallback = None
+    else:
+        matrices = None if all_float else [stored[n] for n in names if len(shapes[n]) == 2]
+        group_size, fallback = conversion_group_sizes(cfg, dtype, group_size, default, matrices)
+        del matrices
+
+    def make(name):
+        t = stored[name]
+        return convert_matrix(t, dtype, group_size, name, fallback) if len(shapes[name]) == 2 else t
+
+    return LazyWeights({n: shapes[n] for n in names}, make, source, release)
 
 
 def describe(weights: dict) -> tuple:

@@ -26,6 +26,7 @@ and metadata: F32 vectors, F32 / Q8_0 / Q4_1 matrices.
 from __future__ import annotations
 
 import math
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ import numpy as np
 
 from ..config import Config
 from ..errors import ModelFormatError
-from ..weights import QTensor, as_fp32, expected_shapes, validate_weights
+from . import drop_pages
+from ..weights import LazyWeights, QTensor, as_fp32, expected_shapes, validate_weights
 from . import ggml_quants
 from .dtypes import check_dtype, check_group_size_arg, convert_matrix, default_group_size, describe
 from .ggml_quants import bf16_to_f32  # noqa: F401  (re-exported: the Hugging Face loader uses it)
@@ -105,6 +107,13 @@ class GGUFFile:
     tensors: dict
     alignment: int
     data_offset: int      # absolute offset of the tensor data section
+    mapping: mmap.mmap | None = None   # the read-only map every tensor view points into
+
+    def release_pages(self) -> None:
+        """Drop this process's resident pages of the file map (madvise MADV_DONTNEED; the
+        data stay in the page cache): after the engine has packed the weights, only pages
+        read again (an untied embedding used in place) come back. The map stays valid."""
+        drop_pages(self.mapping)
 
 
 class _Reader:
@@ -269,9 +278,11 @@ def read_gguf(path) -> GGUFFile:
     if size < 4 + 4 + 8 + 8:
         raise ModelFormatError(f"{path}: truncated file: {size} bytes is shorter than a GGUF header")
     try:
-        raw = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+        with open(path, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError) as e:
         raise ModelFormatError(f"{path}: cannot map model file ({e})") from None
+    raw = np.frombuffer(mapping, np.uint8)    # read-only; the views keep the map alive
     r = _Reader(path, memoryview(raw))
     version, n_tensors, n_kv = _read_header(r)
     metadata = _read_metadata(r, n_kv)
@@ -288,7 +299,7 @@ def read_gguf(path) -> GGUFFile:
         start = data_offset + offset
         data = _tensor_view(path, raw, name, ggml_type, shape, start)
         tensors[name] = GGUFTensor(name, ggml_type, GGML_TYPES[ggml_type][0], shape, start, data)
-    return GGUFFile(path, version, metadata, tensors, alignment, data_offset)
+    return GGUFFile(path, version, metadata, tensors, alignment, data_offset, mapping)
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -496,7 +507,7 @@ def _check_tensors(gf: GGUFFile, cfg: Config, names: dict) -> None:
                                    f"expected {shapes[ours]}")
 
 
-def load_gguf(path, dtype=None, group_size: int | None = None):
+def load_gguf(path, dtype=None, group_size: int | None = None, lazy: bool = False):
     """Load a llama or qwen2 GGUF file -> (Config, weights, metadata).
 
     dtype (the same meaning in every loader, see loaders/dtypes.py):
@@ -511,6 +522,10 @@ def load_gguf(path, dtype=None, group_size: int | None = None):
     group_size: requantize every matrix whose group size differs (int8/q4 only).
     Norms and biases are always float32. qwen2 Q/K rows (and biases) are permuted from the
     file's rotate-half layout to interleaved pairs.
+    lazy: return the weights as a llama2c.weights.LazyWeights (each tensor converted when
+        read, validated then; its release() drops the file map's resident pages), as
+        Model.load does; metadata then has no 'dtype' / 'group_size' (they describe tensors
+        not made yet).
 
     metadata: 'format' ('gguf'), 'path', 'gguf_version', 'gguf_metadata' (every GGUF key, e.g.
     'tokenizer.ggml.tokens'), 'arch', 'dtype' of the returned weights and, when the quantized
@@ -539,25 +554,31 @@ def load_gguf(path, dtype=None, group_size: int | None = None):
         q_perm = permute_from_hf(np.arange(cfg.q_dim), cfg.n_heads)
         k_perm = permute_from_hf(np.arange(cfg.kv_dim), cfg.n_kv_heads)
         perms = {"wq": q_perm, "bq": q_perm, "wk": k_perm, "bk": k_perm}
-    weights = {}
-    for ours, theirs in names.items():
-        t = gf.tensors[theirs]
+
+    def make(ours):
+        t = gf.tensors[names[ours]]
         if len(t.shape) == 1 or dtype == "fp32":
             w = dequantize(t)
         else:
             w = convert_matrix(as_stored(t), dtype, group_size, ours, fallback)
         perm = perms.get(ours.rsplit(".", 1)[-1])
-        weights[ours] = w if perm is None else _permute_rows(w, perm)
-    validate_weights(cfg, weights, source=gf.path)
-    kind, gs = describe(weights)
+        return w if perm is None else _permute_rows(w, perm)
+
     metadata = {"format": "gguf", "path": gf.path, "gguf_version": gf.version,
-                "gguf_metadata": gf.metadata, "arch": cfg.arch, "dtype": kind,
+                "gguf_metadata": gf.metadata, "arch": cfg.arch,
                 "tensor_types": {ours: gf.tensors[theirs].type_name for ours, theirs in names.items()}}
-    if gs is not None:
-        metadata["group_size"] = gs
     for key in ("bos_token_id", "eos_token_id"):
         if f"tokenizer.ggml.{key}" in gf.metadata:
             metadata[key] = gf.metadata[f"tokenizer.ggml.{key}"]
+    if lazy:
+        shapes = expected_shapes(cfg)
+        return cfg, LazyWeights({ours: shapes[ours] for ours in names}, make, gf.path,
+                                release=gf.release_pages), metadata
+    weights = {ours: make(ours) for ours in names}
+    validate_weights(cfg, weights, source=gf.path)
+    metadata["dtype"], gs = describe(weights)
+    if gs is not None:
+        metadata["group_size"] = gs
     return cfg, weights, metadata
 
 

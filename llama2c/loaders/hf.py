@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import shutil
 import struct
 from pathlib import Path
@@ -22,8 +23,10 @@ import numpy as np
 
 from ..config import Config
 from ..errors import ModelFormatError
-from ..weights import QTensor, validate_weights
-from .dtypes import check_dtype, check_group_size_arg, convert_weights, describe
+from ..weights import LazyWeights, QTensor, expected_shapes, validate_weights
+from . import drop_pages
+from .dtypes import (check_dtype, check_group_size_arg, convert_weights,
+                     convert_weights_lazy, describe)
 from .ggml_quants import bf16_to_f32
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
@@ -79,7 +82,9 @@ class _SafetensorsFile:
             raise self.error(f"cannot open safetensors file ({e.strerror})") from None
         if size < 8:
             raise self.error(f"truncated file: {size} bytes is shorter than the 8-byte header length")
-        raw = np.memmap(self.path, dtype=np.uint8, mode="r").view(np.ndarray)
+        with open(self.path, "rb") as f:
+            self.mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        raw = np.frombuffer(self.mapping, np.uint8)    # read-only; views keep the map alive
         header_len = _U64.unpack_from(raw, 0)[0]
         if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
             raise self.error(f"header length {header_len} does not fit in the {size}-byte file")
@@ -306,13 +311,15 @@ def _load_tensor(where: dict, cfg: Config, ours: str, theirs: str) -> np.ndarray
     return w
 
 
-def _hf_metadata(model_dir: Path, hf: dict, weights: dict) -> dict:
+def _hf_metadata(model_dir: Path, hf: dict, weights: dict | None) -> dict:
     """format, path, config, generation_config, dtype and group_size of the weights
-    (loaders.dtypes.describe), and bos/eos ids (generation_config.json first)."""
-    dtype, group_size = describe(weights)
-    meta = {"format": "hf", "path": str(model_dir), "config": hf, "dtype": dtype}
-    if group_size is not None:
-        meta["group_size"] = group_size
+    (loaders.dtypes.describe; not for lazy weights, None), and bos/eos ids
+    (generation_config.json first)."""
+    meta = {"format": "hf", "path": str(model_dir), "config": hf}
+    if weights is not None:
+        meta["dtype"], group_size = describe(weights)
+        if group_size is not None:
+            meta["group_size"] = group_size
     gen_path = model_dir / "generation_config.json"
     gen = _read_json(gen_path, "generation_config.json") if gen_path.is_file() else {}
     if gen:
@@ -326,13 +333,16 @@ def _hf_metadata(model_dir: Path, hf: dict, weights: dict) -> dict:
     return meta
 
 
-def load_hf(path, dtype=None, group_size: int | None = None):
+def load_hf(path, dtype=None, group_size: int | None = None, lazy: bool = False):
     """Load a Hugging Face Llama or Qwen2 directory -> (Config, weights, metadata).
 
     dtype (the same meaning in every loader, see loaders/dtypes.py): None/'auto' and 'fp32'
     give float32 weights (F32 non-Q/K tensors stay memory-mapped views); 'int8' quantizes every
     matrix with quantize_q8 at `group_size` (default 64, halved until it fits), 'q4' to 4
     bits (default 32). Norms and biases stay float32.
+    lazy: the weights as a llama2c.weights.LazyWeights (each tensor read, converted and
+    validated when asked for, as Model.load does; release() drops the maps' resident pages);
+    metadata then has no dtype/group_size.
     """
     dtype = check_dtype(dtype)
     group_size = check_group_size_arg(group_size)
@@ -351,6 +361,18 @@ def load_hf(path, dtype=None, group_size: int | None = None):
                                f"safetensors hold only {len(where)} tensors")
     names = hf_tensor_name_map(cfg.n_layers, cfg.shared_classifier, cfg.attention_bias)
     _check_tensor_names(model_dir, where, names)
+    if lazy:
+        shapes = expected_shapes(cfg)
+        stored = LazyWeights({ours: shapes[ours] for ours in names},
+                             lambda ours: _load_tensor(where, cfg, ours, names[ours]), str(model_dir))
+        files = {id(st): st for st in where.values()}.values()
+
+        def release():
+            for st in files:
+                drop_pages(st.mapping)
+        return cfg, convert_weights_lazy(cfg, stored, dtype, group_size, 64, str(model_dir),
+                                         release=release, all_float=True), \
+            _hf_metadata(model_dir, hf, None)
     weights = {ours: _load_tensor(where, cfg, ours, theirs) for ours, theirs in names.items()}
     validate_weights(cfg, weights, source=str(model_dir))
     weights = convert_weights(cfg, weights, dtype, group_size, default=64)

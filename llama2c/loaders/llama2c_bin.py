@@ -28,6 +28,7 @@ None of the formats stores rope_theta or norm_eps: llama2.c hard-codes 10000 and
 """
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import warnings
@@ -38,7 +39,9 @@ import numpy as np
 from ..config import Config
 from ..errors import ModelFormatError
 from ..weights import QTensor, as_fp32, check_group_size, quantize_q8, validate_weights
-from .dtypes import check_dtype, check_group_size_arg, convert_weights, describe
+from . import drop_pages
+from .dtypes import (check_dtype, check_group_size_arg, convert_weights,
+                     convert_weights_lazy, describe)
 
 MAGIC = 0x616B3432            # "ak42" read as a little-endian uint32
 HEADER_SIZE = 256             # v1/v2 header, zero padded
@@ -171,7 +174,8 @@ def _config(dims: dict, shared: bool) -> Config:
     return Config(**dims, rope_theta=ROPE_THETA, norm_eps=NORM_EPS, shared_classifier=shared)
 
 
-def load_llama2c_bin(path, dtype: str | None = None, group_size: int | None = None):
+def load_llama2c_bin(path, dtype: str | None = None, group_size: int | None = None,
+                     lazy: bool = False):
     """Load a llama2.c .bin checkpoint -> (Config, weights dict, metadata dict).
 
     dtype (the same meaning in every loader, see loaders/dtypes.py): None/'auto' keeps what the
@@ -179,11 +183,13 @@ def load_llama2c_bin(path, dtype: str | None = None, group_size: int | None = No
     quantizes fp32 files with `group_size` (default 64, halved until it divides dim and
     hidden_dim, with a warning), 'q4' quantizes every matrix to 4 bits (default group 32).
     A given group_size also requantizes v2 groups of another size. Stored tensors are
-    read-only views of one np.memmap.
+    read-only views of one file map.
     metadata: format ('llama2c-v0' | 'llama2c-v1' | 'llama2c-v2'), version, path, file_size,
     shared_classifier, freq_cis (v0: whether the RoPE tables are present), dtype and
     group_size of the returned weights (loaders.dtypes.describe; v2: the file's group size
     when the weights are fp32).
+    lazy: the weights as a llama2c.weights.LazyWeights (converted when read, as Model.load
+    asks; its release() drops the map's resident pages); metadata then has no dtype/group_size.
     """
     dtype = check_dtype(dtype)
     group_size = check_group_size_arg(group_size)
@@ -217,7 +223,8 @@ def load_llama2c_bin(path, dtype: str | None = None, group_size: int | None = No
                                + (f", group size {group_size_file}" if version == 2 else "")
                                + f"): expected {expected} bytes, got {file_size}")
 
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     weights, off = {}, header_size
     for e in entries:
         n = int(np.prod(e.shape))
@@ -236,6 +243,9 @@ def load_llama2c_bin(path, dtype: str | None = None, group_size: int | None = No
             "file_size": file_size, "shared_classifier": shared}
     if version == 0:
         meta["freq_cis"] = freq_cis
+    if lazy:
+        return cfg, convert_weights_lazy(cfg, weights, dtype, group_size, 64, source,
+                                         release=lambda: drop_pages(mm)), meta
     weights = convert_weights(cfg, weights, dtype, group_size, default=64)
     meta["dtype"], gs = describe(weights)
     if gs is not None or version == 2:

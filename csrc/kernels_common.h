@@ -1,0 +1,258 @@
+// kernels_common.h: what the kernel sources share (kernels.c, kernels_f32.c, kernels_q8.c,
+// kernels_q4.c, kernels_peak.c). Each of those includes this header and is a complete
+// translation unit on its own (`cc -c -mavx2 -mfma -mf16c csrc/kernels_q8.c` compiles); a
+// kernel table is one object, csrc/arch/kernels_<isa>.c, that includes kernels.c, which
+// includes the others, so every kernel is static and inlined into its table.
+//
+// Instruction-set ladder inside the kernels (set by the table's compiler flags):
+//   L2C_X512   AVX-512 F/BW/VL + VNNI         (the avx512 table)
+//   L2C_XVNNI  AVX2 + FMA + F16C + AVX-VNNI   (the avxvnni table: vpdpbusd on ymm)
+//   L2C_X256   AVX2 + FMA + F16C              (the avx2 and avxvnni tables)
+//   none       the scalar twin                (the generic table)
+#ifndef LLAMA2C_KERNELS_COMMON_H
+#define LLAMA2C_KERNELS_COMMON_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "llama2c.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512VNNI__)
+#define L2C_X512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define L2C_X256 1
+#if defined(__AVXVNNI__)
+#define L2C_XVNNI 1
+#endif
+#endif
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#ifdef _OPENMP
+#define L2C_PRAGMA(x) _Pragma(#x)
+#else
+#define L2C_PRAGMA(x)
+#endif
+
+#define L2C_INLINE static inline __attribute__((always_inline))
+// full unrolling of the loops over a tile's rows and tokens (constant trip counts), so that
+// the accumulator arrays become registers
+#define L2C_UNROLL _Pragma("GCC unroll 16")
+
+// Work below this many multiply-adds runs on the calling thread: a parallel region costs a
+// few microseconds, more than a small kernel.
+#define L2C_PAR_MIN_WORK 32768
+
+static inline int threads_for(int64_t work, int n_threads) {
+    return work < L2C_PAR_MIN_WORK ? 1 : (n_threads < 1 ? 1 : n_threads);
+}
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Rows [r0, r1) of nb blocks for part p of parts (parts split nb as evenly as whole blocks
+// allow; every output row belongs to exactly one part).
+static inline void split_blocks(int64_t nb, int64_t parts, int64_t p, int64_t *b0, int64_t *b1) {
+    *b0 = nb * p / parts;
+    *b1 = nb * (p + 1) / parts;
+}
+
+// Row chunks for prefill: a thread's blocks are walked in chunks of about this many weight
+// bytes; for each chunk every token tile, then the chunk's blocks. So the chunk's weights stay
+// in L2 while the tokens pass, and the output (T rows of d floats: megabytes for a classifier)
+// is written as runs of chunk-width per token row rather than one 64-byte store per row and
+// block (a new page and a write-allocate miss each: int8 at d=46080, T=64 went from 36% to
+// 50% of peak; 67% when the output fits the caches).
+#define L2C_CHUNK_BYTES (384 * 1024)
+
+static inline int64_t chunk_blocks(int64_t block_bytes, int64_t rb) {
+    int64_t c = L2C_CHUNK_BYTES / (block_bytes > 0 ? block_bytes : 1);
+    c = c / rb * rb;
+    return c < rb ? rb : c;
+}
+
+// Software prefetch of the weight streams in tiles of at most this many tokens (decode and
+// small batches read each weight once per call, from memory). Measured at T = 4 and 8 (1
+// thread, SmolLM2 shapes): avx512 +30-40%, avx2 +0-10%, avxvnni -4-10% (decode only there).
+#if defined(L2C_XVNNI)
+#define L2C_PF_NT 1
+#else
+#define L2C_PF_NT 8
+#endif
+
+// Token tiles: T tokens in ceil(T / nt_max) tiles of balanced sizes (so T = 7 with tiles of
+// at most 6 runs as 4 + 3, never 6 + 1: a lone token keeps too few chains in flight).
+static inline int64_t tile_count(int64_t T, int64_t nt_max) { return (T + nt_max - 1) / nt_max; }
+static inline int64_t tile_start(int64_t T, int64_t tiles, int64_t i) { return T * i / tiles; }
+
+// ---- IEEE half floats (scales and offsets of packed matrices) ---------------------------------
+// Exact conversion of a half to float, for the scalar paths (the SIMD ones use vcvtph2ps).
+static inline float l2c_half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);           // inf, nan
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);  // normal: rebias 15 -> 127
+    } else if (man == 0) {
+        bits = sign;                                        // +-0
+    } else {                                                // subnormal: normalize
+        int e = -1;
+        do {
+            man <<= 1;
+            e++;
+        } while (!(man & 0x400u));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// scale (or offset) i of an array of halves (f16) or floats
+static inline float l2c_scale_at(const void *s, int64_t i, int f16) {
+    return f16 ? l2c_half_to_float(((const uint16_t *)s)[i]) : ((const float *)s)[i];
+}
+
+// ---- vector helpers -----------------------------------------------------------------------------
+#if defined(L2C_X256)
+static inline float hsum256(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    __m128 sh = _mm_movehdup_ps(lo);
+    lo = _mm_add_ps(lo, sh);
+    sh = _mm_movehl_ps(sh, lo);
+    return _mm_cvtss_f32(_mm_add_ss(lo, sh));
+}
+// 8 scales (halves or floats) starting at s[i]
+L2C_INLINE __m256 load8_scales(const void *s, int64_t i, int f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)s + i)))
+               : _mm256_loadu_ps((const float *)s + i);
+}
+// 4 bytes at p, broadcast to every 32-bit lane
+L2C_INLINE __m256i bcast4_256(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+#endif
+
+// acc + the u8 x s8 dot products of w and x, 4 per 32-bit lane (vpdpbusd). GCC 12 allocates
+// registers badly around the intrinsic's tied accumulator (two register copies per
+// instruction in a tile's loop, and repeated loads), so GCC gets the instruction as inline
+// asm with an in/out operand; the ymm form is forced to the VEX (AVX-VNNI) encoding, which
+// CPUs without AVX-512 run.
+#if defined(L2C_X512)
+L2C_INLINE __m512i dpbusd512(__m512i acc, __m512i w, __m512i x) {
+#if defined(__GNUC__) && !defined(__clang__)
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
+    return acc;
+#else
+    return _mm512_dpbusd_epi32(acc, w, x);
+#endif
+}
+#endif
+#if defined(L2C_XVNNI)
+L2C_INLINE __m256i dpbusd256(__m256i acc, __m256i w, __m256i x) {
+#if defined(__GNUC__) && !defined(__clang__)
+    __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(w), "x"(x));
+    return acc;
+#else
+    return _mm256_dpbusd_avx_epi32(acc, w, x);
+#endif
+}
+#endif
+
+// The same problem with the avx2 table's accumulations: acc + vpmaddwd(a, b) (int32 lanes)
+// and acc + vpmaddubsw(u0, s0) + vpmaddubsw(u1, s1) (int16 lanes; u unsigned, s signed bytes).
+#if defined(L2C_X256)
+L2C_INLINE __m256i madd_acc256(__m256i acc, __m256i a, __m256i b) {
+#if defined(__GNUC__) && !defined(__clang__)
+    __m256i t;
+    __asm__("vpmaddwd %3, %2, %1\n\tvpaddd %1, %0, %0" : "+x"(acc), "=&x"(t) : "x"(a), "x"(b));
+    return acc;
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+L2C_INLINE __m256i maddubs2_acc256(__m256i acc, __m256i u0, __m256i s0, __m256i u1, __m256i s1) {
+#if defined(__GNUC__) && !defined(__clang__)
+    __m256i t, v;
+    __asm__("vpmaddubsw %4, %3, %1\n\tvpmaddubsw %6, %5, %2\n\tvpaddw %2, %1, %1\n\t"
+            "vpaddw %1, %0, %0"
+            : "+x"(acc), "=&x"(t), "=&x"(v)
+            : "x"(u0), "x"(s0), "x"(u1), "x"(s1));
+    return acc;
+#else
+    return _mm256_add_epi16(acc, _mm256_add_epi16(_mm256_maddubs_epi16(u0, s0),
+                                                  _mm256_maddubs_epi16(u1, s1)));
+#endif
+}
+#endif
+
+#if defined(L2C_X512)
+L2C_INLINE __m512 load16_scales(const void *s, int64_t i, int f16) {
+    return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)s + i)))
+               : _mm512_loadu_ps((const float *)s + i);
+}
+L2C_INLINE __m512i bcast4_512(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+#endif
+
+// ---- the float terms of one group of a quantized matmul ---------------------------------------
+// acc (16 rows of one token) += isum * (s * xs)   [+ m * (xs * vsum) with offsets]
+// with s, m the 16 rows' scale and offset of the group (index si into W's packed scales), xs
+// the token's activation scale and vsum its integer group sum. Every path of a table adds
+// its groups through this one helper, in group order: the invariant of llama2c.h.
+static inline int32_t qact_vsum(const l2c_qact *a, int64_t gi) {
+    return a->lo ? 128 * a->sum_hi[gi] + a->sum_lo[gi] : a->sum_hi[gi];
+}
+
+#if defined(L2C_X512)
+L2C_INLINE __m512 group_finish_512(__m512 acc, __m512i isum, const l2c_matrix *W, int64_t si,
+                                   float xs, int32_t vsum) {
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum),
+                          _mm512_mul_ps(load16_scales(W->s, si, W->scales_f16), _mm512_set1_ps(xs)),
+                          acc);
+    if (W->m)
+        acc = _mm512_fmadd_ps(load16_scales(W->m, si, W->scales_f16),
+                              _mm512_set1_ps(xs * (float)vsum), acc);
+    return acc;
+}
+#elif defined(L2C_X256)
+// 8 rows (half h of the block's 16)
+L2C_INLINE __m256 group_finish_256(__m256 acc, __m256i isum, const l2c_matrix *W, int64_t si,
+                                   float xs, int32_t vsum) {
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum),
+                          _mm256_mul_ps(load8_scales(W->s, si, W->scales_f16), _mm256_set1_ps(xs)),
+                          acc);
+    if (W->m)
+        acc = _mm256_fmadd_ps(load8_scales(W->m, si, W->scales_f16),
+                              _mm256_set1_ps(xs * (float)vsum), acc);
+    return acc;
+}
+#endif
+
+// the scalar twin: multiply, then add (no FMA in the baseline build)
+static inline void group_finish_scalar(float *restrict acc, const int32_t *restrict isum,
+                                       const l2c_matrix *W, int64_t si, float xs, int32_t vsum) {
+    const int f16 = W->scales_f16;
+    const float mterm = xs * (float)vsum;
+    for (int r = 0; r < L2C_PANEL; r++) {
+        acc[r] += (float)isum[r] * (l2c_scale_at(W->s, si + r, f16) * xs);
+        if (W->m) acc[r] += l2c_scale_at(W->m, si + r, f16) * mterm;
+    }
+}
+
+// store 16 floats of one block's rows (only `valid` of them: the last block of W)
+static inline void store_rows(float *restrict out, const float *restrict v16, int64_t valid) {
+    memcpy(out, v16, (size_t)valid * sizeof(float));
+}
+
+#endif  // LLAMA2C_KERNELS_COMMON_H
