@@ -70,6 +70,11 @@ def toy_tokenizer(chat_template: str | None = TOY_CHATML):
     """A Tokenizer over TOY_PIECES (GGUF 'llama' style: BOS 1, EOS 2, control tokens
     <|im_start|> 3 and <|im_end|> 4; three byte tokens; other characters are <unk>)."""
     from .tokenizer import Tokenizer
+    return Tokenizer.from_gguf_metadata(toy_tokenizer_metadata(chat_template), "toy tokenizer")
+
+
+def toy_tokenizer_metadata(chat_template: str | None = TOY_CHATML) -> dict:
+    """toy_tokenizer()'s GGUF metadata keys (tokenizer.*), e.g. for write_gguf."""
     n = len(TOY_PIECES)
     types = [2, 3, 3, 3, 3] + [6] * 3 + [1] * (n - 8)
     scores = [0.0] * 8 + [float(len(p)) - i * 1e-3 for i, p in enumerate(TOY_PIECES[8:])]
@@ -79,7 +84,7 @@ def toy_tokenizer(chat_template: str | None = TOY_CHATML):
           "tokenizer.ggml.eot_token_id": 4, "tokenizer.ggml.add_bos_token": True}
     if chat_template is not None:
         md["tokenizer.chat_template"] = chat_template
-    return Tokenizer.from_gguf_metadata(md, "toy tokenizer")
+    return md
 
 
 def toy_model(seed: int = 0, dim: int = 64, n_layers: int = 2, seq_len: int = 512,
@@ -95,3 +100,17 @@ def toy_model(seed: int = 0, dim: int = 64, n_layers: int = 2, seq_len: int = 51
     if int8:
         weights = quantize_weights(cfg, weights, 32)
     return Model(cfg, weights, toy_tokenizer(), **kw)
+
+
+def write_toy_gguf(path, seed: int = 0, dim: int = 64, n_layers: int = 2, seq_len: int = 512,
+                   ggml_type: str = "Q8_0") -> str:
+    """toy_model(seed, ...)'s config and weights with toy_tokenizer() as a GGUF file (Q8_0
+    matrices by default: int8 groups, row-invariant on every kernel table); returns the path.
+    For code that loads models by path (other processes, Ray workers)."""
+    from .loaders.gguf import write_gguf
+    cfg = Config(dim=dim, hidden_dim=2 * dim + 32, n_layers=n_layers, n_heads=4, n_kv_heads=2,
+                 vocab_size=len(TOY_PIECES), seq_len=seq_len)
+    weights = make_random_model(cfg, seed)
+    weights["tok_embeddings"] *= 3.0
+    write_gguf(path, cfg, weights, toy_tokenizer_metadata(), ggml_type=ggml_type, name="toy")
+    return str(path)
