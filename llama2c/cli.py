@@ -8,7 +8,8 @@
     llama2c perplexity MODEL FILE [--compare]                            perplexity of a text
     llama2c bench [MODEL...] [--simd L] [--threads L] [--peers L]        speed vs the machine's limits
     llama2c info MODEL                                                   what a model file holds
-    llama2c serve [MODEL] [--port 8000] [--api-key KEY]                  OpenAI-compatible server
+    llama2c serve [MODEL] [--port 8000] [--api-key KEY] [--ray]          OpenAI-compatible server
+    llama2c batch MODEL IN.jsonl OUT.jsonl [--ray auto]                  offline batch job, resumable
 
 Every command returns an exit code: 0 on success, 2 for a bad command line or parameter,
 1 when the work itself fails (missing or malformed file, ...). Such failures are reported
@@ -271,8 +272,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level (default info)")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="serve with Ray Serve: replicas of the server behind Serve's proxy, on "
+                        "the Ray cluster at ADDRESS ('auto': the one `ray start` runs here), or "
+                        "without ADDRESS on a private Ray instance on this machine. Needs the "
+                        "ray extra: pip install \"llama2c[ray]\"")
+    p.add_argument("--replicas", type=POSITIVE, default=1, metavar="N",
+                   help="with --ray: replicas, each a model and a scheduler with --threads "
+                        "threads (default 1); with --max-replicas, the fewest")
+    p.add_argument("--max-replicas", type=POSITIVE, metavar="N",
+                   help="with --ray: autoscale between --replicas and N replicas on the "
+                        "requests in flight (--max-batch per replica as the target)")
     _add_load_options(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("batch", help="generate for every row of a JSONL file (resumable; "
+                                     "locally or on a Ray cluster)",
+                       description="Generate (or score) every row of IN.jsonl and append the "
+                                   "results to OUT.jsonl. A row is {\"id\": ..., \"prompt\": "
+                                   "...} or {\"id\": ..., \"messages\": [...]} with optional "
+                                   "sampling fields (max_tokens, temperature, top_p, top_k, "
+                                   "min_p, seed, stop, repetition_penalty, presence_penalty, "
+                                   "frequency_penalty, penalty_last_n, logit_bias, logprobs); "
+                                   "an output row has the id, text, token_ids, finish_reason, "
+                                   "prompt_tokens, completion_tokens (and logprobs, or error). "
+                                   "A row without a seed gets one derived from its id. Rows "
+                                   "whose id is in OUT.jsonl already are skipped, so an "
+                                   "interrupted job resumes where it stopped.")
+    _add_model(p, optional=False)
+    p.add_argument("input", metavar="IN.jsonl", help="input rows, one JSON object per line")
+    p.add_argument("output", metavar="OUT.jsonl", help="output rows (appended)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run on a Ray cluster through Ray Data: 'auto' (the cluster `ray start` "
+                        "runs here), an address (HOST:PORT or ray://HOST:PORT), or 'local' (a "
+                        "private Ray instance on this machine); default: in this process")
+    p.add_argument("--workers", type=POSITIVE, default=1, metavar="N",
+                   help="with --ray: model actors (default 1)")
+    p.add_argument("--threads-per-worker", type=POSITIVE, metavar="T",
+                   help="kernel threads of each actor (default 1), or of this process "
+                        "without --ray (default: the cores available)")
+    p.add_argument("--batch-size", type=POSITIVE, default=32, metavar="B",
+                   help="rows per batch: decoded together, written when done (default 32)")
+    p.add_argument("--mode", choices=("generate", "score"), default="generate",
+                   help="generate (default) or score: each prompt's token logprobs and their "
+                        "sum (Model.score)")
+    p.add_argument("-n", "--max-new-tokens", type=COUNT, metavar="N",
+                   help="default max_new_tokens of rows that do not set it (default 256)")
+    p.add_argument("-t", "--temperature", type=TEMPERATURE, metavar="TEMP",
+                   help="default temperature of rows that do not set it (default 1.0)")
+    p.add_argument("--dtype", choices=("fp32", "int8", "q4"),
+                   help="weight type (default: as stored)")
+    p.add_argument("--kv-dtype", choices=("f16", "f32", "q8"), default="f16",
+                   help="KV cache element type (default f16)")
+    p.add_argument("--context", type=POSITIVE, dest="context_length", metavar="N",
+                   help="positions per sequence (default: the model's context length)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("info", help="describe a model file and what it costs",
                        description="Print a model's config, weight type, tensor count, file "
@@ -689,6 +744,10 @@ def cmd_serve(args) -> int:
         parse_kv_budget(args.kv_budget)
     except ValueError as e:
         raise UsageError(f"--kv-budget: {e}") from None
+    if args.ray is not None:
+        return _serve_ray(args)
+    if args.max_replicas is not None or args.replicas != 1:
+        raise UsageError("--replicas / --max-replicas need --ray")
     model = _load(args, _model_path(args))
     if model.tokenizer is None:
         _note("warning: the model has no tokenizer: only /v1/completions with token ids works")
@@ -701,6 +760,91 @@ def cmd_serve(args) -> int:
         _note(f"warning: serving on {args.host} without --api-key: anyone who can reach it "
               f"may use it")
     run_server(model, settings, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _import_ray():
+    """llama2c.ray, or a UsageError naming the extra."""
+    try:
+        from . import ray as l2c_ray
+    except ImportError as e:
+        raise UsageError(str(e)) from None
+    return l2c_ray
+
+
+def _serve_ray(args) -> int:
+    """`serve --ray`: the server's replicas on Ray Serve, until interrupted."""
+    l2c_ray = _import_ray()
+    from ray import serve
+
+    from .server import ServerSettings
+    if args.max_replicas is not None and args.max_replicas < args.replicas:
+        raise UsageError(f"argument --max-replicas: must be >= --replicas ({args.replicas})")
+    if args.simd is not None or args.act_bits != 16 or args.tokenizer is not None:
+        raise UsageError("--simd, --act-bits and -z are not supported with --ray")
+    threads = args.threads or 1
+    settings = ServerSettings(model_name=args.model_name, api_key=args.api_key,
+                              max_queue=args.max_queue, max_body_bytes=args.max_body,
+                              max_n=args.max_n, kv_budget=args.kv_budget,
+                              max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+                              threads=threads)
+    autoscaling = None
+    if args.max_replicas is not None:
+        autoscaling = {"min_replicas": args.replicas, "max_replicas": args.max_replicas,
+                       "target_ongoing_requests": args.max_batch}
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        _note(f"warning: serving on {args.host} without --api-key: anyone who can reach it "
+              f"may use it")
+    # a registry name is resolved (and fetched) on each replica's node
+    model = args.model if args.model is not None else "smollm2"
+    app = l2c_ray.serve_app(model, settings=settings, threads_per_replica=threads,
+                            num_replicas=args.replicas, autoscaling_config=autoscaling,
+                            dtype=args.dtype, kv_dtype=args.kv_dtype,
+                            context_length=args.context_length)
+    started = l2c_ray.connect(args.ray)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name="llama2c", route_prefix="/")
+        _note(f"serving {settings.model_name or model} on http://{args.host}:{args.port}/v1 "
+              f"with Ray Serve ({args.replicas}"
+              + (f" to {args.max_replicas}" if autoscaling else "") + " replicas); Ctrl-C stops")
+        import time as _time
+        while True:
+            _time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        serve.shutdown()
+        if started:
+            import ray
+            ray.shutdown()
+
+
+def cmd_batch(args) -> int:
+    """An offline job over a JSONL file (llama2c.batchjob.run_jsonl_job)."""
+    from .batchjob import run_jsonl_job
+    if args.ray is None and args.workers != 1:
+        raise UsageError("argument --workers: more than one worker needs --ray")
+    if args.ray is not None:
+        _import_ray()
+    if _same_file(args.input, args.output):
+        raise UsageError("OUT.jsonl must differ from IN.jsonl")
+    defaults = {}
+    if args.max_new_tokens is not None:
+        defaults["max_new_tokens"] = args.max_new_tokens
+    if args.temperature is not None:
+        defaults["temperature"] = args.temperature
+    load = dict(dtype=args.dtype, kv_dtype=args.kv_dtype, context_length=args.context_length)
+    model = args.model if args.ray is not None else _model_path(args)
+    counts = run_jsonl_job(model, args.input, args.output, ray_address=args.ray,
+                           workers=args.workers, threads_per_worker=args.threads_per_worker,
+                           batch_size=args.batch_size, defaults=defaults, mode=args.mode,
+                           load_kwargs=load, progress=not args.no_progress)
+    _note(f"{args.output}: {counts['written']} rows written, {counts['skipped']} already there, "
+          f"{counts['total']} in {args.input}")
+    if counts["errors"]:
+        _note(f"error: {counts['errors']} rows failed (their \"error\" field says why)")
+        return 1
     return 0
 
 
