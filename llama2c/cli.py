@@ -804,13 +804,13 @@ def _serve_ray(args) -> int:
     started = l2c_ray.connect(args.ray)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
+        _note(f"starting {args.replicas} replica(s) of {model} on Ray Serve")
         serve.run(app, name="llama2c", route_prefix="/")
         _note(f"serving {settings.model_name or model} on http://{args.host}:{args.port}/v1 "
               f"with Ray Serve ({args.replicas}"
               + (f" to {args.max_replicas}" if autoscaling else "") + " replicas); Ctrl-C stops")
-        import time as _time
         while True:
-            _time.sleep(3600)
+            time.sleep(3600)
     except KeyboardInterrupt:
         return 0
     finally:

@@ -237,8 +237,9 @@ def serve_deployment(model_path, *, settings=None, threads_per_replica: int = 1,
     "target_ongoing_requests": 16, ...}; num_replicas is then ignored)."""
     from ray import serve
     try:
+        import importlib
+        importlib.import_module("llama2c.server.app")     # fail here, not in the replicas
         from .server import ServerSettings
-        from .server.app import create_app  # noqa: F401  (fail here, not in the replicas)
     except ImportError as e:
         raise ImportError(f'Ray Serve runs llama2c\'s server: pip install "llama2c[ray,server]" '
                           f'(missing: {e.name})', name=e.name) from e
