@@ -765,11 +765,11 @@ def cmd_serve(args) -> int:
 
 def _import_ray():
     """llama2c.ray, or a UsageError naming the extra."""
+    import importlib
     try:
-        from . import ray as l2c_ray
+        return importlib.import_module("llama2c.ray")
     except ImportError as e:
         raise UsageError(str(e)) from None
-    return l2c_ray
 
 
 def _serve_ray(args) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import llama2c
 from llama2c import cli
 from llama2c.batchjob import parse_row, read_done, row_seed, run_rows
 from llama2c.model import Model
@@ -210,6 +211,7 @@ def test_read_done_keeps_whole_lines(tmp_path):
 def test_missing_ray_extra(monkeypatch, toy_path, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)          # import ray -> ImportError
     monkeypatch.delitem(sys.modules, "llama2c.ray", raising=False)
+    monkeypatch.delattr(llama2c, "ray", raising=False)
     with pytest.raises(ImportError, match=r'pip install "llama2c\[ray\]"'):
         importlib.import_module("llama2c.ray")
     src = tmp_path / "in.jsonl"
