@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import math
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -677,10 +677,15 @@ def cmd_serve(args) -> int:
     # streams) on the same cores: threads that spin-wait for the next region then take the CPU
     # those need (stalls of seconds on a busy machine). Sleep instead, unless told otherwise;
     # libgomp reads this when the engine loads, which is below.
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    import llama2c
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "passive"
+        if llama2c._OMP_SPIN_DEFAULT:           # GOMP_SPINCOUNT would win over the policy
+            os.environ.pop("GOMP_SPINCOUNT", None)
     from .batch import parse_kv_budget
     try:
-        import fastapi, sse_starlette, uvicorn  # noqa: F401
+        for name in ("fastapi", "sse_starlette", "uvicorn"):
+            importlib.import_module(name)
     except ImportError as e:
         from .server import EXTRA_HINT
         raise UsageError(f"{EXTRA_HINT} (missing: {e.name})") from None

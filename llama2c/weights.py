@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import Config
 from .errors import ModelFormatError
 
 MATRIX_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
