@@ -223,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=_ranged(int, "an integer", 2), metavar="N",
                    help="tokens per window (default: min(context length, 512))")
     p.add_argument("--compare", action="store_true",
-                   help="load the model as fp32 and as int8; report both perplexities, top-1 "
-                        "agreement and mean KL(fp32 || int8)")
+                   help="load the model as fp32 and as --dtype (default int8; q4, auto); "
+                        "report both perplexities, top-1 agreement and mean KL(fp32 || it)")
     _add_load_options(p)
     p.set_defaults(func=cmd_perplexity)
 
@@ -611,17 +611,20 @@ def cmd_perplexity(args) -> int:
     from .evaluate import compare_int8, perplexity
     text = _read_text(args.file)
     if args.compare:
-        if args.dtype is not None:
-            raise UsageError("argument --dtype: not allowed with --compare (it loads both)")
+        other = args.dtype or "int8"
+        if other == "fp32":
+            raise UsageError("argument --dtype: --compare compares fp32 with another dtype "
+                             "(int8, q4 or auto)")
         fp32 = _load(args, args.model, "fp32")
         _require_tokenizer(fp32)
-        int8 = _load(args, args.model, "int8")
-        r = compare_int8(fp32, int8, text, context=args.context)
+        quant = _load(args, args.model, other)
+        r = compare_int8(fp32, quant, text, context=args.context)
+        label = f"{other} ({quant.dtype})" if other == "auto" else other
         print(f"tokens: {r['n_tokens']}")
         print(f"perplexity fp32: {r['ppl_fp32']:.4f}")
-        print(f"perplexity int8: {r['ppl_int8']:.4f}")
+        print(f"perplexity {label}: {r['ppl_int8']:.4f}")
         print(f"top-1 agreement: {r['top1_agreement']:.4f}")
-        print(f"mean KL(fp32 || int8): {r['mean_kl']:.3g} nats")
+        print(f"mean KL(fp32 || {label}): {r['mean_kl']:.3g} nats")
         return 0
     model = _load(args, args.model)
     _require_tokenizer(model)
