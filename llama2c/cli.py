@@ -680,11 +680,7 @@ def cmd_serve(args) -> int:
     # streams) on the same cores: threads that spin-wait for the next region then take the CPU
     # those need (stalls of seconds on a busy machine). Sleep instead, unless told otherwise;
     # libgomp reads this when the engine loads, which is below.
-    import llama2c
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = "passive"
-        if llama2c._OMP_SPIN_DEFAULT:           # GOMP_SPINCOUNT would win over the policy
-            os.environ.pop("GOMP_SPINCOUNT", None)
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     from .batch import parse_kv_budget
     try:
         for name in ("fastapi", "sse_starlette", "uvicorn"):

@@ -291,19 +291,3 @@ def test_engine_uses_n_threads(arg, omp, want):
     n, extra = map(int, r.stdout.split())
     assert n == want and extra == want - 1, r.stdout
 
-
-@pytest.mark.parametrize("env, want", [
-    ({}, "20000 None"),                                   # llama2c's short spin
-    ({"GOMP_SPINCOUNT": "5"}, "5 None"),                  # the user's choice wins
-    ({"OMP_WAIT_POLICY": "active"}, "None active"),
-    ({"LLAMA2C_OMP_DEFAULTS": "0"}, "None None"),         # libgomp's own default
-])
-def test_openmp_wait_default(env, want):
-    """llama2c sets a short OpenMP spin (GOMP_SPINCOUNT=20000) before the engine loads unless
-    the user chose a wait policy (benchmarks/spin_wait.py: no collapse on a loaded machine)."""
-    code = ("import os, llama2c; from llama2c import _engine\n"
-            "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))")
-    r = run_python(code, env=env, drop_env=("GOMP_SPINCOUNT", "OMP_WAIT_POLICY",
-                                            "LLAMA2C_OMP_DEFAULTS"), timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1] == want
