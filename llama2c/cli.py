@@ -97,9 +97,9 @@ def _add_load_options(p, tokenizer: bool = True) -> None:
                             "the model's own, or a matching tokenizer.bin beside it")
     p.add_argument("--threads", type=POSITIVE, metavar="N",
                    help="threads for the kernels (default: OMP_NUM_THREADS or the available cores)")
-    p.add_argument("--dtype", choices=("fp32", "int8", "q4"),
-                   help="weight type (default: as stored; int8 / q4 quantize other weights at "
-                        "load)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "int8", "q4"),
+                   help="weight type (default auto: as stored; int8 / q4 quantize other "
+                        "weights at load)")
     p.add_argument("--simd", choices=("auto", "generic", "avx2", "avxvnni", "avx512"),
                    help="kernel table (default: LLAMA2C_SIMD or the best the CPU supports)")
     p.add_argument("--act-bits", type=int, choices=(8, 16), default=16,
