@@ -5,7 +5,8 @@
 Sections (each prints the `llama2c bench` command line it runs, then its Markdown tables):
   shapes    random weights of stories15M, stories110M and SmolLM2-135M: fp32, int8 (16-bit and
             8-bit activations) and the NumPy reference; decode, prefill of 128 and 512 tokens
-  gguf      the real SmolLM2-135M-Instruct Q4_1 file as int8 and fp32 (+ llama.cpp when installed)
+  gguf      the real SmolLM2-135M-Instruct Q4_1 and Q4_K_M files: their own 4-bit weights (auto)
+            and widened to int8, avx512 and avx2 tables (+ llama.cpp on the same files)
   llamacpp  issue 11's comparison: our int8 on the Q8_0 file and fp32 on the F32 file (made by
             benchmarks/make_peer_models.py) against llama.cpp on the same files, 121- and
             512-token prompts, on the avx512 table against the AVX-512 llama.cpp and on the
@@ -49,8 +50,14 @@ def sections(args) -> dict:
                        "--threads", args.threads] + common for shape in args.shapes.split(",")]}
     q4_1 = bench.find_model(bench.SMOLLM2_GGUF)
     f32, q8 = (bench.find_model(name) for name in bench.PEER_GGUFS)
+    q4km = bench.find_model(bench.SMOLLM2_Q4KM_GGUF)
     if q4_1:
-        line = [str(q4_1), "--dtype", "int8,fp32", "--threads", args.threads] + common
+        # issue 9: the files' own 4-bit weights (auto) against them widened to int8, on both
+        # kernel tables, with llama.cpp on the same files
+        files = [str(q4_1)] + ([str(q4km)] if q4km else [])
+        simd = "avx512,avx2" if "avx512" in bench.available_simd() else "avx2"
+        line = files + ["--dtype", "auto,int8", "--simd", simd, "--threads", args.threads,
+                        "--prompt", "128"] + common
         if has_llamacpp():
             line += ["--peers", "llamacpp"]
         out["gguf"] = [line]

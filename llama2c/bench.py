@@ -59,6 +59,7 @@ README_SHAPES = ("stories15M", "stories110M", "SmolLM2-135M")
 # the real model files: the shared Q4_1 file, and the F32 / Q8_0 files of the same weights
 # that benchmarks/make_peer_models.py writes for the llama.cpp comparisons
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_Q4KM_GGUF = "SmolLM2-135M-Instruct.Q4_K_M.gguf"
 PEER_GGUFS = ("SmolLM2-135M-Instruct.F32.gguf", "SmolLM2-135M-Instruct.Q8_0.gguf")
 
 DEFAULT_GROUP_SIZE = 64     # int8 groups of the random-weight shapes (as `Model.load(dtype="int8")`)

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import math
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -98,9 +98,9 @@ def _add_load_options(p, tokenizer: bool = True) -> None:
                             "the model's own, or a matching tokenizer.bin beside it")
     p.add_argument("--threads", type=POSITIVE, metavar="N",
                    help="threads for the kernels (default: OMP_NUM_THREADS or the available cores)")
-    p.add_argument("--dtype", choices=("fp32", "int8", "q4"),
-                   help="weight type (default: as stored; int8 / q4 quantize other weights at "
-                        "load)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "int8", "q4"),
+                   help="weight type (default auto: as stored; int8 / q4 quantize other "
+                        "weights at load)")
     p.add_argument("--simd", choices=("auto", "generic", "avx2", "avxvnni", "avx512"),
                    help="kernel table (default: LLAMA2C_SIMD or the best the CPU supports)")
     p.add_argument("--act-bits", type=int, choices=(8, 16), default=16,
@@ -224,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=_ranged(int, "an integer", 2), metavar="N",
                    help="tokens per window (default: min(context length, 512))")
     p.add_argument("--compare", action="store_true",
-                   help="load the model as fp32 and as int8; report both perplexities, top-1 "
-                        "agreement and mean KL(fp32 || int8)")
+                   help="load the model as fp32 and as --dtype (default int8; q4, auto); "
+                        "report both perplexities, top-1 agreement and mean KL(fp32 || it)")
     _add_load_options(p)
     p.set_defaults(func=cmd_perplexity)
 
@@ -666,17 +666,20 @@ def cmd_perplexity(args) -> int:
     from .evaluate import compare_int8, perplexity
     text = _read_text(args.file)
     if args.compare:
-        if args.dtype is not None:
-            raise UsageError("argument --dtype: not allowed with --compare (it loads both)")
+        other = args.dtype or "int8"
+        if other == "fp32":
+            raise UsageError("argument --dtype: --compare compares fp32 with another dtype "
+                             "(int8, q4 or auto)")
         fp32 = _load(args, args.model, "fp32")
         _require_tokenizer(fp32)
-        int8 = _load(args, args.model, "int8")
-        r = compare_int8(fp32, int8, text, context=args.context)
+        quant = _load(args, args.model, other)
+        r = compare_int8(fp32, quant, text, context=args.context)
+        label = f"{other} ({quant.dtype})" if other == "auto" else other
         print(f"tokens: {r['n_tokens']}")
         print(f"perplexity fp32: {r['ppl_fp32']:.4f}")
-        print(f"perplexity int8: {r['ppl_int8']:.4f}")
+        print(f"perplexity {label}: {r['ppl_int8']:.4f}")
         print(f"top-1 agreement: {r['top1_agreement']:.4f}")
-        print(f"mean KL(fp32 || int8): {r['mean_kl']:.3g} nats")
+        print(f"mean KL(fp32 || {label}): {r['mean_kl']:.3g} nats")
         return 0
     model = _load(args, args.model)
     _require_tokenizer(model)
@@ -735,7 +738,8 @@ def cmd_serve(args) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     from .batch import parse_kv_budget
     try:
-        import fastapi, sse_starlette, uvicorn  # noqa: F401
+        for name in ("fastapi", "sse_starlette", "uvicorn"):
+            importlib.import_module(name)
     except ImportError as e:
         from .server import EXTRA_HINT
         raise UsageError(f"{EXTRA_HINT} (missing: {e.name})") from None

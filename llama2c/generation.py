@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _engine
-from .errors import ContextLengthError, GenerationCancelled, Llama2cError
+from .errors import ContextLengthError, GenerationCancelled
 
 # Tokens per prefill step: the batched kernels read each weight once per step, and between
 # steps a cancel (or max_time) is noticed.

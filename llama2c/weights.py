@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import Config
 from .errors import ModelFormatError
 
 MATRIX_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -238,7 +239,8 @@ class LazyWeights(Mapping):
 
 def quantize_weights(cfg, weights: dict, group_size: int = 64, progress=None, bits: int = 8) -> dict:
     """Return a new dict with every matrix (embedding and classifier included) quantized to
-    `bits` (8: quantize_q8, symmetric; 4: quantize_q4, asymmetric); norms stay fp32. QTensors
+    `bits` (8: quantize_q8, symmetric; 4: quantize_q4, asymmetric, but the token embedding and
+    classifier at 8 bits, loaders.dtypes.EIGHT_BIT_IN_Q4); norms stay fp32. QTensors
     already at `group_size` are kept exactly (offsets m included; for bits 8 a 4-bit one is
     widened, widen_to_int8); others are requantized from their dequantized values.
     progress(name, old, new) is called per tensor.
@@ -249,10 +251,14 @@ def quantize_weights(cfg, weights: dict, group_size: int = 64, progress=None, bi
     quant = quantize_q8 if bits == 8 else quantize_q4
     out = {}
     for name, t in weights.items():
+        from .loaders.dtypes import EIGHT_BIT_IN_Q4
+        keep8 = bits == 4 and name in EIGHT_BIT_IN_Q4 and not (isinstance(t, QTensor) and t.bits == 4)
         if isinstance(t, QTensor) and t.group_size == group_size and t.bits <= bits:
             out[name] = widen_to_int8(t) if bits == 8 else t
+        elif isinstance(t, QTensor) and keep8 and t.group_size == group_size:
+            out[name] = t
         elif np.ndim(t if not isinstance(t, QTensor) else t.q) == 2:
-            out[name] = quant(as_fp32(t), group_size, name)
+            out[name] = (quantize_q8 if keep8 else quant)(as_fp32(t), group_size, name)
         else:
             out[name] = t
         if progress is not None:

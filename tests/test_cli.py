@@ -334,6 +334,17 @@ def test_perplexity_compare_cli(capsys, vocab32k, tmp_path):
     assert code == 0, err
     for field in ("perplexity fp32:", "perplexity int8:", "top-1 agreement:", "mean KL(fp32 || int8):"):
         assert field in out
+    code, out4, err = _run_cli(capsys, "perplexity", path, text_file, "-z", tokenizer,
+                               "--compare", "--dtype", "q4")
+    assert code == 0, err
+    ppl = {line.split(":")[0]: float(line.split(":")[1].split()[0])
+           for line in (out + out4).splitlines() if line.startswith("perplexity")}
+    assert ppl["perplexity q4"] != ppl["perplexity int8"]      # 4-bit is coarser than int8
+    agree = float(out4.split("top-1 agreement:")[1].split()[0])
+    assert 0.0 < agree <= 1.0
+    code, _, err = _run_cli(capsys, "perplexity", path, text_file, "-z", tokenizer,
+                            "--compare", "--dtype", "fp32")
+    assert code == 2 and "--compare compares fp32 with another dtype" in err
 
 
 def test_perplexity_without_tokenizer_is_an_error(capsys, small, tmp_path):

@@ -442,6 +442,35 @@ def test_save_and_load_state_continue_exactly(model, tmp_path):
         p.generate(None, max_new_tokens=5, temperature=0).token_ids
 
 
+def test_decode_runs_rewind_at_a_stop_string_as_token_by_token(model):
+    """Without streaming the decode loop runs many tokens per C call; a run that passes a stop
+    string is rewound (cache, RNG stream, penalty window), so the session continues exactly as
+    after a token-by-token (streamed) generation."""
+    kw = dict(max_new_tokens=40, temperature=1.0, top_p=0.95, stop_token_ids=[],
+              repetition_penalty=1.3, penalty_last_n=6, frequency_penalty=0.2)
+    probe = model.new_session(seed=7).generate("the cat", **kw)
+    assert len(probe.text) > 8
+    stop = probe.text[4:7]
+    a, b = model.new_session(seed=7), model.new_session(seed=7)
+    ra = a.generate("the cat", stop=stop, **kw)
+    chunks = list(b.generate("the cat", stop=stop, stream=True, **kw))
+    text, ids = joined(chunks)
+    assert ra.finish_reason == chunks[-1].finish_reason == "stop"
+    assert (ra.text, ra.token_ids) == (text, ids)
+    assert len(ra.token_ids) < 40
+    assert a.tokens == b.tokens and a.n_cached == b.n_cached
+    more = dict(kw, max_new_tokens=20)
+    assert a.generate(None, **more).token_ids == b.generate(None, **more).token_ids
+
+
+def test_non_streamed_generation_equals_streamed_long(model):
+    kw = dict(max_new_tokens=200, temperature=0.9, seed=3, stop_token_ids=[], min_p=0.05,
+              presence_penalty=0.5)
+    r = model.generate("the cat", **kw)
+    text, ids = joined(list(model.generate("the cat", stream=True, **kw)))
+    assert (r.text, r.token_ids) == (text, ids) and len(ids) == 200
+
+
 def test_state_from_another_model_is_refused(model):
     blob = model.new_session().save_state()
     other = toy_model(seed=99)

@@ -284,10 +284,10 @@ _TASKS_SCRIPT = textwrap.dedent("""
 def test_engine_uses_n_threads(arg, omp, want):
     """The engine starts exactly n_threads - 1 OpenMP worker threads (n_threads from the
     argument, else OMP_NUM_THREADS)."""
-    import sys
     code = f"import sys; sys.argv = ['x', {arg!r}]\n" + _TASKS_SCRIPT
     env = {"OMP_NUM_THREADS": omp} if omp else {}
     r = run_python(code, env=env, drop_env=("OMP_NUM_THREADS",), timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     n, extra = map(int, r.stdout.split())
     assert n == want and extra == want - 1, r.stdout
+
