@@ -85,8 +85,8 @@ class _Consumed(Mapping):
 
 
 def _manifest_dtype(manifest: dict) -> str:
-    kinds = {t.dtype for t in manifest.values() if len(t.shape) == 2}
-    return kinds.pop() if len(kinds) == 1 else "mixed"
+    from .loaders.dtypes import dtype_label
+    return dtype_label({n: t.dtype for n, t in manifest.items() if len(t.shape) == 2})
 
 
 def resolve_model_path(path) -> str:
@@ -493,9 +493,8 @@ def _lean_metadata(metadata: dict) -> dict:
 def _describe_manifest(manifest: dict) -> dict:
     """metadata 'dtype' ('fp32', 'int8', 'q4' or 'mixed') and, when the quantized matrices
     share one, 'group_size': loaders.dtypes.describe of the weights as loaded."""
-    kinds = {t.dtype for t in manifest.values() if len(t.shape) == 2}
     sizes = {t.group_size for t in manifest.values() if t.dtype != "fp32"}
-    out = {"dtype": kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "fp32")}
+    out = {"dtype": _manifest_dtype(manifest)}
     if len(sizes) == 1:
         out["group_size"] = sizes.pop()
     return out

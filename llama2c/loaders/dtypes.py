@@ -151,12 +151,23 @@ def describe(weights: dict) -> tuple:
     """(dtype, group_size) of a weights dict: dtype 'fp32', 'int8' (all matrices bits 8),
     'q4' (all bits 4) or 'mixed'; group_size the quantized matrices' common group size, or
     None (no quantized matrices, or several sizes)."""
-    kinds, sizes = set(), set()
-    for t in weights.values():
+    kinds, sizes = {}, set()
+    for name, t in weights.items():
         if isinstance(t, QTensor):
-            kinds.add("int8" if t.bits == 8 else "q4")
+            kinds[name] = "int8" if t.bits == 8 else "q4"
             sizes.add(t.group_size)
         elif np.ndim(t) == 2:
-            kinds.add("fp32")
-    dtype = kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "fp32")
-    return dtype, (sizes.pop() if len(sizes) == 1 else None)
+            kinds[name] = "fp32"
+    return dtype_label(kinds), (sizes.pop() if len(sizes) == 1 else None)
+
+
+def dtype_label(kinds: dict) -> str:
+    """'fp32', 'int8', 'q4' or 'mixed' for {matrix name: its kind}: 'q4' also when only the
+    token embedding and classifier are int8 (what dtype='q4' makes, and the common 4-bit GGUF
+    files: Q4_0/Q4_1 with a Q8_0 or Q6_K embedding)."""
+    every = set(kinds.values())
+    if len(every) <= 1:
+        return every.pop() if every else "fp32"
+    body = {k for n, k in kinds.items() if n not in EIGHT_BIT_IN_Q4}
+    ends = {k for n, k in kinds.items() if n in EIGHT_BIT_IN_Q4}
+    return "q4" if body == {"q4"} and ends <= {"int8", "q4"} else "mixed"
