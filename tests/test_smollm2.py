@@ -128,7 +128,7 @@ def test_default_load_keeps_the_files_blocks(golden, int8):
     """dtype=None is 'as stored': the GGUF's Q4_1 blocks stay 4-bit groups of 32 with offsets,
     its Q8_0 embedding int8; dtype='int8' widens the same values exactly."""
     model = llama2c.Model.load(golden[0], context_length=64)
-    assert model.dtype == "mixed"
+    assert model.dtype == "q4"          # 4-bit layers; the embedding (classifier) int8
     wq = model.manifest["layers.0.wq"]
     assert (wq.dtype, wq.group_size, wq.has_offset) == ("q4", 32, True)
     assert model.manifest["tok_embeddings"].dtype == "int8"
