@@ -217,7 +217,9 @@ def test_smollm2_gguf_costs_its_packed_weights(shared_dir, name):
     assert d["mapped"] == []
     assert wb < 1.5 * d["file_size"]       # 4-bit blocks stay 4-bit (int8 would be ~1.6x)
     assert growth <= limit
-    assert file_growth < 2 * MB           # the map's pages were released (the file: ~100 MB)
+    # the map's pages were released (the file: ~100 MB; shared libraries touched while loading
+    # add a few MB)
+    assert file_growth < 10 * MB
 
 
 def test_smollm2_fp32_load_holds_one_copy(shared_dir):
