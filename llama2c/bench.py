@@ -489,7 +489,14 @@ def gguf_facts(path) -> tuple:
     for name, t in gf.tensors.items():
         if len(t.shape) == 2 and name != "token_embd.weight":
             by_type[t.type_name] = by_type.get(t.type_name, 0) + sizes[name]
-    return cfg, per_token, max(by_type, key=by_type.get) if by_type else "?"
+    main = max(by_type, key=by_type.get) if by_type else "?"
+    # the file's own name for its mix (llama.cpp's general.file_type), e.g. Q4_K_M
+    return cfg, per_token, GGUF_FILE_TYPES.get(gf.metadata.get("general.file_type"), main)
+
+
+GGUF_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+                   10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S",
+                   15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
 
 
 class LlamaCpp(Engine):

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
