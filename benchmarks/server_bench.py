@@ -11,9 +11,9 @@ temperature 0.7, top_p 0.9, a seed per request). Per level and server: aggregate
 (completion tokens / wall time of the level), p50/p99 time to first token and p50/p99
 inter-token latency (gaps between streamed tokens). The two servers run side by side (the idle
 one sleeps) and the levels are interleaved: llama2c then llama.cpp at each level (the order
-swaps from level to level). Both wait passively between OpenMP regions by default (llama2c
-serve's default; spinning threads stall either server for seconds on a busy machine); set
-OMP_WAIT_POLICY for llama2c and --peer-omp-wait-policy for llama.cpp to compare otherwise.
+swaps from level to level). Both get this environment's OMP_WAIT_POLICY (unset: libgomp's
+default, a short spin; set it, or --peer-omp-wait-policy for llama.cpp alone, to compare
+otherwise).
 
     python benchmarks/server_bench.py [--model FILE] [--threads 2] [--no-llama-cpp]
 
@@ -154,9 +154,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--prefill-chunk", type=int, default=None)
     ap.add_argument("--no-llama-cpp", action="store_true")
-    ap.add_argument("--peer-omp-wait-policy", default="passive",
-                    help="OMP_WAIT_POLICY of llama.cpp's server: passive (default, as llama2c "
-                         "serve's own default), active, or inherit (this environment's)")
+    ap.add_argument("--peer-omp-wait-policy", default="inherit",
+                    help="OMP_WAIT_POLICY of llama.cpp's server: inherit (default: this "
+                         "environment's, as llama2c serve gets it), passive or active")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
             s.stop()
     print(f"\n{Path(args.model).name}, {args.threads} threads, {args.prompt_tokens}-token "
           f"prompts, {args.new_tokens} new tokens, {args.requests} requests per stream; "
-          f"OMP_WAIT_POLICY llama2c {os.environ.get('OMP_WAIT_POLICY', 'passive')}, llama.cpp "
+          f"OMP_WAIT_POLICY llama2c {os.environ.get('OMP_WAIT_POLICY', 'unset')}, llama.cpp "
           f"{peer_policy}\n")
     print("| server | streams | aggregate tok/s | vs 1 stream | TTFT p50 / p99 ms | "
           "ITL p50 / p99 ms |")

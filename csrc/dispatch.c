@@ -86,3 +86,12 @@ int l2c_omp_max_threads(void) {
     return 1;
 #endif
 }
+
+int l2c_release_threads(void) {
+#if defined(_OPENMP) && (_OPENMP >= 201811 || (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10))
+    // (OpenMP 5.0; libgomp has it since GCC 10, whose _OPENMP still says 4.5)
+    return omp_pause_resource_all(omp_pause_soft) == 0 ? 1 : 0;
+#else
+    return 0;
+#endif
+}

@@ -201,6 +201,12 @@ int l2c_cpu_supports(int isa);
 // 1 if built with OpenMP; number of processors OpenMP would use by default.
 int l2c_openmp_enabled(void);
 int l2c_omp_max_threads(void);
+// End the calling thread's OpenMP worker threads (they are started again by its next parallel
+// region). libgomp counts the workers of every thread that ever ran a parallel region, and once
+// they outnumber the cores it stops spinning between regions (each region then waits for a
+// wake-up: 3-4x slower decode); so a thread that hands the engine to another one releases its
+// own. 1 if released, 0 if the OpenMP runtime cannot (or there is none).
+int l2c_release_threads(void);
 
 // ---------------------------------------------------------------------------------------------
 // model

@@ -732,11 +732,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    # Between its OpenMP regions the server runs Python (sampling, the event loop, the HTTP
-    # streams) on the same cores: threads that spin-wait for the next region then take the CPU
-    # those need (stalls of seconds on a busy machine). Sleep instead, unless told otherwise;
-    # libgomp reads this when the engine loads, which is below.
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    # OpenMP waits as libgomp does by default (a short spin, then sleep): the scheduler thread is
+    # the only one that keeps OpenMP workers (the loading thread releases its own), so the spin
+    # stays on; OMP_WAIT_POLICY=passive in the environment suits a machine shared with other
+    # busy processes (README, "Threads and OpenMP waiting").
     from .batch import parse_kv_budget
     try:
         for name in ("fastapi", "sse_starlette", "uvicorn"):

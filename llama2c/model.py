@@ -141,6 +141,7 @@ class Model:
         if isinstance(weights, LazyWeights):   # packed: the file's pages are not needed now
             weights.release()
         self.prompt_cache = PromptCache(self, max_bytes=prompt_cache_bytes)
+        _engine.release_threads()      # packing's OpenMP workers: see Generation._finish
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -303,6 +304,7 @@ class Model:
             gs._logits = out[-1].copy()
         finally:
             self.prompt_cache.release(gs)
+            _engine.release_threads()
         return out
 
     def score(self, text_or_ids, top_logprobs: int = 0, special: bool = False) -> ScoreResult:
@@ -331,6 +333,7 @@ class Model:
                 lp[start:end], top_ids[start:end], top_lp[start:end] = a, b, c
         finally:
             self.prompt_cache.release(gs)
+            _engine.release_threads()
         return ScoreResult([int(t) for t in ids], lp, top_ids, top_lp)
 
     # ---- tokens --------------------------------------------------------------------------------

@@ -90,6 +90,16 @@ def available_simd():
     return [name for name, isa in ISA_IDS.items() if l2c_kernels_exact(isa) != NULL]
 
 
+def release_threads():
+    """End the calling thread's OpenMP worker threads (csrc/llama2c.h, l2c_release_threads):
+    called by a thread that hands the engine to another one (after Model.load, when a
+    Scheduler starts), so that only the threads that compute keep workers. True if released."""
+    cdef int ok
+    with nogil:
+        ok = l2c_release_threads()
+    return bool(ok)
+
+
 def kernel_info():
     """What the engine will run: chosen kernel table, available ones, OpenMP, thread count."""
     from llama2c._threads import default_threads

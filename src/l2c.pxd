@@ -115,6 +115,7 @@ cdef extern from "llama2c.h" nogil:
     int l2c_cpu_supports(int isa)
     int l2c_openmp_enabled()
     int l2c_omp_max_threads()
+    int l2c_release_threads()
 
     ctypedef struct l2c_config:
         int64_t dim

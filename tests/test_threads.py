@@ -272,7 +272,10 @@ _TASKS_SCRIPT = textwrap.dedent("""
     kw = {} if sys.argv[1] == "default" else {"n_threads": int(sys.argv[1])}
     m = llama2c.Model(cfg, make_random_model(cfg), **kw)
     before = tasks()
-    m.logits([1, 2, 3]); m.generate([1], max_new_tokens=4, temperature=0)
+    # the engine's own session (the Python API's calls end their workers afterwards)
+    import numpy as np
+    from llama2c import _engine as E
+    E.Session(m._engine, n_threads=m.n_threads).eval(np.array([1, 2, 3], np.int32), "last")
     print(m.n_threads, tasks() - before)
 """)
 
@@ -291,3 +294,45 @@ def test_engine_uses_n_threads(arg, omp, want):
     n, extra = map(int, r.stdout.split())
     assert n == want and extra == want - 1, r.stdout
 
+
+
+def test_openmp_workers_are_released_by_threads_that_hand_the_engine_on():
+    """libgomp stops spinning between parallel regions once the OpenMP workers of all threads
+    that ever ran one outnumber the cores (decode 3-4x slower), so a call through the Python
+    API ends its thread's workers (l2c_release_threads): after load, generate, logits and
+    score the process has no OpenMP worker threads left, and a generation on another thread
+    starts from a clean count. (Counts threads, times nothing.)"""
+    code = textwrap.dedent("""
+        import os, threading, time
+        import llama2c
+        from llama2c import Config, _engine
+        from llama2c.testing import make_random_model
+        def tasks():
+            return len(os.listdir("/proc/self/task"))
+        def settled(want):
+            for _ in range(200):          # released threads exit asynchronously
+                if tasks() == want:
+                    return True
+                time.sleep(0.01)
+            return False
+        base = tasks()
+        cfg = Config(dim=128, hidden_dim=256, n_layers=2, n_heads=4, n_kv_heads=2,
+                     vocab_size=300, seq_len=64)
+        model = llama2c.Model(cfg, make_random_model(cfg, 1), n_threads=2)
+        assert settled(base), ("after load", tasks(), base)
+        model.generate([1, 2, 3], max_new_tokens=8, temperature=0)
+        assert settled(base), ("after generate", tasks(), base)
+        model.logits([1, 2, 3])
+        model.score([1, 2, 3])
+        assert settled(base), ("after logits/score", tasks(), base)
+        out = []
+        th = threading.Thread(target=lambda: out.append(
+            model.generate([1, 2, 3], max_new_tokens=8, temperature=0).token_ids))
+        th.start(); th.join()
+        assert settled(base), ("after a thread's generate", tasks(), base)
+        assert out[0] == model.generate([1, 2, 3], max_new_tokens=8, temperature=0).token_ids
+        print("OK", _engine.release_threads())
+    """)
+    r = run_python(code, env={"OMP_NUM_THREADS": "2"}, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "OK True"
