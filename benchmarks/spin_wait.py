@@ -1,6 +1,6 @@
 """How OpenMP's waiting between parallel regions affects llama2c on an idle and on a loaded
 machine (a script, not a test): the measurement behind the README's advice on
-OMP_WAIT_POLICY (libgomp's default for the library, passive for `llama2c serve`).
+OMP_WAIT_POLICY (libgomp's default, passive on a shared machine).
 
 Between two parallel regions (one per matmul, attention, ... : hundreds per token) OpenMP's
 worker threads wait for the next one. libgomp's default (OMP_WAIT_POLICY unset) spins about
@@ -31,7 +31,7 @@ DATA = Path(os.environ.get("LLAMA2C_TEST_DATA", ROOT.parent / "shared"))
 POLICIES = {
     "libgomp default (spin ~300k; llama2c's default)": {},
     "GOMP_SPINCOUNT=1000": {"GOMP_SPINCOUNT": "1000"},
-    "OMP_WAIT_POLICY=passive (llama2c serve's default)": {"OMP_WAIT_POLICY": "passive"},
+    "OMP_WAIT_POLICY=passive": {"OMP_WAIT_POLICY": "passive"},
 }
 
 CHILD = r"""
