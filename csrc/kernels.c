@@ -14,6 +14,7 @@
 // Threads: each kernel has at most one parallel region, over output rows (matmul), rows of a
 // batch (rmsnorm, rope, swiglu), attention tiles and blocks (attention.c) or chunks (add).
 #include "kernels_common.h"
+#include "vec.h"
 
 #ifndef L2C_KERNELS_NAME
 #error "define L2C_KERNELS_NAME (see csrc/arch/)"
@@ -41,7 +42,6 @@ static void matmul(float *restrict out, const float *restrict x, const l2c_qact 
 // ---------------------------------------------------------------------------------------------
 // row-wise kernels (RMSNorm, RoPE, SwiGLU, add, softmax, the read probe), the KV store and the
 // attention over the KV pool
-#include "vec.h"
 #include "ops.c"
 #include "attention.c"
 

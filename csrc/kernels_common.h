@@ -119,14 +119,6 @@ static inline float l2c_scale_at(const void *s, int64_t i, int f16) {
 
 // ---- vector helpers -----------------------------------------------------------------------------
 #if defined(L2C_X256)
-static inline float hsum256(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    __m128 sh = _mm_movehdup_ps(lo);
-    lo = _mm_add_ps(lo, sh);
-    sh = _mm_movehl_ps(sh, lo);
-    return _mm_cvtss_f32(_mm_add_ss(lo, sh));
-}
 // 8 scales (halves or floats) starting at s[i]
 L2C_INLINE __m256 load8_scales(const void *s, int64_t i, int f16) {
     return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)s + i)))

@@ -6,6 +6,7 @@
 // generic table), enough chains to cover the instruction's latency at full throughput. The
 // return value is the operations done (2 per multiply-add); the caller times the call.
 #include "kernels_common.h"
+#include "vec.h"
 
 #define PEAK_CHAINS 12
 
@@ -26,7 +27,7 @@ static double peak_thread(int kind, int64_t reps, int64_t seed) {
         for (int c = 0; c < PEAK_CHAINS; c++) acc[c] = _mm256_set1_ps((float)(c + seed));
         for (int64_t i = 0; i < reps; i++)
             for (int c = 0; c < PEAK_CHAINS; c++) acc[c] = _mm256_fmadd_ps(acc[c], a, b);
-        for (int c = 0; c < PEAK_CHAINS; c++) sink += hsum256(acc[c]);
+        for (int c = 0; c < PEAK_CHAINS; c++) sink += vf_hsum(acc[c]);
         return sink * 0.0 + (double)reps * PEAK_CHAINS * 8 * 2;
 #else
         float acc[4 * PEAK_CHAINS];

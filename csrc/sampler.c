@@ -130,11 +130,9 @@ int l2c_sampler_set_bias(l2c_sampler *sp, const int32_t *ids, const float *bias,
 
 void l2c_sampler_reset_window(l2c_sampler *sp) {
     if (!sp->window) return;
-    const int64_t cap = sp->p.penalty_last_n;
     for (int64_t j = 0; j < sp->window_len; j++) sp->counts[sp->window[j]] = 0;
     sp->window_len = 0;
     sp->window_pos = 0;
-    (void)cap;
 }
 
 int l2c_sampler_accept(l2c_sampler *sp, int32_t token) {

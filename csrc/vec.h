@@ -1,4 +1,4 @@
-// vec.h: a thin float-vector layer for the kernels of ops.c and attention.c, one definition per
+// vec.h: a thin float-vector layer for the kernels of ops.c, attention.c and the peak probe, one definition per
 // kernel table (included from csrc/kernels.c, so __AVX512F__ / __AVX2__ say which table is being
 // compiled). VL lanes: 16 (avx512), 8 (avx2), 1 (generic: plain C floats, so the generic build
 // of a kernel written with these is its scalar twin, line for line).

@@ -372,7 +372,7 @@ class Scheduler:
                 self._thread = threading.Thread(target=self._loop, name="llama2c-scheduler",
                                                 daemon=True)
                 self._thread.start()
-        _engine.release_threads()       # this thread's OpenMP workers (see Generation._finish)
+        _engine.release_threads()       # this thread's OpenMP workers (see Generation._chunks)
         return self
 
     def close(self, timeout: float | None = None) -> None:

@@ -743,8 +743,7 @@ class Generation:
         self.sampler = opts.sampler(model.vocab_size, seed, context)
         if self.own_rng:
             self.sampler.rng_state = session._rng_state
-        if opts.penalties_on:
-            self.sampler.accept_many(np.asarray(tokens[-opts.penalty_last_n:], dtype=np.int32))
+        self._fill_window()
         self.usage = Usage(prompt_tokens=len(tokens))
         self.generated: list = []
         self.logprobs = [] if opts.logprobs is not None else None
@@ -918,6 +917,19 @@ class Generation:
             if self.finish_reason is None:
                 self.finish_reason = "cancelled"        # closed stream, exception
             self._finish()
+            # End this thread's OpenMP workers: libgomp stops spinning between parallel
+            # regions once the workers of all threads that ran one outnumber the cores, so a
+            # thread that generated once (the main thread that loaded the model, a web
+            # framework's worker) must not keep them while another thread generates (3-4x
+            # slower decode otherwise); the next call starts them again (tens of
+            # microseconds). A driver of its own (the batch scheduler) keeps its workers.
+            _engine.release_threads()
+
+    def _fill_window(self) -> None:
+        """The penalties' window: the last penalty_last_n tokens of the context."""
+        if self.opts.penalties_on:
+            self.sampler.accept_many(np.asarray(
+                self.session._tokens[-self.opts.penalty_last_n:], np.int32))
 
     def _decode(self, row: np.ndarray, per_token: bool):
         sess, sampler = self.session._sess, self.sampler
@@ -947,10 +959,8 @@ class Generation:
                     if i < n_out - 1:               # rewind what the run did past the end
                         sess.truncate(base + i)
                         sampler.rng_state = int(rng[i])
-                        if self.opts.penalties_on:
-                            sampler.reset_window()
-                            sampler.accept_many(np.asarray(
-                                self.session._tokens[-self.opts.penalty_last_n:], np.int32))
+                        sampler.reset_window()
+                        self._fill_window()
                     yield chunk
                     return
                 yield chunk
@@ -1009,12 +1019,6 @@ class Generation:
         if self._done:
             return
         self._done = True
-        # End this thread's OpenMP workers: libgomp stops spinning between parallel regions
-        # once the workers of all threads that ran one outnumber the cores, so a thread that
-        # generated once (the main thread that loaded the model, a web framework's worker)
-        # must not keep them while another thread generates (3-4x slower decode otherwise).
-        # The next call starts them again (tens of microseconds).
-        _engine.release_threads()
         if self.own_rng:
             self.session._rng_state = self.sampler.rng_state
         if self.on_done is not None:

@@ -141,7 +141,7 @@ class Model:
         if isinstance(weights, LazyWeights):   # packed: the file's pages are not needed now
             weights.release()
         self.prompt_cache = PromptCache(self, max_bytes=prompt_cache_bytes)
-        _engine.release_threads()      # packing's OpenMP workers: see Generation._finish
+        _engine.release_threads()      # packing's OpenMP workers: see Generation._chunks
 
     # ---- construction ----------------------------------------------------------------------
 

@@ -248,10 +248,10 @@ def quantize_weights(cfg, weights: dict, group_size: int = 64, progress=None, bi
     a multiple of 8)."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    from .loaders.dtypes import EIGHT_BIT_IN_Q4    # (loaders.dtypes imports this module)
     quant = quantize_q8 if bits == 8 else quantize_q4
     out = {}
     for name, t in weights.items():
-        from .loaders.dtypes import EIGHT_BIT_IN_Q4
         keep8 = bits == 4 and name in EIGHT_BIT_IN_Q4 and not (isinstance(t, QTensor) and t.bits == 4)
         if isinstance(t, QTensor) and t.group_size == group_size and t.bits <= bits:
             out[name] = widen_to_int8(t) if bits == 8 else t
