@@ -147,6 +147,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="int8",
+                    help="llama2c's weight type (default int8, as the issue's benchmark; auto: as "
+                         "stored); llama.cpp runs the file as stored")
     ap.add_argument("--concurrency", default="1,4,8,16")
     ap.add_argument("--requests", type=int, default=2, help="requests per stream (default 2)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
@@ -169,7 +172,7 @@ def main(argv=None) -> int:
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     ours_argv = [sys.executable, "-m", "llama2c", "serve", args.model, "--threads",
-                 str(args.threads), "--context", "2048", "--max-batch", str(args.max_batch),
+                 str(args.threads), "--dtype", args.dtype, "--context", "2048", "--max-batch", str(args.max_batch),
                  "--log-level", "warning"]
     if args.prefill_chunk:
         ours_argv += ["--prefill-chunk", str(args.prefill_chunk)]
@@ -207,8 +210,8 @@ def main(argv=None) -> int:
     finally:
         for s in servers:
             s.stop()
-    print(f"\n{Path(args.model).name}, {args.threads} threads, {args.prompt_tokens}-token "
-          f"prompts, {args.new_tokens} new tokens, {args.requests} requests per stream; "
+    print(f"\n{Path(args.model).name} (llama2c: --dtype {args.dtype}; llama.cpp: as stored), "
+          f"{args.threads} threads, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, {args.requests} requests per stream; "
           f"OMP_WAIT_POLICY llama2c {os.environ.get('OMP_WAIT_POLICY', 'unset')}, llama.cpp "
           f"{peer_policy}\n")
     print("| server | streams | aggregate tok/s | vs 1 stream | TTFT p50 / p99 ms | "

@@ -367,7 +367,7 @@ static void scale_queries(float *restrict Qs, const float *restrict q, int64_t r
 // bring a slab's first `bytes` toward the cache ahead of use (the next block of a decode row)
 static inline void prefetch_slab(const uint8_t *p, int64_t bytes) {
 #if defined(__AVX2__) || defined(__AVX512F__)
-    for (int64_t i = 0; i < bytes; i += 128) _mm_prefetch((const char *)p + i, _MM_HINT_T0);
+    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch((const char *)p + i, _MM_HINT_T0);
 #else
     (void)p;
     (void)bytes;
@@ -383,8 +383,14 @@ static void block_task(float *restrict part, const float *restrict Q, const l2c_
     const int64_t g = n_heads / pool->n_kv_heads, pos = sp->pos0 + r;
     const int64_t nv = pos - b * P + 1 < P ? pos - b * P + 1 : P, np = l2c_pad16(nv);
     const uint8_t *slab = l2c_kv_slab(pool, sp->blocks[b], layer, h);
-    if (b < pos / P)
-        prefetch_slab(l2c_kv_slab(pool, sp->blocks[b + 1], layer, h), pool->slab_bytes);
+    // the slab of block b + L2C_ATT_PREFETCH of this kv head (the first task of a row also
+    // fetches the ones before it): by then this thread has done the blocks between
+    const int64_t last = pos / P;
+    if (b == 0)
+        for (int64_t k = 1; k < L2C_ATT_PREFETCH && k <= last; k++)
+            prefetch_slab(l2c_kv_slab(pool, sp->blocks[k], layer, h), pool->slab_bytes);
+    if (b + L2C_ATT_PREFETCH <= last)
+        prefetch_slab(l2c_kv_slab(pool, sp->blocks[b + L2C_ATT_PREFETCH], layer, h), pool->slab_bytes);
     const att_block blk = get_block(pool, slab, np, nv, 0, a->kf, a->vf);
     scores(a->S, P, Q, hsp, g, blk.et, blk.K, P, hs, np);
     float *m = part, *l = part + g, *o = part + 2 * g;
@@ -485,12 +491,17 @@ static void attention(float *restrict out, const float *restrict q, const l2c_kv
         if (sp->n > L2C_ATT_SPLIT_ROWS) continue;
         for (int64_t r = 0; r < sp->n; r++) {
             const int64_t nb = (sp->pos0 + r) / P + 1;
-            for (int64_t h = 0; h < nkv; h++, nm++) {
-                merges[nm] = (l2c_att_merge){(int32_t)s, (int32_t)r, (int32_t)h, (int32_t)nb, slot, 0, 0};
-                for (int64_t b = 0; b < nb; b++, slot += stride)
+            // tasks in block order, the kv heads of a block side by side: their slabs are
+            // adjacent in the pool, so a thread's run of tasks reads one stream of memory
+            for (int64_t h = 0; h < nkv; h++)
+                merges[nm + h] = (l2c_att_merge){(int32_t)s, (int32_t)r, (int32_t)h, (int32_t)nb,
+                                                 slot + h * nb * stride, 0, 0};
+            for (int64_t b = 0; b < nb; b++)
+                for (int64_t h = 0; h < nkv; h++)
                     items[ni++] = (l2c_att_item){(int32_t)s, (int32_t)r, (int32_t)h, (int32_t)b,
-                                                 (int32_t)nm, 0, slot};
-            }
+                                                 (int32_t)(nm + h), 0, slot + (h * nb + b) * stride};
+            nm += nkv;
+            slot += nkv * nb * stride;
             work += sp->pos0 + r + 1;
         }
     }
@@ -507,8 +518,8 @@ static void attention(float *restrict out, const float *restrict q, const l2c_kv
             const int64_t nr = sp->n - it->row < L2C_ATT_ROWS ? sp->n - it->row : L2C_ATT_ROWS;
             tile_task(out, Q, pool, layer, sp, it->row, nr, it->head, n_heads, &a);
         }
-        // blocks in runs of 4 per thread (each task prefetches its next block); the task that
-        // completes a row's partials merges them, in block order
+        // tasks in runs of 4 per thread (each prefetches its kv head's block L2C_ATT_PREFETCH
+        // ahead); the task that completes a row's partials merges them, in block order
         L2C_PRAGMA(omp for schedule(dynamic, 4) nowait)
         for (int64_t i = n_tiles; i < ni; i++) {
             const l2c_att_item *it = &items[i];
