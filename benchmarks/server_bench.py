@@ -152,6 +152,9 @@ def main(argv=None) -> int:
                          "stored); llama.cpp runs the file as stored")
     ap.add_argument("--concurrency", default="1,4,8,16")
     ap.add_argument("--requests", type=int, default=2, help="requests per stream (default 2)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the levels this many times (interleaved); each row is the round "
+                         "with the best aggregate tok/s (default 1)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--max-batch", type=int, default=16)
@@ -199,19 +202,24 @@ def main(argv=None) -> int:
             asyncio.run(level(s, models[s.name], [warm], 1, 1, 8, ban, 0))
         with open("/proc/loadavg") as f:
             print(f"load average before: {f.read().split()[:3]}", file=sys.stderr)
-        rows = []
-        for n, c in enumerate(levels):
-            order = servers if n % 2 == 0 else servers[::-1]
-            for s in order:
-                row = level(s, models[s.name], prompts, c, args.requests, args.new_tokens, ban,
-                            1000 * c)
-                rows.append(asyncio.run(row))
-                print(json.dumps(rows[-1]), file=sys.stderr)
+        best = {}
+        for rnd in range(args.rounds):
+            for n, c in enumerate(levels):
+                order = servers if (n + rnd) % 2 == 0 else servers[::-1]
+                for s in order:
+                    row = asyncio.run(level(s, models[s.name], prompts, c, args.requests,
+                                            args.new_tokens, ban, 1000 * c))
+                    print(json.dumps(row), file=sys.stderr)
+                    key = (s.name, c)
+                    if key not in best or row["tok_s"] > best[key]["tok_s"]:
+                        best[key] = row
+        rows = list(best.values())
     finally:
         for s in servers:
             s.stop()
     print(f"\n{Path(args.model).name} (llama2c: --dtype {args.dtype}; llama.cpp: as stored), "
-          f"{args.threads} threads, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, {args.requests} requests per stream; "
+          f"{args.threads} threads, {args.prompt_tokens}-token prompts, {args.new_tokens} new "
+          f"tokens, {args.requests} requests per stream, best of {args.rounds} round(s); "
           f"OMP_WAIT_POLICY llama2c {os.environ.get('OMP_WAIT_POLICY', 'unset')}, llama.cpp "
           f"{peer_policy}\n")
     print("| server | streams | aggregate tok/s | vs 1 stream | TTFT p50 / p99 ms | "

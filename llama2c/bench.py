@@ -669,10 +669,11 @@ def long_context(engines: list, contexts: list, n_decode: int, threads: int, rou
                     progress(f"round {r + 1}/{rounds}: {e.label}, context {n}: {pre}"
                              f"decode {n_decode / m['decode']:.1f} tok/s")
                 old = out.get((e.label, n))
-                if old is not None:         # the best times of the rounds, the last memory
-                    m["decode"] = min(m["decode"], old["decode"])
-                    if m["prefill"] is not None:
-                        m["prefill"] = min(m["prefill"], old["prefill"])
+                if old is not None:         # the best times of the rounds, the first round's
+                    m["decode"] = min(m["decode"], old["decode"])   # memory (later rounds
+                    if m["prefill"] is not None:                    # find the largest context's
+                        m["prefill"] = min(m["prefill"], old["prefill"])   # cache in use)
+                    m["rss"] = old["rss"]
                 out[e.label, n] = m
     return out
 
