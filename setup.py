@@ -47,7 +47,8 @@ ISA_FLAGS = {
 }
 KERNEL_SOURCES = ["csrc/kernels.c", "csrc/kernels_common.h", "csrc/kernels_f32.c",
                   "csrc/kernels_q8.c", "csrc/kernels_q4.c", "csrc/kernels_peak.c",
-                  "csrc/ops.c", "csrc/attention.c", "csrc/vec.h", "csrc/kv.h", "csrc/llama2c.h"]
+                  "csrc/ops.c", "csrc/attention.c", "csrc/sample_ops.c", "csrc/sample_exp.h",
+                  "csrc/vec.h", "csrc/kv.h", "csrc/llama2c.h"]
 
 CYTHON_DIRECTIVES = {
     "language_level": 3,

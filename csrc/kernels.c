@@ -40,10 +40,12 @@ static void matmul(float *restrict out, const float *restrict x, const l2c_qact 
 }
 
 // ---------------------------------------------------------------------------------------------
-// row-wise kernels (RMSNorm, RoPE, SwiGLU, add, softmax, the read probe), the KV store and the
-// attention over the KV pool
+// row-wise kernels (RMSNorm, RoPE, SwiGLU, add, softmax, the read probe), the KV store, the
+// attention over the KV pool and the sampler's vocabulary passes
 #include "ops.c"
 #include "attention.c"
+// the sampler's passes over the vocabulary (last: it turns floating-point contraction off)
+#include "sample_ops.c"
 
 // ---------------------------------------------------------------------------------------------
 
@@ -61,4 +63,8 @@ const l2c_kernels L2C_KERNELS_NAME = {
     .attention = attention,
     .read_sum = read_sum,
     .peak = peak,
+    .vocab_max = vocab_max,
+    .vocab_exp = vocab_exp,
+    .vocab_sum = vocab_sum,
+    .vocab_select = vocab_select,
 };

@@ -190,6 +190,16 @@ typedef struct l2c_kernels {
     // (kind L2C_PEAK_FP32) or int8 dot instruction (L2C_PEAK_INT8) on each of n_threads
     // threads; returns the operations done (the caller times it)
     double (*peak)(int kind, int64_t reps, int n_threads);
+    // the sampler's passes over the vocabulary (csrc/sample_ops.c; every table computes the
+    // same bits): max of v (n,) ignoring NaNs; p = exp((l - mx) * inv_t) (0 below expf's range,
+    // NaN as -inf); the sum of p in float64 by blocks of L2C_SAMPLER_BLOCK (block sums into
+    // block_sum, may be NULL); the ids i with p[i] >= thr, ascending, into ids (returns count)
+    float (*vocab_max)(const float *restrict v, int64_t n);
+    void (*vocab_exp)(float *restrict p, const float *restrict l, int64_t n, float mx,
+                      float inv_t);
+    double (*vocab_sum)(double *restrict block_sum, const float *restrict p, int64_t n);
+    int64_t (*vocab_select)(int32_t *restrict ids, const float *restrict p, int64_t n,
+                            float thr);
 } l2c_kernels;
 
 // The best table this CPU supports, capped at max_isa (use L2C_ISA_COUNT for no cap).
@@ -497,6 +507,7 @@ typedef struct l2c_sampler {
     int32_t *idx, *idx2;        // (vocab_size,) scratch
     double *block_sum;          // (vocab_size / 512 + 1,) scratch
     double *hist;               // (4096,) scratch
+    const struct l2c_kernels *k;  // the table of the vocabulary passes (init: the best)
 } l2c_sampler;
 
 void l2c_sampler_params_default(l2c_sampler_params *p);  // every step off, temperature 1
@@ -504,6 +515,8 @@ void l2c_sampler_params_default(l2c_sampler_params *p);  // every step off, temp
 int l2c_sampler_init(l2c_sampler *sp, int64_t vocab_size, const l2c_sampler_params *p,
                      uint64_t seed);
 void l2c_sampler_free(l2c_sampler *sp);
+// The kernel table whose vocabulary passes the sampler runs (the same draws on every table).
+void l2c_sampler_set_kernels(l2c_sampler *sp, const l2c_kernels *k);
 // Replace the logit bias with n (ids[i], bias[i]) pairs (copied). L2C_ERR_TOKEN for an id out
 // of range, L2C_ERR_ARG for a NaN or +inf bias.
 int l2c_sampler_set_bias(l2c_sampler *sp, const int32_t *ids, const float *bias, int64_t n);

@@ -5,15 +5,17 @@
 //
 // No step sorts the vocabulary: top-k keeps a k-entry heap, top-p/min-p first drop the tokens
 // that provably cannot be kept and then pop the rest from a heap in descending order, only as
-// far as the kept set reaches.
+// far as the kept set reaches. The passes over the whole vocabulary (max, exp, sums, the
+// candidates) are the kernel table's (csrc/sample_ops.c: the same bits on every table).
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "llama2c.h"
+#include "sample_exp.h"
 
-#define SAMPLER_BLOCK 512  // tokens per block of the probability sums (see sum_blocks)
+#define SAMPLER_BLOCK L2C_SAMPLER_BLOCK
 #define HIST_MAX 4096      // buckets of the top-p histogram (see bucket_key)
 
 // ---------------------------------------------------------------------------------------------
@@ -66,6 +68,7 @@ int l2c_sampler_init(l2c_sampler *sp, int64_t vocab_size, const l2c_sampler_para
     sp->p = *p;
     if (sp->p.top_k >= vocab_size) sp->p.top_k = 0;  // keeps everything: off
     sp->rng_state = l2c_seed_state(seed);
+    sp->k = l2c_kernels_get(L2C_ISA_COUNT);
     sp->work = malloc((size_t)vocab_size * sizeof(float));
     sp->probs = malloc((size_t)vocab_size * sizeof(float));
     sp->idx = malloc((size_t)vocab_size * sizeof(int32_t));
@@ -83,6 +86,10 @@ int l2c_sampler_init(l2c_sampler *sp, int64_t vocab_size, const l2c_sampler_para
         return L2C_ERR_NOMEM;
     }
     return L2C_OK;
+}
+
+void l2c_sampler_set_kernels(l2c_sampler *sp, const l2c_kernels *k) {
+    if (sp && k) sp->k = k;
 }
 
 void l2c_sampler_free(l2c_sampler *sp) {
@@ -182,89 +189,22 @@ static const float *adjusted_logits(l2c_sampler *sp, const float *logits) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// helpers: max / argmax, a fast exp, heaps of token ids
-
-// max of v (n,) ignoring NaNs (-inf when there is nothing else); 8 lanes so that the compiler
-// can use vector max instructions
-static float max_f32(const float *restrict v, int64_t n) {
-    float m[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY,
-                  -INFINITY, -INFINITY, -INFINITY, -INFINITY};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) m[j] = v[i + j] > m[j] ? v[i + j] : m[j];
-    for (; i < n; i++) m[0] = v[i] > m[0] ? v[i] : m[0];
-    float mx = m[0];
-    for (int j = 1; j < 8; j++) mx = m[j] > mx ? m[j] : mx;
-    return mx;
-}
+// helpers: argmax, exp of one value, heaps of token ids (the passes over the whole vocabulary
+// are the kernel table's: csrc/sample_ops.c)
 
 // the first index of the largest value (NaNs ignored; 0 if there is none)
-static int32_t argmax(const float *v, int64_t n) {
-    const float mx = max_f32(v, n);
+static int32_t argmax(const l2c_kernels *k, const float *v, int64_t n) {
+    const float mx = k->vocab_max(v, n);
     for (int64_t i = 0; i < n; i++)
         if (v[i] == mx) return (int32_t)i;
     return 0;
 }
-
-// exp(x) for -87 <= x <= 0 to within 2 ulp of expf (Cephes' expf: Cody-Waite reduction by
-// ln 2, a degree-5 polynomial, the exponent added to the bits) in operations the compiler
-// vectorizes, so that the vocabulary's exps cost a fraction of a libm loop.
-static inline float exp_core(float x) {
-    float k = x * 1.44269504088896341f + 12582912.0f;  // round(x / ln 2) via 1.5 * 2^23
-    k -= 12582912.0f;
-    float r = x - k * 0.693359375f;
-    r = r - k * -2.12194440e-4f;
-    float y = 1.9875691500e-4f;
-    y = y * r + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    y = y * r * r + r + 1.0f;
-    union { float f; int32_t i; } scale;
-    scale.i = ((int32_t)k + 127) << 23;
-    return y * scale.f;
-}
-
-#define EXP_MIN (-87.0f)      // exp_core's lower limit
-#define EXP_ZERO (-87.3f)     // below this exp(x) is taken as 0 (expf's float range ends there)
 
 // exp((v - mx) * inv_t) of one value (NaN counts as -inf)
 static inline float exp_shift1(float v, float mx, float inv_t) {
     const float t = (v - mx) * inv_t;
     if (!(t >= EXP_ZERO)) return 0.0f;
     return exp_core(t >= EXP_MIN ? t : EXP_MIN);
-}
-
-// p[i] = exp((l[i] - mx) * inv_t) for i < n (NaN as -inf); three loops that vectorize (a select
-// in the same loop as exp_core's float->int conversion stops gcc's vectorizer)
-static void exp_shift(float *restrict p, const float *restrict l, int64_t n, float mx, float inv_t) {
-    for (int64_t i = 0; i < n; i++) {
-        const float t = (l[i] - mx) * inv_t;
-        p[i] = t >= EXP_MIN ? t : EXP_MIN;
-    }
-    for (int64_t i = 0; i < n; i++) p[i] = exp_core(p[i]);
-    for (int64_t i = 0; i < n; i++) p[i] = (l[i] - mx) * inv_t >= EXP_ZERO ? p[i] : 0.0f;
-}
-
-// sum of p (n,) in float64, through 8 float partial sums per block of SAMPLER_BLOCK (512 terms
-// <= 1 each: float is exact enough) so that it vectorizes; block sums into block_sum[] (may be
-// NULL) so that a draw can skip whole blocks
-static double sum_blocks(double *restrict block_sum, const float *restrict p, int64_t n) {
-    double z = 0.0;
-    for (int64_t b = 0; b < n; b += SAMPLER_BLOCK) {
-        const int64_t e = b + SAMPLER_BLOCK < n ? b + SAMPLER_BLOCK : n;
-        float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int64_t i = b;
-        for (; i + 8 <= e; i += 8)
-            for (int j = 0; j < 8; j++) s[j] += p[i + j];
-        double zb = 0.0;
-        for (; i < e; i++) zb += p[i];
-        for (int j = 0; j < 8; j++) zb += s[j];
-        if (block_sum) block_sum[b / SAMPLER_BLOCK] = zb;
-        z += zb;
-    }
-    return z;
 }
 
 // "a ranks before b": larger key first, then the lower id
@@ -382,10 +322,10 @@ int32_t l2c_sample(l2c_sampler *sp, const float *logits) {
     const int64_t n = sp->vocab_size;
     const float *l = adjusted_logits(sp, logits);                              // steps 1-2
     const l2c_sampler_params *P = &sp->p;
-    if (P->temperature == 0.0f) return argmax(l, n);                            // step 3
+    if (P->temperature == 0.0f) return argmax(sp->k, l, n);                     // step 3
     const float coin = l2c_random_f32(&sp->rng_state);
     const float inv_t = 1.0f / P->temperature;
-    if (!isfinite(inv_t)) return argmax(l, n);  // a temperature so small it is greedy
+    if (!isfinite(inv_t)) return argmax(sp->k, l, n);  // a temperature so small it is greedy
     float *p = sp->probs;
     int32_t *ids = sp->idx;
     const int use_p = P->top_p < 1.0f, use_min = P->min_p > 0.0f;
@@ -394,13 +334,13 @@ int32_t l2c_sample(l2c_sampler *sp, const float *logits) {
         const int64_t k = P->top_k;
         top_k_ids(ids, l, n, k);
         const float mx = l[ids[0]];
-        if (!isfinite(mx)) return argmax(l, n);
+        if (!isfinite(mx)) return argmax(sp->k, l, n);
         double z = 0.0;
         for (int64_t j = 0; j < k; j++) {                                       // step 4
             p[ids[j]] = exp_shift1(l[ids[j]], mx, inv_t);
             z += p[ids[j]];
         }
-        if (!(z > 0.0) || !isfinite(z)) return argmax(l, n);
+        if (!(z > 0.0) || !isfinite(z)) return argmax(sp->k, l, n);
         int64_t kept = k;
         double mass = z;
         if (use_p || use_min) {                                                 // steps 6-7
@@ -418,12 +358,12 @@ int32_t l2c_sample(l2c_sampler *sp, const float *logits) {
         return draw(ids, kept, p, mass, coin);                                  // step 8
     }
 
-    const float mx = max_f32(l, n);                                             // step 4
-    if (!isfinite(mx)) return argmax(l, n);
+    const float mx = sp->k->vocab_max(l, n);                                    // step 4
+    if (!isfinite(mx)) return argmax(sp->k, l, n);
     double *block_sum = sp->block_sum;
-    exp_shift(p, l, n, mx, inv_t);
-    const double z = sum_blocks(block_sum, p, n);
-    if (!(z > 0.0) || !isfinite(z)) return argmax(l, n);  // (cannot happen: p[argmax] = 1)
+    sp->k->vocab_exp(p, l, n, mx, inv_t);
+    const double z = sp->k->vocab_sum(block_sum, p, n);
+    if (!(z > 0.0) || !isfinite(z)) return argmax(sp->k, l, n);  // (cannot happen: p[argmax] = 1)
     if (!use_p && !use_min) {                                                   // step 8, by id
         const double r = (double)coin * z;
         double cdf = 0.0;
@@ -438,7 +378,7 @@ int32_t l2c_sample(l2c_sampler *sp, const float *logits) {
             cdf += p[i];
             if (r < cdf) return (int32_t)i;
         }
-        return last >= 0 ? (int32_t)last : argmax(l, n);  // rounding
+        return last >= 0 ? (int32_t)last : argmax(sp->k, l, n);  // rounding
     }
     // Candidates: a kept token has p >= min_p (the largest p is 1), and a token below the top
     // can be in the nucleus only if the mass from it on, at most (n - 1) p, exceeds
@@ -449,9 +389,7 @@ int32_t l2c_sample(l2c_sampler *sp, const float *logits) {
         const double cut = 0.999 * (1.0 - (double)P->top_p) * z / (double)(n - 1);
         if (cut > thr) thr = cut < 1.0 ? (float)cut : 1.0f;
     }
-    int64_t nc = 0;
-    for (int64_t i = 0; i < n; i++)
-        if (p[i] >= thr) ids[nc++] = (int32_t)i;
+    const int64_t nc = sp->k->vocab_select(ids, p, n, thr);
     // Steps 6-7 without sorting the candidates: a histogram of their mass by the top bits of
     // p (HIST_BITS mantissa bits: buckets ordered as p), walked from the top, finds the bucket
     // where the kept mass reaches top_p * z; only that bucket's tokens are ordered (a heap).
@@ -512,9 +450,10 @@ int l2c_logprobs(float *restrict token_lp, int32_t *restrict top_ids, float *res
     if (n <= 0 || k < 0 || k > n || token < -1 || token >= n || !work ||
         (k > 0 && (!top_ids || !top_lp || !scratch)))
         return L2C_ERR_ARG;
-    const float mx = max_f32(logits, n);
-    exp_shift(work, logits, n, mx, 1.0f);
-    const double log_z = (double)mx + log(sum_blocks(NULL, work, n));
+    const l2c_kernels *kt = l2c_kernels_get(L2C_ISA_COUNT);
+    const float mx = kt->vocab_max(logits, n);
+    kt->vocab_exp(work, logits, n, mx, 1.0f);
+    const double log_z = (double)mx + log(kt->vocab_sum(NULL, work, n));
     if (token >= 0 && token_lp) *token_lp = (float)((double)logits[token] - log_z);
     if (k > 0) {
         top_k_ids(scratch, logits, n, k);

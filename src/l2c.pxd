@@ -203,10 +203,12 @@ cdef extern from "llama2c.h" nogil:
         l2c_sampler_params p
         uint64_t rng_state
         int64_t window_len
+        const l2c_kernels *k
 
     void l2c_sampler_params_default(l2c_sampler_params *p)
     int l2c_sampler_init(l2c_sampler *sp, int64_t vocab_size, const l2c_sampler_params *p, uint64_t seed)
     void l2c_sampler_free(l2c_sampler *sp)
+    void l2c_sampler_set_kernels(l2c_sampler *sp, const l2c_kernels *k)
     int l2c_sampler_set_bias(l2c_sampler *sp, const int32_t *ids, const float *bias, int64_t n)
     int l2c_sampler_accept(l2c_sampler *sp, int32_t token)
     void l2c_sampler_reset_window(l2c_sampler *sp)

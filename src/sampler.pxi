@@ -10,13 +10,15 @@ cdef class Sampler:
 
     Positional arguments keep the earlier (vocab_size, temperature, top_p, top_k, seed) form.
     The penalty window holds what accept()/accept_many() pushed: the caller pushes the context
-    (prompt included) and then each token it keeps."""
+    (prompt included) and then each token it keeps. simd: the kernel table of its passes over
+    the vocabulary (None: the default table; every table draws the same tokens)."""
     cdef l2c_sampler sp
 
     def __init__(self, int64_t vocab_size, double temperature=1.0, double top_p=1.0,
                  int64_t top_k=0, uint64_t seed=0, *, double min_p=0.0,
                  double repetition_penalty=1.0, double presence_penalty=0.0,
-                 double frequency_penalty=0.0, int64_t penalty_last_n=0, logit_bias=None):
+                 double frequency_penalty=0.0, int64_t penalty_last_n=0, logit_bias=None,
+                 simd=None):
         cdef l2c_sampler_params p
         if vocab_size <= 0 or vocab_size > 2**31 - 1:
             raise ValueError(f"vocab_size must be in [1, 2**31), got {vocab_size}")
@@ -46,6 +48,7 @@ cdef class Sampler:
         p.penalty_last_n = penalty_last_n
         l2c_sampler_free(&self.sp)          # __init__ called again: start over
         _check(l2c_sampler_init(&self.sp, vocab_size, &p, seed), "sampler")
+        l2c_sampler_set_kernels(&self.sp, _table(simd))
         if logit_bias:
             self._set_bias(logit_bias)
 
@@ -81,6 +84,11 @@ cdef class Sampler:
         if state == 0:
             raise ValueError("rng_state must be nonzero (xorshift's state)")
         self.sp.rng_state = state
+
+    @property
+    def simd(self):
+        """The kernel table of the passes over the vocabulary."""
+        return self.sp.k.name.decode()
 
     @property
     def window_len(self):

@@ -163,6 +163,37 @@ def test_sampler_matches_numpy_twin(case, V):
         assert len(set(got)) > 1      # the draws are really random
 
 
+@pytest.mark.parametrize("V", [1001, 49152])
+@pytest.mark.parametrize("case", ["plain", "temperature", "top_p", "min_p", "min_p_tiny",
+                                  "top_p_near_1", "chained_no_k"])
+def test_every_kernel_table_draws_the_same_tokens(case, V):
+    """The passes over the vocabulary (max, exp, sums, the top-p / min-p candidates) run on
+    the kernel table's registers (csrc/sample_ops.c) and compute the same bits on every
+    table, so the draws and the probabilities they come from are identical."""
+    kw = CHAIN_CASES[case]
+    rest = {k: v for k, v in kw.items() if k not in ("temperature", "top_p", "top_k")}
+    logits = [fixed_logits(V, seed) for seed in range(6)]
+    logits[1][::7] = np.nan                          # NaN counts as -inf
+    logits[2][:3] = np.float32(80.0)                 # ties at the top
+    draws = {}
+    for simd in E.available_simd():
+        s = E.Sampler(V, kw.get("temperature", 1.0), kw.get("top_p", 1.0), 0, 99, simd=simd,
+                      **rest)
+        assert s.simd == simd
+        draws[simd] = [s.sample(logits[i % len(logits)]) for i in range(120)]
+    first = next(iter(draws.values()))
+    assert all(d == first for d in draws.values()), {k: d[:10] for k, d in draws.items()}
+    assert len(set(first)) > 1
+
+
+def test_sampler_kernel_table_argument():
+    s = E.Sampler(10, 1.0)
+    assert s.simd in E.available_simd()
+    assert E.Sampler(10, 1.0, simd="generic").simd == "generic"
+    with pytest.raises(ValueError):
+        E.Sampler(10, 1.0, simd="sse9")
+
+
 def test_penalty_rules_on_known_values():
     """llama.cpp's / HF's penalty arithmetic, by hand: divide positive logits, multiply
     negative ones; subtract count * frequency + presence."""
