@@ -15,7 +15,6 @@
 #include "llama2c.h"
 #include "sample_exp.h"
 
-#define SAMPLER_BLOCK L2C_SAMPLER_BLOCK
 #define HIST_MAX 4096      // buckets of the top-p histogram (see bucket_key)
 
 // ---------------------------------------------------------------------------------------------
@@ -73,7 +72,7 @@ int l2c_sampler_init(l2c_sampler *sp, int64_t vocab_size, const l2c_sampler_para
     sp->probs = malloc((size_t)vocab_size * sizeof(float));
     sp->idx = malloc((size_t)vocab_size * sizeof(int32_t));
     sp->idx2 = malloc((size_t)vocab_size * sizeof(int32_t));
-    sp->block_sum = malloc((size_t)(vocab_size / SAMPLER_BLOCK + 1) * sizeof(double));
+    sp->block_sum = malloc((size_t)(vocab_size / L2C_SAMPLER_BLOCK + 1) * sizeof(double));
     sp->hist = malloc((size_t)HIST_MAX * sizeof(double));
     int ok = sp->work && sp->probs && sp->idx && sp->idx2 && sp->block_sum && sp->hist;
     if (ok && penalties_on(sp)) {
@@ -368,9 +367,9 @@ int32_t l2c_sample(l2c_sampler *sp, const float *logits) {
         const double r = (double)coin * z;
         double cdf = 0.0;
         int64_t b = 0;
-        while (b + SAMPLER_BLOCK < n && cdf + block_sum[b / SAMPLER_BLOCK] <= r) {
-            cdf += block_sum[b / SAMPLER_BLOCK];
-            b += SAMPLER_BLOCK;
+        while (b + L2C_SAMPLER_BLOCK < n && cdf + block_sum[b / L2C_SAMPLER_BLOCK] <= r) {
+            cdf += block_sum[b / L2C_SAMPLER_BLOCK];
+            b += L2C_SAMPLER_BLOCK;
         }
         int64_t last = -1;
         for (int64_t i = b; i < n; i++) {

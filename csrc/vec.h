@@ -1,7 +1,8 @@
-// vec.h: a thin float-vector layer for the kernels of ops.c, attention.c and the peak probe, one definition per
-// kernel table (included from csrc/kernels.c, so __AVX512F__ / __AVX2__ say which table is being
-// compiled). VL lanes: 16 (avx512), 8 (avx2), 1 (generic: plain C floats, so the generic build
-// of a kernel written with these is its scalar twin, line for line).
+// vec.h: a thin float-vector layer for the kernels of ops.c, attention.c and the peak probe,
+// one definition per kernel table (included from csrc/kernels.c, so __AVX512F__ / __AVX2__ say
+// which table is being compiled). VL lanes: 16 (avx512), 8 (avx2), 1 (generic: plain C
+// floats, so the generic build of a kernel written with these is its scalar twin, line for
+// line).
 //
 // vf_fma(a, b, c) = a * b + c: fused (one rounding) in the SIMD tables, two roundings in the
 // generic one. Every lane of a kernel written with these computes the same operations in the

@@ -478,7 +478,7 @@ def peer_runner() -> Path:
 
 def gguf_facts(path) -> tuple:
     """(Config, weight bytes read per decoded token, main weight type) of a GGUF file."""
-    from .loaders.gguf import gguf_config, read_gguf
+    from .loaders.gguf import FILE_TYPE_NAMES, gguf_config, read_gguf
     gf = read_gguf(path)
     cfg = gguf_config(gf)
     sizes = {name: t.data.nbytes for name, t in gf.tensors.items()}
@@ -491,12 +491,7 @@ def gguf_facts(path) -> tuple:
             by_type[t.type_name] = by_type.get(t.type_name, 0) + sizes[name]
     main = max(by_type, key=by_type.get) if by_type else "?"
     # the file's own name for its mix (llama.cpp's general.file_type), e.g. Q4_K_M
-    return cfg, per_token, GGUF_FILE_TYPES.get(gf.metadata.get("general.file_type"), main)
-
-
-GGUF_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
-                   10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S",
-                   15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+    return cfg, per_token, FILE_TYPE_NAMES.get(gf.metadata.get("general.file_type"), main)
 
 
 class LlamaCpp(Engine):
@@ -669,10 +664,12 @@ def long_context(engines: list, contexts: list, n_decode: int, threads: int, rou
                     progress(f"round {r + 1}/{rounds}: {e.label}, context {n}: {pre}"
                              f"decode {n_decode / m['decode']:.1f} tok/s")
                 old = out.get((e.label, n))
-                if old is not None:         # the best times of the rounds, the first round's
-                    m["decode"] = min(m["decode"], old["decode"])   # memory (later rounds
-                    if m["prefill"] is not None:                    # find the largest context's
-                        m["prefill"] = min(m["prefill"], old["prefill"])   # cache in use)
+                if old is not None:
+                    # the best times of the rounds, the first round's memory (later rounds
+                    # find the largest context's cache still in use)
+                    m["decode"] = min(m["decode"], old["decode"])
+                    if m["prefill"] is not None:
+                        m["prefill"] = min(m["prefill"], old["prefill"])
                     m["rss"] = old["rss"]
                 out[e.label, n] = m
     return out

@@ -295,7 +295,6 @@ def test_engine_uses_n_threads(arg, omp, want):
     assert n == want and extra == want - 1, r.stdout
 
 
-
 def test_openmp_workers_are_released_by_threads_that_hand_the_engine_on():
     """libgomp stops spinning between parallel regions once the OpenMP workers of all threads
     that ever ran one outnumber the cores (decode 3-4x slower), so a call through the Python

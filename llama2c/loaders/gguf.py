@@ -585,7 +585,11 @@ def load_gguf(path, dtype=None, group_size: int | None = None, lazy: bool = Fals
 # ----------------------------------------------------------------------------- writer
 
 WRITABLE_TYPES = {"F32": 0, "Q4_1": 3, "Q8_0": 8}
-_FILE_TYPES = {"F32": 0, "Q4_1": 3, "Q8_0": 7}   # llama.cpp LLAMA_FTYPE_ALL_F32 / MOSTLY_Q4_1 / MOSTLY_Q8_0
+# llama.cpp's general.file_type codes (LLAMA_FTYPE_*): the name of a file's mix, e.g. Q4_K_M
+FILE_TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+                   10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S",
+                   15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+_FILE_TYPES = {name: code for code, name in FILE_TYPE_NAMES.items()}
 _UINT8, _INT8, _UINT16, _INT16, _UINT32, _INT32, _FLOAT32, _BOOL_T = 0, 1, 2, 3, 4, 5, 6, 7
 _UINT64, _INT64, _FLOAT64 = 10, 11, 12
 _SCALAR_FORMATS = {_UINT8: "<B", _INT8: "<b", _UINT16: "<H", _INT16: "<h", _UINT32: "<I",
