@@ -110,9 +110,8 @@ static void forward_step(const l2c_model *m, l2c_state *s, const l2c_kvpool *poo
         const l2c_matrix *qkv[3] = {&L->wq, &L->wk, &L->wv};
         l2c_input_set(m, &s->in, s->xb, T, dim, qkv, 3, nth);
         // xq, xk, xv = wq(xb), wk(xb), wv(xb)    (nn.Linear(..., bias=True) in qwen2)
-        l2c_linear(m, s->q, &s->in, &L->wq, nth);
-        l2c_linear(m, s->k, &s->in, &L->wk, nth);
-        l2c_linear(m, s->v, &s->in, &L->wv, nth);
+        float *qkv_out[3] = {s->q, s->k, s->v};
+        l2c_linear(m, qkv_out, &s->in, qkv, 3, nth);
         if (L->bq) add_bias(s->q, L->bq, T, q_dim);
         if (L->bk) add_bias(s->k, L->bk, T, kv_dim);
         if (L->bv) add_bias(s->v, L->bv, T, kv_dim);
@@ -126,7 +125,7 @@ static void forward_step(const l2c_model *m, l2c_state *s, const l2c_kvpool *poo
         // x = x + wo(xb)
         const l2c_matrix *o[1] = {&L->wo};
         l2c_input_set(m, &s->in, s->xb, T, q_dim, o, 1, nth);
-        l2c_linear(m, s->xb2, &s->in, &L->wo, nth);
+        l2c_linear(m, &s->xb2, &s->in, o, 1, nth);
         k->add(s->x, s->xb2, T * dim, nth);
 
         // xb = ffn_norm(x)
@@ -134,11 +133,11 @@ static void forward_step(const l2c_model *m, l2c_state *s, const l2c_kvpool *poo
         // x = x + w2(F.silu(w1(xb)) * w3(xb))
         const l2c_matrix *up[2] = {&L->w1, &L->w3}, *down[1] = {&L->w2};
         l2c_input_set(m, &s->in, s->xb, T, dim, up, 2, nth);
-        l2c_linear(m, s->hb, &s->in, &L->w1, nth);
-        l2c_linear(m, s->hb2, &s->in, &L->w3, nth);
+        float *up_out[2] = {s->hb, s->hb2};
+        l2c_linear(m, up_out, &s->in, up, 2, nth);
         k->swiglu(s->hb, s->hb2, T, hidden, nth);
         l2c_input_set(m, &s->in, s->hb, T, hidden, down, 1, nth);
-        l2c_linear(m, s->xb2, &s->in, &L->w2, nth);
+        l2c_linear(m, &s->xb2, &s->in, down, 1, nth);
         k->add(s->x, s->xb2, T * dim, nth);
     }
 
@@ -148,7 +147,7 @@ static void forward_step(const l2c_model *m, l2c_state *s, const l2c_kvpool *poo
         k->rmsnorm(s->xb + j * dim, s->x + s->wanted[j] * dim, m->rms_final, 1, dim, c->norm_eps, nth);
     const l2c_matrix *cls[1] = {&m->wcls};
     l2c_input_set(m, &s->in, s->xb, n_wanted, dim, cls, 1, nth);
-    l2c_linear(m, logits, &s->in, &m->wcls, nth);
+    l2c_linear(m, &logits, &s->in, cls, 1, nth);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@
 // A float activation x (T, n) and, for the int8 matrices that read it, x quantized once per
 // group size they use (runq.c: quantize once, reuse for q/k/v and w1/w3). The forward pass
 // sets an input explicitly at the stage that produces it (l2c_input_set with the matrices
-// that will read it), then runs each of those matrices on it (l2c_linear).
+// that will read it), then runs those matrices on it (l2c_linear).
 // Buffers for up to max_rows rows of the model's widest matrix input.
 int l2c_input_init(l2c_input *in, const l2c_model *m, int64_t max_rows);
 void l2c_input_free(l2c_input *in);
@@ -16,10 +16,11 @@ void l2c_input_free(l2c_input *in);
 // L2C_OK, or L2C_ERR_ARG (too many rows or distinct group sizes).
 int l2c_input_set(const l2c_model *m, l2c_input *in, const float *x, int64_t T, int64_t n,
                   const l2c_matrix *const *ws, int nw, int n_threads);
-// out (T, W.rows) = x (T, W.cols) @ W^T in the matrix's own element type, from an input set
-// for W.
-void l2c_linear(const l2c_model *m, float *out, const l2c_input *in, const l2c_matrix *W,
-                int n_threads);
+// outs[i] (T, ws[i].rows) = x (T, ws[i].cols) @ ws[i]^T in each matrix's own element type,
+// for nw <= L2C_LINEAR_MAX matrices from an input set for them, in one parallel region.
+#define L2C_LINEAR_MAX 3
+void l2c_linear(const l2c_model *m, float *const *outs, const l2c_input *in,
+                const l2c_matrix *const *ws, int nw, int n_threads);
 // x (dim,) = row `token` of the embedding table (dequantized if int8)
 void l2c_embed(float *restrict x, const l2c_matrix *E, int64_t token);
 

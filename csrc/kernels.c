@@ -26,16 +26,56 @@
 #include "kernels_q8.c"
 
 // ---------------------------------------------------------------------------------------------
-// the matrix product of every packed type: out (T, W->rows) = X @ W^T
+// the matrix products of every packed type: out (T, W->rows) = X @ W^T for each job, in one
+// parallel region (q, k and v of a layer, or w1 and w3, read the same input: one fork and one
+// join instead of three or two; the threads' shares run across the matrices' boundaries)
 
-static void matmul(float *restrict out, const float *restrict x, const l2c_qact *a,
-                   const l2c_matrix *W, int64_t T, int n_threads) {
-    if (T <= 0) return;
+// what a block (16 rows, L2C_PANEL) of W costs a thread: the bytes it reads when decoding,
+// its multiply-adds otherwise
+static int64_t block_cost(const l2c_matrix *W, int64_t T) {
+    if (T > 1) return W->cols;
+    return W->type == L2C_F32P ? 4 * W->cols : W->type == L2C_Q4P ? W->cols / 2 : W->cols;
+}
+
+// blocks [b0, b1) of one job
+static void matmul_range(const l2c_mm *j, int64_t T, int64_t b0, int64_t b1) {
+    const l2c_matrix *W = j->W;
     switch (W->type) {
-    case L2C_F32P: matmul_f32p(out, x, W, T, n_threads); break;
-    case L2C_Q8P: matmul_q8p(out, a, W, T, n_threads); break;
-    case L2C_Q4P: matmul_q4p(out, a, W, T, n_threads); break;
+    case L2C_F32P: f32_range(j->out, W->f, j->x, T, W->cols, W->rows, b0, b1); break;
+    case L2C_Q8P: q8_range(j->out, W, j->a, T, b0, b1); break;
+    case L2C_Q4P: q4_range(j->out, W, j->a, T, b0, b1); break;
     default: break;  // row-major types are lookups only (l2c_model_check refuses them)
+    }
+}
+
+// the first block whose start cost (times the parts) reaches a: ceil(a / b), within [0, hi]
+static int64_t first_block(int64_t a, int64_t b, int64_t hi) {
+    const int64_t q = a <= 0 ? 0 : (a + b - 1) / b;
+    return q < hi ? q : hi;
+}
+
+static void matmul(const l2c_mm *jobs, int n_jobs, int64_t T, int n_threads) {
+    if (T <= 0 || n_jobs <= 0) return;
+    int64_t cost = 0, work = 0, blocks = 0;
+    for (int i = 0; i < n_jobs; i++) {
+        const int64_t nb = (jobs[i].W->rows + L2C_PANEL - 1) / L2C_PANEL;
+        cost += nb * block_cost(jobs[i].W, T);
+        work += T * jobs[i].W->rows * jobs[i].W->cols;
+        blocks += nb;
+    }
+    const int64_t nth = min64(threads_for(work, n_threads), blocks);
+    L2C_PRAGMA(omp parallel for num_threads(nth) schedule(static) if(nth > 1))
+    for (int64_t part = 0; part < nth; part++) {
+        // part p takes the blocks whose start falls in [cost * p / nth, cost * (p + 1) / nth)
+        int64_t base = 0;  // cost before job i
+        for (int i = 0; i < n_jobs; i++) {
+            const int64_t nb = (jobs[i].W->rows + L2C_PANEL - 1) / L2C_PANEL,
+                          c = block_cost(jobs[i].W, T);
+            const int64_t b0 = first_block(cost * part - base * nth, c * nth, nb),
+                          b1 = first_block(cost * (part + 1) - base * nth, c * nth, nb);
+            if (b0 < b1) matmul_range(&jobs[i], T, b0, b1);
+            base += nb * c;
+        }
     }
 }
 

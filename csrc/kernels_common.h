@@ -83,6 +83,18 @@ static inline int64_t chunk_blocks(int64_t block_bytes, int64_t rb) {
 #define L2C_PF_NT 8
 #endif
 
+// Decode (T = 1) reads each thread's blocks of a packed int8 or 4-bit matrix as one stream:
+// every step prefetches the line L2C_STREAM_AHEAD bytes past the one it loads, and
+// prefetch_head starts the first L2C_STREAM_AHEAD bytes before the first multiply (a decode
+// call reads only tens of kilobytes per thread, so the opening lines matter). 1024 bytes ahead
+// with 4 blocks side by side: SmolLM2 q4 decode 10-20% slower (model, 2 threads).
+#define L2C_STREAM_AHEAD 4096
+
+static inline void prefetch_head(const void *p, int64_t bytes) {
+    const char *c = (const char *)p;
+    for (int64_t o = 0; o < min64(bytes, L2C_STREAM_AHEAD); o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
 // Token tiles: T tokens in ceil(T / nt_max) tiles of balanced sizes (so T = 7 with tiles of
 // at most 6 runs as 4 + 3, never 6 + 1: a lone token keeps too few chains in flight).
 static inline int64_t tile_count(int64_t T, int64_t nt_max) { return (T + nt_max - 1) / nt_max; }

@@ -165,15 +165,3 @@ static void f32_range(float *restrict out, const float *restrict wp, const float
         }
     }
 }
-
-static void matmul_f32p(float *restrict out, const float *restrict x, const l2c_matrix *W,
-                        int64_t T, int n_threads) {
-    const int64_t n = W->cols, d = W->rows, np = (d + F32P - 1) / F32P;
-    const int64_t nth = min64(threads_for(T * n * d, n_threads), np);
-    L2C_PRAGMA(omp parallel for num_threads(nth) schedule(static) if(nth > 1))
-    for (int64_t part = 0; part < nth; part++) {
-        int64_t p0, p1;
-        split_blocks(np, nth, part, &p0, &p1);
-        f32_range(out, W->f, x, T, n, d, p0, p1);
-    }
-}

@@ -9,19 +9,19 @@
 //   avx512:  vpdpbusd zmm, two per step
 //   avxvnni: vpdpbusd ymm, four per step
 //   avx2:    vpmaddubsw (nibble x s8: pairs of at most 2*15*127, added in int16 over four
-//            steps without overflow) then one vpmaddwd by ones into int32
+//            steps without overflow), then vpmaddwd by 128 (high plane) and by 1 (low plane)
+//            into one int32 sum per row
+// Decode (T = 1) walks a thread's blocks one at a time: one stream, prefetched (kernels_common.h).
 //   generic: the scalar twin
 #include "kernels_common.h"
 
 #define Q4B L2C_PANEL
-#define Q4_PREFETCH 1024
 
 #if defined(L2C_X512)
 #define Q4_RB 2
-#define Q4_RBD 4
 #define Q4_NT1 6
 #define Q4_NT2 4
-#define Q4_RBX 4
+#define Q4_RBX 2
 #define Q4_NTX 6
 
 L2C_INLINE void q4_tile(float *restrict out, int64_t d, const l2c_matrix *W, const l2c_qact *a,
@@ -48,7 +48,7 @@ L2C_INLINE void q4_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
             }
             if (NT <= L2C_PF_NT)
                 for (int b = 0; b < RB; b++)
-                    _mm_prefetch((const char *)(wg + b * bs + j * 64 + Q4_PREFETCH), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(wg + b * bs + j * 64 + L2C_STREAM_AHEAD), _MM_HINT_T0);
             for (int t = 0; t < NT; t++) {
                 const __m512i x0 = bcast4_512(xh + t * n + 8 * j), x1 = bcast4_512(xh + t * n + 8 * j + 4);
                 for (int b = 0; b < RB; b++)
@@ -80,7 +80,6 @@ L2C_INLINE void q4_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
 
 #elif defined(L2C_X256)
 #define Q4_RB 1
-#define Q4_RBD 4    // decode: 4 block streams in flight
 #if defined(L2C_XVNNI)
 #define Q4_NT1 3
 #define Q4_NT2 2
@@ -90,7 +89,7 @@ L2C_INLINE void q4_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
 #define Q4_NT2 2
 #define Q4_NTX 2
 #endif
-#define Q4_RBX 4
+#define Q4_RBX 1
 
 // the four Q8P-shaped operands of one 64-byte step: [half h of the rows][low/high nibbles]
 L2C_INLINE void q4_unpack256(__m256i w[2][2], const uint8_t *p) {
@@ -111,19 +110,23 @@ L2C_INLINE void q4_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
     for (int b = 0; b < RB; b++)
         for (int t = 0; t < NT; t++) acc[b][t][0] = acc[b][t][1] = _mm256_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
-        __m256i ih[Q4_RBX][Q4_NTX][2], il[Q4_RBX][Q4_NTX][2];  // int32 sums of rows 0-7 and 8-15
+        __m256i ih[Q4_RBX][Q4_NTX][2];  // int32 sums of rows 0-7 and 8-15 (avx2: of both planes)
         for (int b = 0; b < RB; b++)
             for (int t = 0; t < NT; t++)
-                for (int h = 0; h < 2; h++) ih[b][t][h] = il[b][t][h] = _mm256_setzero_si256();
+                for (int h = 0; h < 2; h++) ih[b][t][h] = _mm256_setzero_si256();
         const uint8_t *wg = wq + g * gs * (Q4B / 2);
         const int8_t *xh = a->hi + t0 * n + g * gs, *xl = TWO ? a->lo + t0 * n + g * gs : NULL;
 #if defined(L2C_XVNNI)
+        __m256i il[Q4_RBX][Q4_NTX][2];  // the low plane's sums
+        for (int b = 0; b < RB; b++)
+            for (int t = 0; t < NT; t++)
+                for (int h = 0; h < 2; h++) il[b][t][h] = _mm256_setzero_si256();
         for (int64_t j = 0; j < steps; j++) {
             __m256i w[Q4_RBX][2][2];
             for (int b = 0; b < RB; b++) q4_unpack256(w[b], wg + b * bs + j * 64);
             if (NT <= L2C_PF_NT)
                 for (int b = 0; b < RB; b++)
-                    _mm_prefetch((const char *)(wg + b * bs + j * 64 + Q4_PREFETCH), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(wg + b * bs + j * 64 + L2C_STREAM_AHEAD), _MM_HINT_T0);
             for (int t = 0; t < NT; t++) {
                 const __m256i x0 = bcast4_256(xh + t * n + 8 * j), x1 = bcast4_256(xh + t * n + 8 * j + 4);
                 for (int b = 0; b < RB; b++)
@@ -140,7 +143,7 @@ L2C_INLINE void q4_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
             }
         }
 #else
-        const __m256i ones = _mm256_set1_epi16(1);
+        const __m256i ones = _mm256_set1_epi16(1), c128 = _mm256_set1_epi16(128);
         for (int64_t j0 = 0; j0 < steps; j0 += 4) {  // int16 sums stay below 4 * 2 * 2*15*127
             __m256i sh[Q4_RBX][Q4_NTX][2], sl[Q4_RBX][Q4_NTX][2];
             for (int b = 0; b < RB; b++)
@@ -152,7 +155,7 @@ L2C_INLINE void q4_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
                 for (int b = 0; b < RB; b++) q4_unpack256(w[b], wg + b * bs + j * 64);
                 if (NT <= L2C_PF_NT)
                     for (int b = 0; b < RB; b++)
-                        _mm_prefetch((const char *)(wg + b * bs + j * 64 + Q4_PREFETCH), _MM_HINT_T0);
+                        _mm_prefetch((const char *)(wg + b * bs + j * 64 + L2C_STREAM_AHEAD), _MM_HINT_T0);
                 for (int t = 0; t < NT; t++) {
                     const __m256i x0 = bcast4_256(xh + t * n + 8 * j), x1 = bcast4_256(xh + t * n + 8 * j + 4);
                     for (int b = 0; b < RB; b++)
@@ -168,10 +171,11 @@ L2C_INLINE void q4_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
             }
             for (int b = 0; b < RB; b++)
                 for (int t = 0; t < NT; t++)
-                    for (int h = 0; h < 2; h++) {
-                        ih[b][t][h] = _mm256_add_epi32(ih[b][t][h], _mm256_madd_epi16(sh[b][t][h], ones));
-                        if (TWO) il[b][t][h] = _mm256_add_epi32(il[b][t][h], _mm256_madd_epi16(sl[b][t][h], ones));
-                    }
+                    for (int h = 0; h < 2; h++)  // (hi << 7) + lo in one int32 sum
+                        ih[b][t][h] = _mm256_add_epi32(
+                            ih[b][t][h], TWO ? _mm256_add_epi32(_mm256_madd_epi16(sh[b][t][h], c128),
+                                                                _mm256_madd_epi16(sl[b][t][h], ones))
+                                             : _mm256_madd_epi16(sh[b][t][h], ones));
         }
 #endif
         for (int t = 0; t < NT; t++) {
@@ -180,8 +184,12 @@ L2C_INLINE void q4_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
             const int32_t vs = qact_vsum(a, gi);
             for (int b = 0; b < RB; b++)
                 for (int h = 0; h < 2; h++) {
+#if defined(L2C_XVNNI)
                     const __m256i isum = TWO ? _mm256_add_epi32(_mm256_slli_epi32(ih[b][t][h], 7), il[b][t][h])
                                              : ih[b][t][h];
+#else
+                    const __m256i isum = ih[b][t][h];
+#endif
                     acc[b][t][h] = group_finish_256(acc[b][t][h], isum, W, ((b0 + b) * ng + g) * Q4B + 8 * h,
                                                     xs, vs);
                 }
@@ -200,7 +208,6 @@ L2C_INLINE void q4_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
 
 #else
 #define Q4_RB 1
-#define Q4_RBD 1
 #define Q4_NT1 1
 #define Q4_NT2 1
 
@@ -243,10 +250,10 @@ L2C_INLINE void q4_range_(float *restrict out, const l2c_matrix *W, const l2c_qa
                       int64_t b0, int64_t b1, const int TWO, const int64_t NTMAX) {
     const int64_t d = W->rows;
     int64_t b = b0;
-    if (T == 1) {
-        const int64_t t0 = 0;
-        for (; b + Q4_RBD <= b1; b += Q4_RBD) q4_tile(out, d, W, a, t0, b, Q4_RBD, 1, TWO);
-        for (; b < b1; b++) q4_tile(out, d, W, a, t0, b, 1, 1, TWO);
+    if (T == 1) {  // one block at a time: one stream (more blocks side by side spill registers)
+        const int64_t bs = Q4B * W->cols / 2;
+        prefetch_head((const uint8_t *)W->q + b0 * bs, (b1 - b0) * bs);
+        for (; b < b1; b++) q4_tile(out, d, W, a, 0, b, 1, 1, TWO);
         return;
     }
     const int64_t tiles = tile_count(T, NTMAX), cb = chunk_blocks(Q4B * W->cols / 2, Q4_RB);
@@ -272,16 +279,4 @@ static void q4_range(float *restrict out, const l2c_matrix *W, const l2c_qact *a
         q4_range_(out, W, a, T, b0, b1, 1, Q4_NT2);
     else
         q4_range_(out, W, a, T, b0, b1, 0, Q4_NT1);
-}
-
-static void matmul_q4p(float *restrict out, const l2c_qact *a, const l2c_matrix *W, int64_t T,
-                       int n_threads) {
-    const int64_t nb = (W->rows + Q4B - 1) / Q4B;
-    const int64_t nth = min64(threads_for(T * W->cols * W->rows, n_threads), nb);
-    L2C_PRAGMA(omp parallel for num_threads(nth) schedule(static) if(nth > 1))
-    for (int64_t part = 0; part < nth; part++) {
-        int64_t b0, b1;
-        split_blocks(nb, nth, part, &b0, &b1);
-        q4_range(out, W, a, T, b0, b1);
-    }
 }

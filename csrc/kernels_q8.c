@@ -129,8 +129,8 @@ static void quantize(const l2c_qact *a, const float *restrict x, int64_t T, int6
 // loads 64 bytes per block (16 rows x 4 inputs) and broadcasts the 4 activation bytes of each
 // token, so one weight load feeds NT dot instructions and one broadcast RB; at the group's end
 // group_finish adds the float terms. A group's int32 sums are exact whatever the tile, so
-// every tile shape gives the same bits. Decode (T = 1) runs RB blocks side by side (more
-// cache-line streams in flight) with software prefetch.
+// every tile shape gives the same bits. Decode (T = 1) walks a thread's blocks one at a time
+// (one stream, prefetched: kernels_common.h; more blocks side by side spill registers).
 //   avx512:  vpdpbusd zmm (u8 weight x s8 activation, 4 products per lane)
 //   avxvnni: vpdpbusd ymm (two per 16 rows)
 //   avx2:    no u8 x s8 dot with int32 sums: vpmaddwd of the weights widened to u16 and the
@@ -139,14 +139,12 @@ static void quantize(const l2c_qact *a, const float *restrict x, int64_t T, int6
 //   generic: the scalar twin
 
 #define Q8B L2C_PANEL
-#define Q_PREFETCH 1024  // bytes ahead in each block's stream when decoding
 
 #if defined(L2C_X512)
 #define Q8_RB 2     // blocks per prefill tile
-#define Q8_RBD 4    // blocks per decode tile (T = 1)
 #define Q8_NT1 6    // tokens per tile, 8-bit activations: 12 int + 12 float accumulators
 #define Q8_NT2 4    // two planes: 16 int + 8 float
-#define Q8_RBX 4    // array bounds: max(Q8_RB, Q8_RBD) and the most tokens
+#define Q8_RBX 2    // array bounds: Q8_RB and the most tokens
 #define Q8_NTX 6
 
 L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, const l2c_qact *a,
@@ -175,7 +173,7 @@ L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
             L2C_UNROLL for (int b = 0; b < RB; b++) w[b] = _mm512_loadu_si512(wg + b * bs + j * 64);
             if (NT <= L2C_PF_NT)
                 L2C_UNROLL for (int b = 0; b < RB; b++)
-                    _mm_prefetch((const char *)(wg + b * bs + j * 64 + Q_PREFETCH), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(wg + b * bs + j * 64 + L2C_STREAM_AHEAD), _MM_HINT_T0);
             L2C_UNROLL for (int t = 0; t < NT; t++) {
                 const __m512i xb = bcast4_512(xh + t * n + 4 * j);
                 L2C_UNROLL for (int b = 0; b < RB; b++) ih[b][t] = dpbusd512(ih[b][t], w[b], xb);
@@ -205,10 +203,9 @@ L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
 
 #elif defined(L2C_XVNNI)
 #define Q8_RB 1
-#define Q8_RBD 4    // decode: 4 block streams in flight
 #define Q8_NT1 3    // 6 int + 6 float accumulators (16 ymm registers)
 #define Q8_NT2 2    // 8 int + 4 float
-#define Q8_RBX 4
+#define Q8_RBX 1
 #define Q8_NTX 3
 
 L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, const l2c_qact *a,
@@ -237,7 +234,7 @@ L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
             }
             if (NT <= L2C_PF_NT)
                 for (int b = 0; b < RB; b++)
-                    _mm_prefetch((const char *)(wg + b * bs + j * 64 + Q_PREFETCH), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(wg + b * bs + j * 64 + L2C_STREAM_AHEAD), _MM_HINT_T0);
             for (int t = 0; t < NT; t++) {
                 const __m256i xb = bcast4_256(xh + t * n + 4 * j);
                 for (int b = 0; b < RB; b++)
@@ -276,10 +273,9 @@ L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
 
 #elif defined(L2C_X256)
 #define Q8_RB 1
-#define Q8_RBD 4    // decode: 4 block streams in flight (measured +20% over 2; some spills)
 #define Q8_NT1 2    // 8 int + 4 float accumulators
 #define Q8_NT2 2
-#define Q8_RBX 4
+#define Q8_RBX 1
 #define Q8_NTX 2
 
 // 8 int32 row sums (rows 4q..4q+7 of two (row, pair) accumulators) in row order
@@ -306,7 +302,7 @@ L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
         for (int64_t j = 0; j < steps; j++) {
             if (NT <= L2C_PF_NT)
                 for (int b = 0; b < RB; b++)
-                    _mm_prefetch((const char *)(wg + b * bs + j * 64 + Q_PREFETCH), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(wg + b * bs + j * 64 + L2C_STREAM_AHEAD), _MM_HINT_T0);
             __m256i xb[Q8_NTX];
             for (int t = 0; t < NT; t++) {
                 int64_t v4;
@@ -347,7 +343,6 @@ L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
 
 #else
 #define Q8_RB 1
-#define Q8_RBD 1
 #define Q8_NT1 1
 #define Q8_NT2 1
 
@@ -386,17 +381,17 @@ L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
     default: q8_tile(out, d, W, a, t0, B_, RB_, Q_NT_(6, NTMAX_), TWO_); break;                   \
     }
 
-// blocks [b0, b1) x all T tokens: decode runs Q8_RBD blocks side by side; prefill walks the
+// blocks [b0, b1) x all T tokens: decode walks them one at a time; prefill walks the
 // blocks in chunks of about L2C_CHUNK_BYTES (kept in L2) and, per chunk, every token tile
 // (balanced, at most NTMAX tokens), then the chunk's blocks Q8_RB at a time.
 L2C_INLINE void q8_range_(float *restrict out, const l2c_matrix *W, const l2c_qact *a, int64_t T,
                           int64_t b0, int64_t b1, const int TWO, const int64_t NTMAX) {
     const int64_t d = W->rows;
     int64_t b = b0;
-    if (T == 1) {
-        const int64_t t0 = 0;
-        for (; b + Q8_RBD <= b1; b += Q8_RBD) q8_tile(out, d, W, a, t0, b, Q8_RBD, 1, TWO);
-        for (; b < b1; b++) q8_tile(out, d, W, a, t0, b, 1, 1, TWO);
+    if (T == 1) {  // one block at a time: one stream (more blocks side by side spill registers)
+        const int64_t bs = Q8B * W->cols;
+        prefetch_head((const int8_t *)W->q + b0 * bs, (b1 - b0) * bs);
+        for (; b < b1; b++) q8_tile(out, d, W, a, 0, b, 1, 1, TWO);
         return;
     }
     const int64_t tiles = tile_count(T, NTMAX), cb = chunk_blocks(Q8B * W->cols, Q8_RB);
@@ -422,16 +417,4 @@ static void q8_range(float *restrict out, const l2c_matrix *W, const l2c_qact *a
         q8_range_(out, W, a, T, b0, b1, 1, Q8_NT2);
     else
         q8_range_(out, W, a, T, b0, b1, 0, Q8_NT1);
-}
-
-static void matmul_q8p(float *restrict out, const l2c_qact *a, const l2c_matrix *W, int64_t T,
-                       int n_threads) {
-    const int64_t nb = (W->rows + Q8B - 1) / Q8B;
-    const int64_t nth = min64(threads_for(T * W->cols * W->rows, n_threads), nb);
-    L2C_PRAGMA(omp parallel for num_threads(nth) schedule(static) if(nth > 1))
-    for (int64_t part = 0; part < nth; part++) {
-        int64_t b0, b1;
-        split_blocks(nb, nth, part, &b0, &b1);
-        q8_range(out, W, a, T, b0, b1);
-    }
 }

@@ -93,17 +93,18 @@ int l2c_input_set(const l2c_model *m, l2c_input *in, const float *x, int64_t T, 
     return L2C_OK;
 }
 
-void l2c_linear(const l2c_model *m, float *out, const l2c_input *in, const l2c_matrix *W,
-                int n_threads) {
-    if (W->type == L2C_F32P) {
-        m->k->matmul(out, in->x, NULL, W, in->T, n_threads);
-        return;
+void l2c_linear(const l2c_model *m, float *const *outs, const l2c_input *in,
+                const l2c_matrix *const *ws, int nw, int n_threads) {
+    l2c_mm jobs[L2C_LINEAR_MAX];
+    int n = 0;
+    for (int i = 0; i < nw && n < L2C_LINEAR_MAX; i++) {
+        const l2c_qact *a = NULL;
+        for (int v = 0; v < in->n_variants; v++)
+            if (ws[i]->type != L2C_F32P && in->gs[v] == ws[i]->group_size) a = &in->q[v];
+        if (ws[i]->type != L2C_F32P && !a) continue;  // not set for this matrix (see internal.h)
+        jobs[n++] = (l2c_mm){.out = outs[i], .x = in->x, .a = a, .W = ws[i]};
     }
-    for (int v = 0; v < in->n_variants; v++)
-        if (in->gs[v] == W->group_size) {
-            m->k->matmul(out, in->x, &in->q[v], W, in->T, n_threads);
-            return;
-        }
+    m->k->matmul(jobs, n, in->T, n_threads);
 }
 
 // x (dim,) = row `token` of the embedding table (dequantized if quantized)

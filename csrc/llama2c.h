@@ -142,6 +142,15 @@ typedef struct {
 struct l2c_kvpool;
 struct l2c_span;
 
+// one product of a matmul call: out (T, W->rows) = X (T, W->cols) @ W^T for a packed W;
+// L2C_F32P reads x (T, cols) float, L2C_Q8P and L2C_Q4P read a (x quantized at W's group size)
+typedef struct l2c_mm {
+    float *out;
+    const float *x;
+    const l2c_qact *a;
+    const l2c_matrix *W;
+} l2c_mm;
+
 typedef struct l2c_kernels {
     const char *name;
     int isa;
@@ -149,11 +158,11 @@ typedef struct l2c_kernels {
     // fills hi (lo), s, sums and v16                                    [parallel over groups]
     void (*quantize)(const l2c_qact *a, const float *restrict x, int64_t T, int64_t n,
                      int64_t gs, int n_threads);
-    // out (T, W->rows) = X (T, W->cols) @ W^T for a packed W: L2C_F32P reads x (T, cols)
-    // float, L2C_Q8P and L2C_Q4P read a (x quantized at W's group size). T == 1 is the decode
-    // matrix-vector product.                                            [parallel over rows]
-    void (*matmul)(float *restrict out, const float *restrict x, const l2c_qact *a,
-                   const l2c_matrix *W, int64_t T, int n_threads);
+    // the n_jobs products of jobs (see l2c_mm), each over T rows, in one parallel region: the
+    // threads split the blocks of all of them, in order, by weight bytes (T == 1: decode reads
+    // them as one stream per thread) or by multiply-adds. T == 1 is the decode
+    // matrix-vector product.                                    [parallel over rows of all]
+    void (*matmul)(const l2c_mm *jobs, int n_jobs, int64_t T, int n_threads);
     // o (T, n) = x * w / sqrt(mean(x^2) + eps), row-wise                [parallel over rows]
     void (*rmsnorm)(float *restrict o, const float *restrict x, const float *restrict w,
                     int64_t T, int64_t n, float eps, int n_threads);

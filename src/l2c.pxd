@@ -56,6 +56,12 @@ cdef extern from "llama2c.h" nogil:
         int32_t *sum_lo
         int16_t *v16
 
+    ctypedef struct l2c_mm:
+        float *out
+        const float *x
+        const l2c_qact *a
+        const l2c_matrix *W
+
     ctypedef struct l2c_kvpool:
         int32_t dtype
         int64_t block_size
@@ -84,7 +90,7 @@ cdef extern from "llama2c.h" nogil:
         const char *name
         int isa
         void (*quantize)(const l2c_qact *a, const float *x, int64_t T, int64_t n, int64_t gs, int n_threads) noexcept nogil
-        void (*matmul)(float *out, const float *x, const l2c_qact *a, const l2c_matrix *W, int64_t T, int n_threads) noexcept nogil
+        void (*matmul)(const l2c_mm *jobs, int n_jobs, int64_t T, int n_threads) noexcept nogil
         void (*rmsnorm)(float *o, const float *x, const float *w, int64_t T, int64_t n, float eps, int n_threads) noexcept nogil
         void (*softmax)(float *x, int64_t n) noexcept nogil
         void (*rope)(float *x, const int64_t *pos, const float *cos_t, const float *sin_t, int64_t T,

@@ -5,6 +5,7 @@
 #   quantize(x, group_size, act_bits)     -> QAct       activations, as the int8/4-bit kernels read them
 #   PackedMatrix(w)                        weights packed as the engine packs them (F32P, Q8P, Q4P)
 #   PackedMatrix.matmul(x) / .matmul_q(a)  out = x @ W^T with any kernel table
+#   matmul_many(mats, x)                   several matrices on one input in one kernel call
 #   PackedMatrix.row(i)                    row lookups (the embedding)
 #   matmul(out, x, w)                      fp32 convenience: packs w on every call
 #   peak_gops(kind)                        the kernel table's peak (GFLOP/s or GOP/s)
@@ -195,9 +196,11 @@ cdef class PackedMatrix:
         n_threads = _nt(n_threads)
         if T == 0:
             return np.asarray(out)
+        cdef l2c_mm job
         if self.m.type == L2C_F32P:
+            job.out, job.x, job.a, job.W = &out[0, 0], &x[0, 0], NULL, &self.m
             with nogil:
-                k.matmul(&out[0, 0], &x[0, 0], NULL, &self.m, T, n_threads)
+                k.matmul(&job, 1, T, n_threads)
             return np.asarray(out)
         return self.matmul_q(quantize(x, self.m.group_size, act_bits, simd, n_threads), out,
                              simd, n_threads)
@@ -217,9 +220,46 @@ cdef class PackedMatrix:
         n_threads = _nt(n_threads)
         if T == 0:
             return np.asarray(out)
+        cdef l2c_mm job
+        job.out, job.x, job.a, job.W = &out[0, 0], NULL, &a.a, &self.m
         with nogil:
-            k.matmul(&out[0, 0], NULL, &a.a, &self.m, T, n_threads)
+            k.matmul(&job, 1, T, n_threads)
         return np.asarray(out)
+
+
+def matmul_many(mats, const float[:, ::1] x, int act_bits=16, simd=None, int n_threads=1):
+    """[x @ W^T for W in mats] in one call of the kernel (one parallel region whose threads
+    split the blocks of all the matrices, as the model runs q/k/v and w1/w3); x is quantized
+    once per group size of the int8/4-bit matrices. Returns the list of outputs."""
+    cdef const l2c_kernels *k = _table(simd)
+    cdef int64_t T = x.shape[0], i, n = len(mats)
+    cdef PackedMatrix W
+    cdef QAct a
+    cdef float[:, ::1] o
+    if n > 16:
+        raise ValueError(f"at most 16 matrices per call, got {n}")
+    n_threads = _nt(n_threads)
+    cdef l2c_mm jobs[16]
+    acts, outs = {}, []
+    for i in range(n):
+        W = mats[i]
+        out = np.empty((T, W.m.rows), np.float32)
+        W._check_matmul(T, out, x.shape[1])
+        outs.append(out)
+        o = out
+        jobs[i].out = &o[0, 0] if T else NULL
+        jobs[i].x = &x[0, 0] if T else NULL
+        jobs[i].a = NULL
+        jobs[i].W = &W.m
+        if W.m.type != L2C_F32P:
+            if W.m.group_size not in acts:
+                acts[W.m.group_size] = quantize(x, W.m.group_size, act_bits, simd, n_threads)
+            a = acts[W.m.group_size]
+            jobs[i].a = &a.a
+    if T:
+        with nogil:
+            k.matmul(jobs, <int>n, T, n_threads)
+    return outs
 
 
 def matmul(float[:, ::1] out, const float[:, ::1] x, const float[:, ::1] w, simd=None,

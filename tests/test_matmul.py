@@ -201,6 +201,25 @@ def test_large_matmul_threads_agree(simd, kind, rng):
     check_close(one, reference_matmul(x, w, 16, simd), kind, 576)
 
 
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("kinds", [("q4", "q8", "q4"), ("f32", "q8"), ("q8", "q8", "q8"), ("q4",)])
+@pytest.mark.parametrize("rows", [(576, 192, 192), (40, 17, 200), (8, 3, 1)])
+@pytest.mark.parametrize("T", [1, 3, 7])
+def test_one_call_on_several_matrices_equals_separate_calls(simd, kinds, rows, T, rng):
+    """matmul_many (the model's q/k/v and w1/w3: one parallel region whose threads split the
+    blocks of all the matrices, by bytes or multiply-adds, across their boundaries) gives each
+    matrix the bits of its own call, with mixed types and group sizes, for 1 to 3 threads."""
+    mats = [E.PackedMatrix(make_weight(rng, k, r, 96, 32 if i % 2 == 0 else 16, offsets=True))
+            for i, (k, r) in enumerate(zip(kinds, rows))]
+    x = rand(rng, T, 96)
+    alone = [P.matmul(x, simd=simd, n_threads=1) for P in mats]
+    for nth in (1, 2, 3):
+        outs = E.matmul_many(mats, x, simd=simd, n_threads=nth)
+        assert len(outs) == len(mats)
+        for i, (o, a) in enumerate(zip(outs, alone)):
+            np.testing.assert_array_equal(o, a, err_msg=f"matrix {i} ({kinds[i]}), {nth} threads")
+
+
 # ---- packing, lookups, IEEE-half scales -----------------------------------------------------------
 
 @pytest.mark.parametrize("kind", TYPES)
