@@ -37,6 +37,8 @@ static int64_t block_cost(const l2c_matrix *W, int64_t T) {
     return W->type == L2C_F32P ? 4 * W->cols : W->type == L2C_Q4P ? W->cols / 2 : W->cols;
 }
 
+static int64_t n_blocks(const l2c_matrix *W) { return (W->rows + L2C_PANEL - 1) / L2C_PANEL; }
+
 // blocks [b0, b1) of one job
 static void matmul_range(const l2c_mm *j, int64_t T, int64_t b0, int64_t b1) {
     const l2c_matrix *W = j->W;
@@ -58,7 +60,7 @@ static void matmul(const l2c_mm *jobs, int n_jobs, int64_t T, int n_threads) {
     if (T <= 0 || n_jobs <= 0) return;
     int64_t cost = 0, work = 0, blocks = 0;
     for (int i = 0; i < n_jobs; i++) {
-        const int64_t nb = (jobs[i].W->rows + L2C_PANEL - 1) / L2C_PANEL;
+        const int64_t nb = n_blocks(jobs[i].W);
         cost += nb * block_cost(jobs[i].W, T);
         work += T * jobs[i].W->rows * jobs[i].W->cols;
         blocks += nb;
@@ -69,8 +71,7 @@ static void matmul(const l2c_mm *jobs, int n_jobs, int64_t T, int n_threads) {
         // part p takes the blocks whose start falls in [cost * p / nth, cost * (p + 1) / nth)
         int64_t base = 0;  // cost before job i
         for (int i = 0; i < n_jobs; i++) {
-            const int64_t nb = (jobs[i].W->rows + L2C_PANEL - 1) / L2C_PANEL,
-                          c = block_cost(jobs[i].W, T);
+            const int64_t nb = n_blocks(jobs[i].W), c = block_cost(jobs[i].W, T);
             const int64_t b0 = first_block(cost * part - base * nth, c * nth, nb),
                           b1 = first_block(cost * (part + 1) - base * nth, c * nth, nb);
             if (b0 < b1) matmul_range(&jobs[i], T, b0, b1);

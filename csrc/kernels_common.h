@@ -53,13 +53,6 @@ static inline int threads_for(int64_t work, int n_threads) {
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Rows [r0, r1) of nb blocks for part p of parts (parts split nb as evenly as whole blocks
-// allow; every output row belongs to exactly one part).
-static inline void split_blocks(int64_t nb, int64_t parts, int64_t p, int64_t *b0, int64_t *b1) {
-    *b0 = nb * p / parts;
-    *b1 = nb * (p + 1) / parts;
-}
-
 // Row chunks for prefill: a thread's blocks are walked in chunks of about this many weight
 // bytes; for each chunk every token tile, then the chunk's blocks. So the chunk's weights stay
 // in L2 while the tokens pass, and the output (T rows of d floats: megabytes for a classifier)
