@@ -98,10 +98,12 @@ void l2c_linear(const l2c_model *m, float *const *outs, const l2c_input *in,
     l2c_mm jobs[L2C_LINEAR_MAX];
     int n = 0;
     for (int i = 0; i < nw && n < L2C_LINEAR_MAX; i++) {
-        const l2c_qact *a = NULL;
-        for (int v = 0; v < in->n_variants; v++)
-            if (ws[i]->type != L2C_F32P && in->gs[v] == ws[i]->group_size) a = &in->q[v];
-        if (ws[i]->type != L2C_F32P && !a) continue;  // not set for this matrix (see internal.h)
+        const l2c_qact *a = NULL;  // fp32 reads x; the quantized types their group size's variant
+        if (ws[i]->type != L2C_F32P) {
+            for (int v = 0; v < in->n_variants && !a; v++)
+                if (in->gs[v] == ws[i]->group_size) a = &in->q[v];
+            if (!a) continue;  // the input was not set for this matrix (see internal.h)
+        }
         jobs[n++] = (l2c_mm){.out = outs[i], .x = in->x, .a = a, .W = ws[i]};
     }
     m->k->matmul(jobs, n, in->T, n_threads);
