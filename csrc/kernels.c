@@ -56,6 +56,30 @@ static int64_t first_block(int64_t a, int64_t b, int64_t hi) {
     return q < hi ? q : hi;
 }
 
+// blocks [g0, g1) of the jobs' blocks taken end to end
+static void run_blocks(const l2c_mm *jobs, int n_jobs, int64_t T, int64_t g0, int64_t g1) {
+    int64_t base = 0;
+    for (int i = 0; i < n_jobs && base < g1; i++) {
+        const int64_t nb = n_blocks(jobs[i].W);
+        const int64_t b0 = g0 > base ? g0 - base : 0, b1 = min64(g1 - base, nb);
+        if (b0 < b1) matmul_range(&jobs[i], T, b0, b1);
+        base += nb;
+    }
+}
+
+// The smallest share a thread takes at once: at T = 1 about this many bytes (a claim is one
+// atomic on a line the owner mostly holds alone); in prefill a cache chunk, so a claim keeps its
+// weights in L2 while the token tiles pass (kernels_common.h). By the jobs' mean block.
+#define L2C_CLAIM_BYTES 16384
+
+static int64_t claim_blocks(const l2c_mm *jobs, int n_jobs, int64_t T, int64_t blocks) {
+    int64_t bytes = 0;
+    for (int i = 0; i < n_jobs; i++) bytes += n_blocks(jobs[i].W) * L2C_PANEL * block_cost(jobs[i].W, 1);
+    if (T > 1) return chunk_blocks(bytes / blocks, 2);
+    const int64_t c = L2C_CLAIM_BYTES * blocks / bytes;
+    return c > 1 ? c : 1;
+}
+
 static void matmul(const l2c_mm *jobs, int n_jobs, int64_t T, int n_threads) {
     if (T <= 0 || n_jobs <= 0) return;
     int64_t cost = 0, work = 0, blocks = 0;
@@ -66,17 +90,27 @@ static void matmul(const l2c_mm *jobs, int n_jobs, int64_t T, int n_threads) {
         blocks += nb;
     }
     const int64_t nth = min64(threads_for(work, n_threads), blocks);
-    L2C_PRAGMA(omp parallel for num_threads(nth) schedule(static) if(nth > 1))
-    for (int64_t part = 0; part < nth; part++) {
-        // part p takes the blocks whose start falls in [cost * p / nth, cost * (p + 1) / nth)
-        int64_t base = 0;  // cost before job i
+    if (nth <= 1) {
+        run_blocks(jobs, n_jobs, T, 0, blocks);
+        return;
+    }
+    // part p starts with the blocks whose start cost falls in [cost * p / nth, cost * (p + 1) / nth)
+    const int64_t want = claim_blocks(jobs, n_jobs, T, blocks);
+    l2c_share sh[nth];
+    for (int64_t p = 0; p < nth; p++) {
+        int64_t g[2] = {0, 0}, base = 0;  // its first and end block, end to end over the jobs
         for (int i = 0; i < n_jobs; i++) {
             const int64_t nb = n_blocks(jobs[i].W), c = block_cost(jobs[i].W, T);
-            const int64_t b0 = first_block(cost * part - base * nth, c * nth, nb),
-                          b1 = first_block(cost * (part + 1) - base * nth, c * nth, nb);
-            if (b0 < b1) matmul_range(&jobs[i], T, b0, b1);
+            for (int e = 0; e < 2; e++) g[e] += first_block(cost * (p + e) - base * nth, c * nth, nb);
             base += nb * c;
         }
+        share_set(&sh[p], g[0], g[1]);
+    }
+    L2C_PRAGMA(omp parallel for num_threads(nth) schedule(static))
+    for (int64_t part = 0; part < nth; part++) {
+        int64_t g0, g1;
+        for (int64_t k = 0; k < nth; k++)  // its own share, then the others' in turn
+            while (take(&sh[(part + k) % nth], k == 0, want, &g0, &g1)) run_blocks(jobs, n_jobs, T, g0, g1);
     }
 }
 

@@ -88,6 +88,40 @@ static inline void prefetch_head(const void *p, int64_t bytes) {
     for (int64_t o = 0; o < min64(bytes, L2C_STREAM_AHEAD); o += 64) __builtin_prefetch(c + o, 0, 3);
 }
 
+// ---- shares of a parallel loop, taken from both ends --------------------------------------------
+// Each thread's share: the items [front, back) not yet taken (blocks of a matmul, block tasks of
+// the decode attention), packed in one word so one compare-and-swap takes items from either
+// end. The owner takes from the front (its items stay one stream of memory: a quarter of what
+// is left at a time, at least want_min), a thread done with its own share takes want_min at a
+// time from the back of another's, so a thread slowed by the machine (a noisy neighbour, an
+// interrupt) no longer holds the other at the join. An item runs on one thread whichever it
+// is, so results do not depend on who took what.
+typedef struct {
+    _Alignas(64) uint64_t fb;  // front | back << 32
+} l2c_share;
+
+static inline void share_set(l2c_share *sh, int64_t front, int64_t back) {
+    sh->fb = (uint64_t)front | ((uint64_t)back << 32);
+}
+
+static inline int take(l2c_share *sh, int owner, int64_t want_min, int64_t *g0, int64_t *g1) {
+    uint64_t v = __atomic_load_n(&sh->fb, __ATOMIC_RELAXED);
+    for (;;) {
+        const int64_t f = (int64_t)(v & 0xffffffffu), b = (int64_t)(v >> 32);
+        if (f >= b) return 0;
+        int64_t n = owner ? (b - f) / 4 : want_min;
+        if (n < want_min) n = want_min;
+        if (n > b - f) n = b - f;
+        const uint64_t nv = owner ? (uint64_t)(f + n) | ((uint64_t)b << 32)
+                                  : (uint64_t)f | ((uint64_t)(b - n) << 32);
+        if (__atomic_compare_exchange_n(&sh->fb, &v, nv, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+            *g0 = owner ? f : b - n;
+            *g1 = owner ? f + n : b;
+            return 1;
+        }
+    }
+}
+
 // Token tiles: T tokens in ceil(T / nt_max) tiles of balanced sizes (so T = 7 with tiles of
 // at most 6 runs as 4 + 3, never 6 + 1: a lone token keeps too few chains in flight).
 static inline int64_t tile_count(int64_t T, int64_t nt_max) { return (T + nt_max - 1) / nt_max; }
