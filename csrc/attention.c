@@ -114,16 +114,25 @@ static void kv_store(const l2c_kvpool *pool, int64_t layer, const l2c_span *span
 #define LOAD_F16(p) vf_load_f16(p)
 #define LOAD_I8(p) vf_load_i8(p)
 
+// The tiles may prefetch the bytes at the same offsets as the ones they read, from pf (the
+// next slab a decode thread reads: that way its lines are requested one by one, 16 KB ahead,
+// as the loads go; a slab prefetched at once stalls on the miss buffers), or NULL.
+#define PF_LINES(pf, off, bytes)                                                                  \
+    if (pf)                                                                                       \
+        for (int64_t o_ = 0; o_ < (bytes); o_ += 64) __builtin_prefetch((pf) + (off) + o_, 0, 3);
+
 // S[i][p] = sum_d Q[i][d] * K[d][p] (d in order, one fused chain per lane)
 #define DEF_SCORES(TAG, ET, LOAD, NQ, NC)                                                         \
     static void scores_##TAG##_##NQ##_##NC(float *restrict S, int64_t sst, const float *restrict Q, \
-                                           int64_t qst, const void *restrict Kv, int64_t P, int64_t hs) { \
+                                           int64_t qst, const void *restrict Kv, int64_t P, int64_t hs, \
+                                           const char *pf) {                                      \
         const ET *restrict K = (const ET *)Kv;                                                    \
         vf acc[NQ][NC];                                                                           \
         for (int i = 0; i < NQ; i++)                                                              \
             for (int c = 0; c < NC; c++) acc[i][c] = vf_zero();                                   \
         for (int64_t d = 0; d < hs; d++) {                                                        \
             vf kv[NC];                                                                            \
+            PF_LINES(pf, d * P * (int64_t)sizeof(ET), NC * VL * (int64_t)sizeof(ET))               \
             for (int c = 0; c < NC; c++) kv[c] = LOAD(K + d * P + c * VL);                        \
             for (int i = 0; i < NQ; i++) {                                                        \
                 const vf qb = vf_set1(Q[i * qst + d]);                                            \
@@ -137,13 +146,15 @@ static void kv_store(const l2c_kvpool *pool, int64_t layer, const l2c_span *span
 // O[i][j] = sum_{p < nv} E[i][p] * V[p][j] (p in order, one fused chain per lane)
 #define DEF_PV(TAG, ET, LOAD, NQ, NJ)                                                             \
     static void pv_##TAG##_##NQ##_##NJ(float *restrict O, int64_t ost, const float *restrict E,   \
-                                       int64_t est, const void *restrict Vv, int64_t vst, int64_t nv) { \
+                                       int64_t est, const void *restrict Vv, int64_t vst, int64_t nv, \
+                                       const char *pf) {                                          \
         const ET *restrict V = (const ET *)Vv;                                                    \
         vf acc[NQ][NJ];                                                                           \
         for (int i = 0; i < NQ; i++)                                                              \
             for (int c = 0; c < NJ; c++) acc[i][c] = vf_zero();                                   \
         for (int64_t p = 0; p < nv; p++) {                                                        \
             vf vv[NJ];                                                                            \
+            PF_LINES(pf, p * vst * (int64_t)sizeof(ET), NJ * VL * (int64_t)sizeof(ET))             \
             for (int c = 0; c < NJ; c++) vv[c] = LOAD(V + p * vst + c * VL);                      \
             for (int i = 0; i < NQ; i++) {                                                        \
                 const vf eb = vf_set1(E[i * est + p]);                                            \
@@ -173,40 +184,44 @@ DEF_TILES(DEF_PV, f16, uint16_t, LOAD_F16)
 DEF_TILES(DEF_PV, i8, int8_t, LOAD_I8)
 
 typedef void (*scores_fn)(float *restrict, int64_t, const float *restrict, int64_t,
-                          const void *restrict, int64_t, int64_t);
+                          const void *restrict, int64_t, int64_t, const char *);
 typedef void (*pv_fn)(float *restrict, int64_t, const float *restrict, int64_t,
-                      const void *restrict, int64_t, int64_t);
+                      const void *restrict, int64_t, int64_t, const char *);
 // [element type: L2C_KV_F32, L2C_KV_F16, L2C_KV_Q8][queries - 1][vectors - 1]
 static const scores_fn SCORES[3][4][4] = {TILE_TABLE(scores, f32), TILE_TABLE(scores, f16),
                                           TILE_TABLE(scores, i8)};
 static const pv_fn PV[3][4][4] = {TILE_TABLE(pv, f32), TILE_TABLE(pv, f16), TILE_TABLE(pv, i8)};
 
 // nq queries (rows of Q, stride qst) against the first np positions (a multiple of 16) of
-// K^T (element type et, row stride P)
+// K^T (element type et, row stride P); pf: prefetch the same bytes of the next slab, or NULL
 static void scores(float *restrict S, int64_t sst, const float *restrict Q, int64_t qst,
-                   int64_t nq, int et, const void *K, int64_t P, int64_t hs, int64_t np) {
+                   int64_t nq, int et, const void *K, int64_t P, int64_t hs, int64_t np,
+                   const char *pf) {
     const int64_t es = et == L2C_KV_F32 ? 4 : et == L2C_KV_F16 ? 2 : 1;
     for (int64_t i = 0; i < nq; i += SG) {
         const int64_t gq = nq - i < SG ? nq - i : SG;
         for (int64_t p = 0; p < np; p += SC * VL) {
             const int64_t nc = (np - p) / VL < SC ? (np - p) / VL : SC;
             SCORES[et][gq - 1][nc - 1](S + i * sst + p, sst, Q + i * qst, qst,
-                                       (const uint8_t *)K + p * es, P, hs);
+                                       (const uint8_t *)K + p * es, P, hs,
+                                       pf && i == 0 ? pf + p * es : NULL);
         }
     }
 }
 
 // nq queries (rows of E, stride est, all with nv positions) -> O (nq, hsp); V rows of stride
-// vst and element type et, hsp columns read (a multiple of 16)
+// vst and element type et, hsp columns read (a multiple of 16); pf as in scores
 static void weighted_values(float *restrict O, const float *restrict E, int64_t est, int64_t nq,
-                            int et, const void *V, int64_t vst, int64_t hsp, int64_t nv) {
+                            int et, const void *V, int64_t vst, int64_t hsp, int64_t nv,
+                            const char *pf) {
     const int64_t es = et == L2C_KV_F32 ? 4 : et == L2C_KV_F16 ? 2 : 1;
     for (int64_t i = 0; i < nq; i += PG) {
         const int64_t gq = nq - i < PG ? nq - i : PG;
         for (int64_t j = 0; j < hsp; j += PJ * VL) {
             const int64_t nj = (hsp - j) / VL < PJ ? (hsp - j) / VL : PJ;
             PV[et][gq - 1][nj - 1](O + i * hsp + j, hsp, E + i * est, est,
-                                   (const uint8_t *)V + j * es, vst, nv);
+                                   (const uint8_t *)V + j * es, vst, nv,
+                                   pf && i == 0 ? pf + j * es : NULL);
         }
     }
 }
@@ -375,27 +390,22 @@ static inline void prefetch_slab(const uint8_t *p, int64_t bytes) {
 }
 
 // one split-K task (decode): the partial of block b for row r of a span, kv head h, into part:
-// m (g), l (g), o (g, hsp)
+// m (g), l (g), o (g, hsp); next: the slab read next (prefetched along), or NULL
 static void block_task(float *restrict part, const float *restrict Q, const l2c_kvpool *pool,
                        int64_t layer, const l2c_span *sp, int64_t r, int64_t h, int64_t b,
-                       int64_t n_heads, att_scratch *a) {
+                       int64_t n_heads, const uint8_t *next, att_scratch *a) {
     const int64_t P = pool->block_size, hs = pool->head_size, hsp = l2c_pad16(hs);
     const int64_t g = n_heads / pool->n_kv_heads, pos = sp->pos0 + r;
     const int64_t nv = pos - b * P + 1 < P ? pos - b * P + 1 : P, np = l2c_pad16(nv);
     const uint8_t *slab = l2c_kv_slab(pool, sp->blocks[b], layer, h);
-    // the slab of block b + L2C_ATT_PREFETCH of this kv head (the first task of a row also
-    // fetches the ones before it): by then this thread has done the blocks between
-    const int64_t last = pos / P;
-    if (b == 0)
-        for (int64_t k = 1; k < L2C_ATT_PREFETCH && k <= last; k++)
-            prefetch_slab(l2c_kv_slab(pool, sp->blocks[k], layer, h), pool->slab_bytes);
-    if (b + L2C_ATT_PREFETCH <= last)
-        prefetch_slab(l2c_kv_slab(pool, sp->blocks[b + L2C_ATT_PREFETCH], layer, h), pool->slab_bytes);
     const att_block blk = get_block(pool, slab, np, nv, 0, a->kf, a->vf);
-    scores(a->S, P, Q, hsp, g, blk.et, blk.K, P, hs, np);
+    const int in_place = blk.K == (const void *)slab;  // (a block converted is in the cache)
+    const char *pk = next && in_place ? (const char *)next : NULL;
+    const char *pv = next && in_place ? (const char *)next + l2c_kv_v_offset(pool) : NULL;
+    scores(a->S, P, Q, hsp, g, blk.et, blk.K, P, hs, np, pk);
     float *m = part, *l = part + g, *o = part + 2 * g;
     for (int64_t j = 0; j < g; j++) block_softmax(a->S + j * P, nv, blk.ks, blk.vs, &m[j], &l[j]);
-    weighted_values(o, a->S, P, g, blk.et, blk.V, blk.vst, hsp, nv);
+    weighted_values(o, a->S, P, g, blk.et, blk.V, blk.vst, hsp, nv, pv);
 }
 
 // the merge of a split row: partials of blocks 0..nb-1 in order, then out
@@ -431,7 +441,7 @@ static void tile_task(float *restrict out, const float *restrict Q, const l2c_kv
         const att_block blk = get_block(pool, slab, l2c_pad16(nv_max), nv_max,
                                         (nr - i0) * g > 2 * SG, a->kf, a->vf);
         scores(a->S + i0 * g * P, P, Q + i0 * g * hsp, hsp, (nr - i0) * g, blk.et, blk.K, P,
-               hs, l2c_pad16(nv_max));
+               hs, l2c_pad16(nv_max), NULL);
         // rows with the same count of visible positions share a values tile
         for (int64_t i = i0; i < nr;) {
             const int64_t nv = first + i - start + 1 < P ? first + i - start + 1 : P;
@@ -440,7 +450,7 @@ static void tile_task(float *restrict out, const float *restrict Q, const l2c_kv
             for (int64_t qi = i * g; qi < i1 * g; qi++)
                 block_softmax(a->S + qi * P, nv, blk.ks, blk.vs, &a->mb[qi], &a->lb[qi]);
             weighted_values(a->ob + i * g * hsp, a->S + i * g * P, P, (i1 - i) * g, blk.et, blk.V,
-                            blk.vst, hsp, nv);
+                            blk.vst, hsp, nv, NULL);
             i = i1;
         }
         for (int64_t qi = i0 * g; qi < nr * g; qi++) {
@@ -458,6 +468,23 @@ static void tile_task(float *restrict out, const float *restrict Q, const l2c_kv
         for (int64_t j = 0; j < g; j++)
             finish(out + (sp->row0 + r + i) * n_heads * hs + (h * g + j) * hs,
                    a->O + (i * g + j) * hsp, a->L[i * g + j], hs);
+}
+
+// the slab a block task reads
+static inline const uint8_t *item_slab(const l2c_kvpool *pool, int64_t layer, const l2c_span *spans,
+                                       const l2c_att_item *it) {
+    return l2c_kv_slab(pool, spans[it->span].blocks[it->block], layer, it->head);
+}
+
+// cnt more block tasks of merge mi are done; the thread that completes them merges
+static void count_done(float *restrict out, l2c_att_merge *merges, int32_t mi, int32_t cnt,
+                       const l2c_span *spans, const float *parts, int64_t g, int64_t hs,
+                       int64_t n_heads, att_scratch *a) {
+    l2c_att_merge *mg = &merges[mi];
+    if (__atomic_add_fetch(&mg->done, cnt, __ATOMIC_ACQ_REL) != mg->n_blocks) return;
+    const l2c_span *sp = &spans[mg->span];
+    merge_task(out, parts + mg->slot, mg->n_blocks, g, hs,
+               (sp->row0 + mg->row) * n_heads * hs + mg->head * g * hs, a);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -491,21 +518,24 @@ static void attention(float *restrict out, const float *restrict q, const l2c_kv
         if (sp->n > L2C_ATT_SPLIT_ROWS) continue;
         for (int64_t r = 0; r < sp->n; r++) {
             const int64_t nb = (sp->pos0 + r) / P + 1;
-            // tasks in block order, the kv heads of a block side by side: their slabs are
-            // adjacent in the pool, so a thread's run of tasks reads one stream of memory
-            for (int64_t h = 0; h < nkv; h++)
+            // a (row, kv head)'s tasks in block order, one after the other: a run of tasks
+            // counts to one merge at a time
+            for (int64_t h = 0; h < nkv; h++) {
                 merges[nm + h] = (l2c_att_merge){(int32_t)s, (int32_t)r, (int32_t)h, (int32_t)nb,
                                                  slot + h * nb * stride, 0, 0};
-            for (int64_t b = 0; b < nb; b++)
-                for (int64_t h = 0; h < nkv; h++)
+                for (int64_t b = 0; b < nb; b++)
                     items[ni++] = (l2c_att_item){(int32_t)s, (int32_t)r, (int32_t)h, (int32_t)b,
                                                  (int32_t)(nm + h), 0, slot + (h * nb + b) * stride};
+            }
             nm += nkv;
             slot += nkv * nb * stride;
             work += sp->pos0 + r + 1;
         }
     }
     const int nth = threads_for(work * n_heads * hs * 2, n_threads);
+    l2c_share sh[nth];  // the block tasks [n_tiles, ni) in nth runs
+    for (int p = 0; p < nth; p++)
+        share_set(&sh[p], n_tiles + (ni - n_tiles) * p / nth, n_tiles + (ni - n_tiles) * (p + 1) / nth);
     L2C_PRAGMA(omp parallel num_threads(nth) if(nth > 1))
     {
         att_scratch a = scratch_for((float *)(base + lay.thread_off + L2C_THREAD_ID() * lay.thread_bytes),
@@ -518,22 +548,31 @@ static void attention(float *restrict out, const float *restrict q, const l2c_kv
             const int64_t nr = sp->n - it->row < L2C_ATT_ROWS ? sp->n - it->row : L2C_ATT_ROWS;
             tile_task(out, Q, pool, layer, sp, it->row, nr, it->head, n_heads, &a);
         }
-        // tasks in runs of 4 per thread (each prefetches its kv head's block L2C_ATT_PREFETCH
-        // ahead); the task that completes a row's partials merges them, in block order
-        L2C_PRAGMA(omp for schedule(dynamic, 4) nowait)
-        for (int64_t i = n_tiles; i < ni; i++) {
-            const l2c_att_item *it = &items[i];
-            const l2c_span *sp = &spans[it->span];
-            const float *Q = Qs + ((it->head * lay.n_rows + sp->row0 + it->row) * g) * hsp;
-            block_task(parts + it->slot, Q, pool, layer, sp, it->row, it->head, it->block,
-                       n_heads, &a);
-            l2c_att_merge *mg = &merges[it->merge];
-            int32_t done;
-            L2C_PRAGMA(omp atomic capture seq_cst)
-            done = ++mg->done;
-            if (done == mg->n_blocks)
-                merge_task(out, parts + mg->slot, mg->n_blocks, g, hs,
-                           (sp->row0 + mg->row) * n_heads * hs + mg->head * g * hs, &a);
-        }
+        // the block tasks: a thread's share is a run of tasks that reads one stream of memory,
+        // each task prefetching the next one's slab line by line as it reads its own (the
+        // first slab of a run at once); a thread counts its finished tasks per (row, kv head)
+        // and adds them once per run; the thread that completes a row's partials merges them,
+        // in block order
+        int64_t i0, i1;
+        for (int k = 0; k < nth; k++)
+            while (take(&sh[(L2C_THREAD_ID() + k) % nth], k == 0, L2C_ATT_CLAIM, &i0, &i1)) {
+                prefetch_slab(item_slab(pool, layer, spans, &items[i0]), pool->slab_bytes);
+                int32_t cur = items[i0].merge, cnt = 0;
+                for (int64_t i = i0; i < i1; i++) {
+                    const l2c_att_item *it = &items[i];
+                    const l2c_span *sp = &spans[it->span];
+                    const float *Q = Qs + ((it->head * lay.n_rows + sp->row0 + it->row) * g) * hsp;
+                    // past the run too: the owner's next run goes on from there
+                    const uint8_t *next = i + 1 < ni ? item_slab(pool, layer, spans, &items[i + 1]) : NULL;
+                    block_task(parts + it->slot, Q, pool, layer, sp, it->row, it->head, it->block,
+                               n_heads, next, &a);
+                    cnt++;
+                    if (i + 1 == i1 || items[i + 1].merge != cur) {
+                        count_done(out, merges, cur, cnt, spans, parts, g, hs, n_heads, &a);
+                        if (i + 1 < i1) cur = items[i + 1].merge;
+                        cnt = 0;
+                    }
+                }
+            }
     }
 }

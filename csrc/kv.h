@@ -76,7 +76,7 @@ static inline float l2c_f16_to_f32(uint16_t h) {
 // each walking its blocks in order. Both give the canonical merge (llama2c.h).
 #define L2C_ATT_ROWS 16
 #define L2C_ATT_SPLIT_ROWS 4
-#define L2C_ATT_PREFETCH 2    // decode: a block task prefetches the slab this many blocks ahead
+#define L2C_ATT_CLAIM 4       // decode: block tasks a thread takes at least at once
 
 typedef struct {
     int32_t span, row, head, block;  // block < 0: a tile of rows row.. (prefill)
