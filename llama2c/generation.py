@@ -15,7 +15,6 @@ csrc/sampler.c), plus a few list operations.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import numbers
@@ -25,6 +24,11 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+
+try:    # hashlib's own blake2b, without hashlib loading OpenSSL (3.6 MB resident) with the model
+    from _blake2 import blake2b
+except ImportError:     # not CPython
+    from hashlib import blake2b
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -1078,7 +1082,7 @@ def weights_fingerprint(config, weights: dict, extra: dict, tensor_parts: dict |
     and type) with its config and `extra` settings: saved states carry it. tensor_parts:
     name -> tensor_fingerprint(name, tensor) computed earlier (a model whose tensors were made
     one at a time and packed); the hash is the same."""
-    h = hashlib.blake2b(digest_size=16)
+    h = blake2b(digest_size=16)
     h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
     h.update(json.dumps(extra, sort_keys=True, default=str).encode())
     for name in sorted(weights):
