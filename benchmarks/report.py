@@ -11,8 +11,9 @@ Sections (each prints the `llama2c bench` command line it runs, then its Markdow
             benchmarks/make_peer_models.py) against llama.cpp on the same files, 121- and
             512-token prompts, on the avx512 table against the AVX-512 llama.cpp and on the
             avx2 table against the AVX2-only build (--avx2-python)
-  long      issue 13's long context: our int8 on the Q4_1 file, llama.cpp on the Q8_0 file;
-            prefill of 1000, 4000 and 8000 tokens, decode after them, resident memory
+  long      issue 13's long context: our 4-bit and int8 on the Q4_1 file, llama.cpp on the
+            Q4_1 and Q8_0 files; prefill of 1000, 4000 and 8000 tokens, decode after them,
+            resident memory
 
 Every figure is the best of --repeat interleaved rounds: each round runs every engine once.
 """
@@ -67,9 +68,9 @@ def sections(args) -> dict:
         out["llamacpp"] = [[str(q8), str(f32), "--simd", simd, "--threads", "2", "--prompt", "121,512",
                             "--peers", "llamacpp", "--llamacpp-python", ",".join(pythons)] + common]
     if q4_1 and q8:
-        out["long"] = [[str(q4_1), "--long-context", "--threads", "2", "--peers", "llamacpp",
-                        "--llamacpp-models", str(q8), "--tokens", "32"]
-                       + (["--quiet"] if args.quiet else [])]
+        out["long"] = [[str(q4_1), "--dtype", "auto,int8", "--long-context", "--threads", "2",
+                        "--tokens", "32", "--repeat", str(args.repeat), "--peers", "llamacpp",
+                        "--llamacpp-models", f"{q4_1},{q8}"] + (["--quiet"] if args.quiet else [])]
     return out
 
 

@@ -4,7 +4,10 @@
 module, so a number means the same thing wherever it is printed:
 
 - decode: greedy tokens after a 1-token prompt; each token is one forward pass of one token
-  (tok/s = tokens / seconds of those forward passes, the argmax between them included).
+  (tok/s = tokens / seconds of those forward passes, the argmax between them included). Each
+  engine runs them the way its users' generation does: this package in its decode loop (one C
+  call, Session.decode, as Model.generate), llama.cpp through llama-cpp-python's eval with the
+  argmax in Python (as its generate), the NumPy reference in Python.
 - prefill: an N-token prompt from an empty cache, logits of the last position only.
 - long context: the prefill of an N-token prompt, then decode after it; resident memory.
 - roofline: decode GB/s = weight bytes read per token x tok/s, against the memory read
@@ -297,6 +300,7 @@ class Llama2c(Engine):
         self.label = label or self.default_label()
         self.rss_after_load = rss_bytes()
         self._session = None
+        self._greedy = None      # the greedy sampler of decode_steps
         self.weights = None     # the weights as loaded (random shapes), for the reference peer
         self.source = None      # (path, dtype) of a model file, for the reference peer
 
@@ -370,14 +374,18 @@ class Llama2c(Engine):
         logits = sess.eval(np.array([FIRST_TOKEN % self.config.vocab_size], np.int32))
         return sess, int(np.argmax(logits))
 
-    @staticmethod
-    def decode_steps(sess, token: int, n: int) -> int:
-        """n greedy steps, each one forward pass of one token; returns the last token."""
-        buf = np.empty(1, np.int32)
-        for _ in range(n):
-            buf[0] = token
-            token = int(np.argmax(sess.eval(buf)))
-        return token
+    def decode_steps(self, sess, token: int, n: int) -> int:
+        """n greedy steps, each one forward pass of one token, in the engine's decode loop (one
+        C call, as Model.generate runs it: forward, argmax, feed back); returns the last token."""
+        from . import _engine
+        V = self.config.vocab_size
+        if self._greedy is None:
+            self._greedy = _engine.Sampler(V, temperature=0.0)
+        out = np.empty(n, np.int32)
+        n_out, _ = sess.decode(self._greedy, token, np.empty(V, np.float32), out)
+        if n_out != n:
+            raise RuntimeError(f"decode: {n_out} of {n} steps (context full?)")
+        return int(out[-1])
 
     def start_prefill(self, threads: int, context: int):
         return self.session(context, threads)
