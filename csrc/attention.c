@@ -95,11 +95,9 @@ static void kv_store(const l2c_kvpool *pool, int64_t layer, const l2c_span *span
     const int64_t kvd = pool->n_kv_heads * pool->head_size;
     for (int64_t i = 0; i < n_spans; i++) {
         const l2c_span *sp = &spans[i];
-        int nth = threads_for(sp->n * kvd * 8, n_threads);
-        L2C_PRAGMA(omp parallel for num_threads(nth) schedule(static) if(nth > 1))
-        for (int64_t t = 0; t < sp->n; t++)
-            store_row(pool, layer, sp->blocks, sp->pos0 + t, k + (sp->row0 + t) * kvd,
-                      v + (sp->row0 + t) * kvd);
+        const int nth = threads_for(sp->n * kvd * 8, n_threads);
+        L2C_PFOR(nth, t, sp->n, store_row(pool, layer, sp->blocks, sp->pos0 + t,
+                                          k + (sp->row0 + t) * kvd, v + (sp->row0 + t) * kvd));
     }
 }
 
@@ -487,6 +485,78 @@ static void count_done(float *restrict out, l2c_att_merge *merges, int32_t mi, i
                (sp->row0 + mg->row) * n_heads * hs + mg->head * g * hs, a);
 }
 
+// what the threads of one attention call share
+typedef struct {
+    float *out;
+    const l2c_kvpool *pool;
+    int64_t layer;
+    const l2c_span *spans;
+    int64_t n_heads;
+    const l2c_att_item *items;
+    l2c_att_merge *merges;
+    float *parts;
+    const float *Qs;
+    uint8_t *base;
+    const l2c_att_layout *lay;
+    l2c_share *sh;
+    int nth;
+    int64_t n_tiles, ni;
+} att_work;
+
+// prefill tile i of the call
+static void tile_item(const att_work *w, int64_t i, att_scratch *a) {
+    const int64_t hsp = l2c_pad16(w->pool->head_size), g = w->n_heads / w->pool->n_kv_heads;
+    const l2c_att_item *it = &w->items[i];
+    const l2c_span *sp = &w->spans[it->span];
+    const float *Q = w->Qs + ((it->head * w->lay->n_rows + sp->row0 + it->row) * g) * hsp;
+    const int64_t nr = sp->n - it->row < L2C_ATT_ROWS ? sp->n - it->row : L2C_ATT_ROWS;
+    tile_task(w->out, Q, w->pool, w->layer, sp, it->row, nr, it->head, w->n_heads, a);
+}
+
+// one thread's part of an attention call (in_team: inside its parallel region)
+static void attention_work(const att_work *w, int in_team) {
+    const l2c_kvpool *pool = w->pool;
+    const int64_t P = pool->block_size, hs = pool->head_size, hsp = l2c_pad16(hs);
+    const int64_t g = w->n_heads / pool->n_kv_heads, n_rows = w->lay->n_rows;
+    const l2c_att_item *items = w->items;
+    const l2c_span *spans = w->spans;
+    att_scratch a = scratch_for((float *)(w->base + w->lay->thread_off + L2C_THREAD_ID() * w->lay->thread_bytes),
+                                g, hs, P);
+    // the prefill tiles, largest first, one at a time to whichever thread is free
+    if (in_team) {
+        L2C_PRAGMA(omp for schedule(dynamic, 1) nowait)
+        for (int64_t i = 0; i < w->n_tiles; i++) tile_item(w, i, &a);
+    } else {
+        for (int64_t i = 0; i < w->n_tiles; i++) tile_item(w, i, &a);
+    }
+    // the block tasks: a thread's share is a run of tasks that reads one stream of memory,
+    // each task prefetching the next one's slab line by line as it reads its own (the
+    // first slab of a run at once); a thread counts its finished tasks per (row, kv head)
+    // and adds them once per run; the thread that completes a row's partials merges them,
+    // in block order
+    int64_t i0, i1;
+    for (int k = 0; k < w->nth; k++)
+        while (take(&w->sh[(L2C_THREAD_ID() + k) % w->nth], k == 0, L2C_ATT_CLAIM, &i0, &i1)) {
+            prefetch_slab(item_slab(pool, w->layer, spans, &items[i0]), pool->slab_bytes);
+            int32_t cur = items[i0].merge, cnt = 0;
+            for (int64_t i = i0; i < i1; i++) {
+                const l2c_att_item *it = &items[i];
+                const l2c_span *sp = &spans[it->span];
+                const float *Q = w->Qs + ((it->head * n_rows + sp->row0 + it->row) * g) * hsp;
+                // past the run too: the owner's next run goes on from there
+                const uint8_t *next = i + 1 < w->ni ? item_slab(pool, w->layer, spans, &items[i + 1]) : NULL;
+                block_task(w->parts + it->slot, Q, pool, w->layer, sp, it->row, it->head, it->block,
+                           w->n_heads, next, &a);
+                cnt++;
+                if (i + 1 == i1 || items[i + 1].merge != cur) {
+                    count_done(w->out, w->merges, cur, cnt, spans, w->parts, g, hs, w->n_heads, &a);
+                    if (i + 1 < i1) cur = items[i + 1].merge;
+                    cnt = 0;
+                }
+            }
+        }
+}
+
 // ---------------------------------------------------------------------------------------------
 
 static void attention(float *restrict out, const float *restrict q, const l2c_kvpool *pool,
@@ -500,7 +570,6 @@ static void attention(float *restrict out, const float *restrict q, const l2c_kv
     l2c_att_merge *merges = (l2c_att_merge *)(base + lay.merges_off);
     float *parts = (float *)(base + lay.partials_off);
     float *Qs = (float *)(base + lay.queries_off);
-    const int64_t hsp = l2c_pad16(hs);
     scale_queries(Qs, q, lay.n_rows, n_heads, nkv, hs);
     // the work: prefill tiles (the largest first), then the decode rows' block tasks
     int64_t ni = 0, nm = 0, slot = 0, work = 0;
@@ -536,43 +605,12 @@ static void attention(float *restrict out, const float *restrict q, const l2c_kv
     l2c_share sh[nth];  // the block tasks [n_tiles, ni) in nth runs
     for (int p = 0; p < nth; p++)
         share_set(&sh[p], n_tiles + (ni - n_tiles) * p / nth, n_tiles + (ni - n_tiles) * (p + 1) / nth);
-    L2C_PRAGMA(omp parallel num_threads(nth) if(nth > 1))
-    {
-        att_scratch a = scratch_for((float *)(base + lay.thread_off + L2C_THREAD_ID() * lay.thread_bytes),
-                                    g, hs, P);
-        L2C_PRAGMA(omp for schedule(dynamic, 1) nowait)
-        for (int64_t i = 0; i < n_tiles; i++) {
-            const l2c_att_item *it = &items[i];
-            const l2c_span *sp = &spans[it->span];
-            const float *Q = Qs + ((it->head * lay.n_rows + sp->row0 + it->row) * g) * hsp;
-            const int64_t nr = sp->n - it->row < L2C_ATT_ROWS ? sp->n - it->row : L2C_ATT_ROWS;
-            tile_task(out, Q, pool, layer, sp, it->row, nr, it->head, n_heads, &a);
-        }
-        // the block tasks: a thread's share is a run of tasks that reads one stream of memory,
-        // each task prefetching the next one's slab line by line as it reads its own (the
-        // first slab of a run at once); a thread counts its finished tasks per (row, kv head)
-        // and adds them once per run; the thread that completes a row's partials merges them,
-        // in block order
-        int64_t i0, i1;
-        for (int k = 0; k < nth; k++)
-            while (take(&sh[(L2C_THREAD_ID() + k) % nth], k == 0, L2C_ATT_CLAIM, &i0, &i1)) {
-                prefetch_slab(item_slab(pool, layer, spans, &items[i0]), pool->slab_bytes);
-                int32_t cur = items[i0].merge, cnt = 0;
-                for (int64_t i = i0; i < i1; i++) {
-                    const l2c_att_item *it = &items[i];
-                    const l2c_span *sp = &spans[it->span];
-                    const float *Q = Qs + ((it->head * lay.n_rows + sp->row0 + it->row) * g) * hsp;
-                    // past the run too: the owner's next run goes on from there
-                    const uint8_t *next = i + 1 < ni ? item_slab(pool, layer, spans, &items[i + 1]) : NULL;
-                    block_task(parts + it->slot, Q, pool, layer, sp, it->row, it->head, it->block,
-                               n_heads, next, &a);
-                    cnt++;
-                    if (i + 1 == i1 || items[i + 1].merge != cur) {
-                        count_done(out, merges, cur, cnt, spans, parts, g, hs, n_heads, &a);
-                        if (i + 1 < i1) cur = items[i + 1].merge;
-                        cnt = 0;
-                    }
-                }
-            }
+    const att_work w = {out, pool, layer, spans, n_heads, items, merges, parts, Qs, base, &lay,
+                        sh, nth, n_tiles, ni};
+    if (nth > 1) {
+        L2C_PRAGMA(omp parallel num_threads(nth))
+        attention_work(&w, 1);
+    } else {
+        attention_work(&w, 0);  // no parallel region (see L2C_PFOR)
     }
 }

@@ -51,6 +51,19 @@ static inline int threads_for(int64_t work, int n_threads) {
     return work < L2C_PAR_MIN_WORK ? 1 : (n_threads < 1 ? 1 : n_threads);
 }
 
+// for (int64_t i = 0; i < n; i++) call;  on nth threads (static schedule), and without a
+// parallel region when nth is 1: libgomp makes and frees a team for every region, a team of
+// one included (`if(0)` too), about 1 us a call, and a decode step makes some 240 such calls.
+#define L2C_PFOR(nth, i, n, call)                                                                 \
+    do {                                                                                          \
+        if ((nth) > 1) {                                                                          \
+            L2C_PRAGMA(omp parallel for num_threads(nth) schedule(static))                        \
+            for (int64_t i = 0; i < (n); i++) call;                                               \
+        } else {                                                                                  \
+            for (int64_t i = 0; i < (n); i++) call;                                               \
+        }                                                                                         \
+    } while (0)
+
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Row chunks for prefill: a thread's blocks are walked in chunks of about this many weight

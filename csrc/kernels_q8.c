@@ -115,11 +115,10 @@ static void quantize(const l2c_qact *a, const float *restrict x, int64_t T, int6
                      int64_t gs, int n_threads) {
     const int64_t groups = T * (n / gs);
     const int two = a->lo != NULL;
-    int nth = threads_for(T * n * 4, n_threads);
-    L2C_PRAGMA(omp parallel for num_threads(nth) schedule(static) if(nth > 1))
-    for (int64_t g = 0; g < groups; g++)
-        quantize_group(a->hi + g * gs, two ? a->lo + g * gs : NULL, a->v16 + g * gs, a->s + g,
-                       a->sum_hi + g, two ? a->sum_lo + g : NULL, x + g * gs, gs);
+    const int nth = threads_for(T * n * 4, n_threads);
+    L2C_PFOR(nth, g, groups,
+             quantize_group(a->hi + g * gs, two ? a->lo + g * gs : NULL, a->v16 + g * gs, a->s + g,
+                            a->sum_hi + g, two ? a->sum_lo + g : NULL, x + g * gs, gs));
 }
 
 // ---- out (T, d) = A (T, n) @ W (d, n)^T, W packed (L2C_Q8P) -------------------------------------

@@ -28,19 +28,19 @@ static float sum_squares(const float *restrict x, int64_t n) {
     return ss;
 }
 
+static inline void rmsnorm_row(float *restrict orow, const float *restrict xr,
+                               const float *restrict w, int64_t n, float eps) {
+    const float inv = 1.0f / sqrtf(sum_squares(xr, n) / (float)n + eps);
+    const vf iv = vf_set1(inv);
+    int64_t j = 0;
+    for (; j + VL <= n; j += VL) vf_store(orow + j, vf_mul(vf_load(w + j), vf_mul(iv, vf_load(xr + j))));
+    for (; j < n; j++) orow[j] = w[j] * (inv * xr[j]);
+}
+
 static void rmsnorm(float *restrict o, const float *restrict x, const float *restrict w,
                     int64_t T, int64_t n, float eps, int n_threads) {
-    int nth = threads_for(T * n * 8, n_threads);
-    L2C_PRAGMA(omp parallel for num_threads(nth) schedule(static) if(nth > 1))
-    for (int64_t t = 0; t < T; t++) {
-        const float *xr = x + t * n;
-        float *orow = o + t * n;
-        const float inv = 1.0f / sqrtf(sum_squares(xr, n) / (float)n + eps);
-        const vf iv = vf_set1(inv);
-        int64_t j = 0;
-        for (; j + VL <= n; j += VL) vf_store(orow + j, vf_mul(vf_load(w + j), vf_mul(iv, vf_load(xr + j))));
-        for (; j < n; j++) orow[j] = w[j] * (inv * xr[j]);
-    }
+    const int nth = threads_for(T * n * 8, n_threads);
+    L2C_PFOR(nth, t, T, rmsnorm_row(o + t * n, x + t * n, w, n, eps));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -94,53 +94,53 @@ static inline void rope_head(float *restrict v, const float *restrict c, const f
     }
 }
 
+static inline void rope_row(float *restrict x, const float *restrict c, const float *restrict s,
+                            int64_t n_heads, int64_t head_size) {
+    for (int64_t h = 0; h < n_heads; h++) rope_head(x + h * head_size, c, s, head_size / 2);
+}
+
 static void rope(float *restrict x, const int64_t *restrict pos, const float *restrict cos_t,
                  const float *restrict sin_t, int64_t T, int64_t n_heads, int64_t head_size,
                  int n_threads) {
     const int64_t half = head_size / 2, width = n_heads * head_size;
-    int nth = threads_for(T * width * 16, n_threads);
-    L2C_PRAGMA(omp parallel for num_threads(nth) schedule(static) if(nth > 1))
-    for (int64_t t = 0; t < T; t++) {
-        const float *c = cos_t + pos[t] * half, *s = sin_t + pos[t] * half;
-        for (int64_t h = 0; h < n_heads; h++) rope_head(x + t * width + h * head_size, c, s, half);
-    }
+    const int nth = threads_for(T * width * 16, n_threads);
+    L2C_PFOR(nth, t, T, rope_row(x + t * width, cos_t + pos[t] * half, sin_t + pos[t] * half,
+                                 n_heads, head_size));
 }
 
 // ---------------------------------------------------------------------------------------------
 // SwiGLU: hb = (hb * sigmoid(hb)) * hb2, sigmoid(v) = 1 / (1 + exp(-v)), per row
 
+static inline void swiglu_row(float *restrict h, const float *restrict g, int64_t n) {
+    int64_t i = 0;
+#if VL > 1
+    const vf one = vf_set1(1.0f), zero = vf_zero();
+    for (; i + VL <= n; i += VL) {
+        const vf v = vf_load(h + i);
+#if defined(__AVX512F__)
+        const vf sig = _mm512_div_ps(one, vf_add(one, vf_exp(vf_sub(zero, v))));
+#else
+        const vf sig = _mm256_div_ps(one, vf_add(one, vf_exp(vf_sub(zero, v))));
+#endif
+        vf_store(h + i, vf_mul(vf_mul(v, sig), vf_load(g + i)));
+    }
+#endif
+    for (; i < n; i++) {  // leftovers (all of it in the generic build): the same lane ops
+        const float v = h[i];
+        h[i] = (v * (1.0f / (1.0f + exp_s(0.0f - v)))) * g[i];
+    }
+}
+
 static void swiglu(float *restrict hb, const float *restrict hb2, int64_t T, int64_t n,
                    int n_threads) {
-    int nth = threads_for(T * n * 4, n_threads);
-    L2C_PRAGMA(omp parallel for num_threads(nth) schedule(static) if(nth > 1))
-    for (int64_t t = 0; t < T; t++) {
-        float *h = hb + t * n;
-        const float *g = hb2 + t * n;
-        int64_t i = 0;
-#if VL > 1
-        const vf one = vf_set1(1.0f), zero = vf_zero();
-        for (; i + VL <= n; i += VL) {
-            const vf v = vf_load(h + i);
-#if defined(__AVX512F__)
-            const vf sig = _mm512_div_ps(one, vf_add(one, vf_exp(vf_sub(zero, v))));
-#else
-            const vf sig = _mm256_div_ps(one, vf_add(one, vf_exp(vf_sub(zero, v))));
-#endif
-            vf_store(h + i, vf_mul(vf_mul(v, sig), vf_load(g + i)));
-        }
-#endif
-        for (; i < n; i++) {  // leftovers (all of it in the generic build): the same lane ops
-            const float v = h[i];
-            h[i] = (v * (1.0f / (1.0f + exp_s(0.0f - v)))) * g[i];
-        }
-    }
+    const int nth = threads_for(T * n * 4, n_threads);
+    L2C_PFOR(nth, t, T, swiglu_row(hb + t * n, hb2 + t * n, n));
 }
 
 // residual: x += y
 static void add(float *restrict x, const float *restrict y, int64_t n, int n_threads) {
-    int nth = threads_for(n, n_threads);
-    L2C_PRAGMA(omp parallel for num_threads(nth) schedule(static) if(nth > 1))
-    for (int64_t i = 0; i < n; i++) x[i] += y[i];
+    const int nth = threads_for(n, n_threads);
+    L2C_PFOR(nth, i, n, x[i] += y[i]);
 }
 
 // ---------------------------------------------------------------------------------------------
