@@ -559,29 +559,23 @@ static void attention_work(const att_work *w, int in_team) {
 
 // ---------------------------------------------------------------------------------------------
 
-static void attention(float *restrict out, const float *restrict q, const l2c_kvpool *pool,
-                      int64_t layer, const l2c_span *spans, int64_t n_spans, int64_t n_heads,
-                      void *ws, int n_threads) {
-    const int64_t P = pool->block_size, hs = pool->head_size, nkv = pool->n_kv_heads;
-    const int64_t g = n_heads / nkv, stride = l2c_att_partial_floats(g, hs);
-    const l2c_att_layout lay = l2c_att_plan(pool, spans, n_spans, n_heads, n_threads);
-    uint8_t *base = ws;
-    l2c_att_item *items = (l2c_att_item *)(base + lay.items_off);
-    l2c_att_merge *merges = (l2c_att_merge *)(base + lay.merges_off);
-    float *parts = (float *)(base + lay.partials_off);
-    float *Qs = (float *)(base + lay.queries_off);
-    scale_queries(Qs, q, lay.n_rows, n_heads, nkv, hs);
-    // the work: prefill tiles (the largest first), then the decode rows' block tasks
-    int64_t ni = 0, nm = 0, slot = 0, work = 0;
+// the work of a call: prefill tiles (the largest first), then the block tasks of the decode
+// rows, written to items and merges when `write` (else only counted); work: multiply-adds / hs
+static void att_items(l2c_att_item *items, l2c_att_merge *merges, const l2c_span *spans,
+                      int64_t n_spans, const l2c_kvpool *pool, int64_t n_heads, int write,
+                      int64_t *n_tiles, int64_t *n_items, int64_t *work) {
+    const int64_t P = pool->block_size, nkv = pool->n_kv_heads;
+    const int64_t stride = l2c_att_partial_floats(n_heads / nkv, pool->head_size);
+    int64_t ni = 0, nm = 0, slot = 0, wk = 0;
     for (int64_t s = 0; s < n_spans; s++) {
         const l2c_span *sp = &spans[s];
         if (sp->n <= L2C_ATT_SPLIT_ROWS) continue;
         for (int64_t r = (sp->n - 1) / L2C_ATT_ROWS * L2C_ATT_ROWS; r >= 0; r -= L2C_ATT_ROWS)
-            for (int64_t h = 0; h < nkv; h++)
-                items[ni++] = (l2c_att_item){(int32_t)s, (int32_t)r, (int32_t)h, -1, -1, 0, 0};
-        work += sp->n * (sp->pos0 + sp->n);
+            for (int64_t h = 0; h < nkv; h++, ni++)
+                if (write) items[ni] = (l2c_att_item){(int32_t)s, (int32_t)r, (int32_t)h, -1, -1, 0, 0};
+        wk += sp->n * (sp->pos0 + sp->n);
     }
-    const int64_t n_tiles = ni;
+    *n_tiles = ni;
     for (int64_t s = 0; s < n_spans; s++) {
         const l2c_span *sp = &spans[s];
         if (sp->n > L2C_ATT_SPLIT_ROWS) continue;
@@ -590,27 +584,68 @@ static void attention(float *restrict out, const float *restrict q, const l2c_kv
             // a (row, kv head)'s tasks in block order, one after the other: a run of tasks
             // counts to one merge at a time
             for (int64_t h = 0; h < nkv; h++) {
-                merges[nm + h] = (l2c_att_merge){(int32_t)s, (int32_t)r, (int32_t)h, (int32_t)nb,
-                                                 slot + h * nb * stride, 0, 0};
-                for (int64_t b = 0; b < nb; b++)
-                    items[ni++] = (l2c_att_item){(int32_t)s, (int32_t)r, (int32_t)h, (int32_t)b,
-                                                 (int32_t)(nm + h), 0, slot + (h * nb + b) * stride};
+                if (write)
+                    merges[nm + h] = (l2c_att_merge){(int32_t)s, (int32_t)r, (int32_t)h, (int32_t)nb,
+                                                     slot + h * nb * stride, 0, 0};
+                for (int64_t b = 0; b < nb; b++, ni++)
+                    if (write)
+                        items[ni] = (l2c_att_item){(int32_t)s, (int32_t)r, (int32_t)h, (int32_t)b,
+                                                   (int32_t)(nm + h), 0, slot + (h * nb + b) * stride};
             }
             nm += nkv;
             slot += nkv * nb * stride;
-            work += sp->pos0 + r + 1;
+            wk += sp->pos0 + r + 1;
         }
     }
+    *n_items = ni;
+    *work = wk;
+}
+
+static void attention(float *restrict out, const float *restrict q, const l2c_kvpool *pool,
+                      int64_t layer, const l2c_span *spans, int64_t n_spans, int64_t n_heads,
+                      void *ws, int n_threads) {
+    const int64_t hs = pool->head_size, nkv = pool->n_kv_heads;
+    const l2c_att_layout lay = l2c_att_plan(pool, spans, n_spans, n_heads, n_threads);
+    uint8_t *base = ws;
+    l2c_att_item *items = (l2c_att_item *)(base + lay.items_off);
+    l2c_att_merge *merges = (l2c_att_merge *)(base + lay.merges_off);
+    float *Qs = (float *)(base + lay.queries_off);
+    scale_queries(Qs, q, lay.n_rows, n_heads, nkv, hs);
+    int64_t n_tiles, ni, work;
+    att_items(items, merges, spans, n_spans, pool, n_heads, 1, &n_tiles, &ni, &work);
     const int nth = threads_for(work * n_heads * hs * 2, n_threads);
     l2c_share sh[nth];  // the block tasks [n_tiles, ni) in nth runs
     for (int p = 0; p < nth; p++)
         share_set(&sh[p], n_tiles + (ni - n_tiles) * p / nth, n_tiles + (ni - n_tiles) * (p + 1) / nth);
-    const att_work w = {out, pool, layer, spans, n_heads, items, merges, parts, Qs, base, &lay,
-                        sh, nth, n_tiles, ni};
+    const att_work w = {out, pool, layer, spans, n_heads, items, merges,
+                        (float *)(base + lay.partials_off), Qs, base, &lay, sh, nth, n_tiles, ni};
     if (nth > 1) {
         L2C_PRAGMA(omp parallel num_threads(nth))
         attention_work(&w, 1);
     } else {
         attention_work(&w, 0);  // no parallel region (see L2C_PFOR)
     }
+}
+
+// A team's attention (decode rows): thread 0 writes the work while the others count it, they
+// meet, then each sets its share of the block tasks and takes as above (a share seen before
+// its owner set it is the last call's, left empty: see matmul_team).
+static void attention_team(float *restrict out, const float *restrict q, const l2c_kvpool *pool,
+                           int64_t layer, const l2c_span *spans, int64_t n_spans, int64_t n_heads,
+                           void *ws, const l2c_team *tm) {
+    const l2c_att_layout lay = l2c_att_plan(pool, spans, n_spans, n_heads, tm->n);
+    uint8_t *base = ws;
+    l2c_att_item *items = (l2c_att_item *)(base + lay.items_off);
+    l2c_att_merge *merges = (l2c_att_merge *)(base + lay.merges_off);
+    float *Qs = (float *)(base + lay.queries_off);
+    int64_t n_tiles, ni, work;
+    if (tm->id == 0) scale_queries(Qs, q, lay.n_rows, n_heads, pool->n_kv_heads, pool->head_size);
+    att_items(items, merges, spans, n_spans, pool, n_heads, tm->id == 0, &n_tiles, &ni, &work);
+    l2c_team_barrier(tm);
+    const int64_t id = tm->id, n = tm->n;
+    share_set(&tm->st->sh[id], n_tiles + (ni - n_tiles) * id / n, n_tiles + (ni - n_tiles) * (id + 1) / n);
+    const att_work w = {out, pool, layer, spans, n_heads, items, merges,
+                        (float *)(base + lay.partials_off), Qs, base, &lay, tm->st->sh, tm->n,
+                        n_tiles, ni};
+    attention_work(&w, 1);
 }

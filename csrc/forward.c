@@ -8,6 +8,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <sched.h>
 #include <string.h>
 #include <time.h>
 
@@ -54,7 +55,9 @@ int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int n_th
     s->wanted = malloc((size_t)B * sizeof(int64_t));
     s->spans = malloc((size_t)B * sizeof(l2c_span));
     s->span_seq = malloc((size_t)B * sizeof(l2c_seq *));
-    if (!s->span_seq || !s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->k || !s->v || !s->pos ||
+    s->team = aligned_alloc(64, sizeof(l2c_team_state));
+    if (s->team) memset(s->team, 0, sizeof(l2c_team_state));
+    if (!s->team || !s->span_seq || !s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->k || !s->v || !s->pos ||
         !s->tok || !s->wanted || !s->spans || l2c_input_init(&s->in, m, B) != L2C_OK) {
         l2c_state_free(s);
         return L2C_ERR_NOMEM;
@@ -67,6 +70,7 @@ void l2c_state_free(l2c_state *s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2); free(s->q); free(s->k);
     free(s->v); free(s->pos); free(s->tok); free(s->wanted); free(s->spans); free(s->span_seq);
     free(s->ws);
+    free(s->team);
     l2c_input_free(&s->in);
     memset(s, 0, sizeof(*s));
 }
@@ -89,65 +93,151 @@ static void add_bias(float *restrict x, const float *restrict b, int64_t T, int6
 }
 
 // ---------------------------------------------------------------------------------------------
-// one step: T rows (s->tok, s->pos) in n_spans spans; logits of the n_wanted rows s->wanted
+// the team of a decode step (llama2c.h): a barrier of our own, spinning (a libgomp barrier
+// wakes its waiters with a futex call each time), then yielding the core after a while, so
+// that a loaded machine does not spin a descheduled thread's partner for its whole time slice
+
+#define L2C_TEAM_SPINS 4000
+
+void l2c_team_barrier(const l2c_team *tm) {
+    if (!tm || tm->n <= 1) return;
+    l2c_team_state *st = tm->st;
+    const int gen = __atomic_load_n(&st->gen, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&st->arrived, 1, __ATOMIC_ACQ_REL) == tm->n) {
+        __atomic_store_n(&st->arrived, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&st->gen, gen + 1, __ATOMIC_RELEASE);  // (after the reset, in order)
+        return;
+    }
+    for (int spins = 0; __atomic_load_n(&st->gen, __ATOMIC_ACQUIRE) == gen; spins++) {
+        if (spins < L2C_TEAM_SPINS) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        } else {
+            sched_yield();
+        }
+    }
+}
+
+// Steps of decode rows only, few of them, run as a team (one parallel region for the step);
+// prefill chunks keep a region per kernel (their kernels split rows, tiles and blocks finely).
+#define L2C_TEAM_ROWS 8
+
+static int team_step(const l2c_state *s, int64_t T, int64_t n_spans) {
+    if (s->n_threads <= 1 || s->n_threads > L2C_TEAM_MAX || T > L2C_TEAM_ROWS) return 0;
+    for (int64_t i = 0; i < n_spans; i++)
+        if (s->spans[i].n > L2C_ATT_SPLIT_ROWS) return 0;
+    return 1;
+}
+
+// the linear layer: on its own (tm NULL), or by every thread of the team once the lead has
+// set the input (a barrier before: the input ready; after: the outputs)
+static void linear(const l2c_model *m, float *const *outs, const l2c_input *in,
+                   const l2c_matrix *const *ws, int nw, int nth, const l2c_team *tm) {
+    if (!tm) {
+        l2c_linear(m, outs, in, ws, nw, nth);
+        return;
+    }
+    l2c_team_barrier(tm);
+    l2c_linear_team(m, outs, in, ws, nw, tm);
+    l2c_team_barrier(tm);
+}
+
+// ---------------------------------------------------------------------------------------------
+// one step: T rows (s->tok, s->pos) in n_spans spans; logits of the n_wanted rows s->wanted.
+// tm: NULL, or the team running it (thread 0, the lead, runs the row-wise steps; every thread
+// runs the matrices and the attention).
 
 static void forward_step(const l2c_model *m, l2c_state *s, const l2c_kvpool *pool, int64_t T,
-                         int64_t n_spans, int64_t n_wanted, float *logits) {
+                         int64_t n_spans, int64_t n_wanted, float *logits, const l2c_team *tm) {
     const l2c_config *c = &m->cfg;
     const l2c_kernels *k = m->k;
     const int64_t dim = c->dim, hidden = c->hidden_dim, hs = c->head_size;
     const int64_t q_dim = s->q_dim, kv_dim = s->kv_dim;
-    const int nth = s->n_threads;
+    const int nth = tm ? 1 : s->n_threads;  // the row-wise steps: on the lead alone in a team
+    const int lead = !tm || tm->id == 0;
 
     // x = tok_embeddings(tokens)
-    for (int64_t t = 0; t < T; t++) l2c_embed(s->x + t * dim, &m->tok_embeddings, s->tok[t]);
+    if (lead)
+        for (int64_t t = 0; t < T; t++) l2c_embed(s->x + t * dim, &m->tok_embeddings, s->tok[t]);
 
     for (int64_t l = 0; l < c->n_layers; l++) {
         const l2c_layer *L = &m->layers[l];
+        const l2c_matrix *qkv[3] = {&L->wq, &L->wk, &L->wv};
+        const l2c_matrix *o[1] = {&L->wo};
+        const l2c_matrix *up[2] = {&L->w1, &L->w3}, *down[1] = {&L->w2};
+        float *qkv_out[3] = {s->q, s->k, s->v}, *up_out[2] = {s->hb, s->hb2};
 
         // xb = attention_norm(x)
-        k->rmsnorm(s->xb, s->x, L->rms_att, T, dim, c->norm_eps, nth);
-        const l2c_matrix *qkv[3] = {&L->wq, &L->wk, &L->wv};
-        l2c_input_set(m, &s->in, s->xb, T, dim, qkv, 3, nth);
+        if (lead) {
+            k->rmsnorm(s->xb, s->x, L->rms_att, T, dim, c->norm_eps, nth);
+            l2c_input_set(m, &s->in, s->xb, T, dim, qkv, 3, nth);
+        }
         // xq, xk, xv = wq(xb), wk(xb), wv(xb)    (nn.Linear(..., bias=True) in qwen2)
-        float *qkv_out[3] = {s->q, s->k, s->v};
-        l2c_linear(m, qkv_out, &s->in, qkv, 3, nth);
-        if (L->bq) add_bias(s->q, L->bq, T, q_dim);
-        if (L->bk) add_bias(s->k, L->bk, T, kv_dim);
-        if (L->bv) add_bias(s->v, L->bv, T, kv_dim);
-        // xq, xk = apply_rotary_emb(xq, xk, freqs_cis), each row at its own position
-        k->rope(s->q, s->pos, m->rope_cos, m->rope_sin, T, c->n_heads, hs, nth);
-        k->rope(s->k, s->pos, m->rope_cos, m->rope_sin, T, c->n_kv_heads, hs, nth);
-        // cache_k[seq, pos] = xk; cache_v[seq, pos] = xv   (each row into its own sequence)
-        k->kv_store(pool, l, s->spans, n_spans, s->k, s->v, nth);
+        linear(m, qkv_out, &s->in, qkv, 3, nth, tm);
+        if (lead) {
+            if (L->bq) add_bias(s->q, L->bq, T, q_dim);
+            if (L->bk) add_bias(s->k, L->bk, T, kv_dim);
+            if (L->bv) add_bias(s->v, L->bv, T, kv_dim);
+            // xq, xk = apply_rotary_emb(xq, xk, freqs_cis), each row at its own position
+            k->rope(s->q, s->pos, m->rope_cos, m->rope_sin, T, c->n_heads, hs, nth);
+            k->rope(s->k, s->pos, m->rope_cos, m->rope_sin, T, c->n_kv_heads, hs, nth);
+            // cache_k[seq, pos] = xk; cache_v[seq, pos] = xv   (each row into its own sequence)
+            k->kv_store(pool, l, s->spans, n_spans, s->k, s->v, nth);
+        }
         // xb = softmax(xq @ keys^T / sqrt(hs) + causal mask) @ values, per sequence (GQA)
-        k->attention(s->xb, s->q, pool, l, s->spans, n_spans, c->n_heads, s->ws, nth);
+        if (tm) {
+            l2c_team_barrier(tm);  // q and the cache ready
+            k->attention_team(s->xb, s->q, pool, l, s->spans, n_spans, c->n_heads, s->ws, tm);
+            l2c_team_barrier(tm);
+        } else {
+            k->attention(s->xb, s->q, pool, l, s->spans, n_spans, c->n_heads, s->ws, nth);
+        }
         // x = x + wo(xb)
-        const l2c_matrix *o[1] = {&L->wo};
-        l2c_input_set(m, &s->in, s->xb, T, q_dim, o, 1, nth);
-        l2c_linear(m, &s->xb2, &s->in, o, 1, nth);
-        k->add(s->x, s->xb2, T * dim, nth);
-
-        // xb = ffn_norm(x)
-        k->rmsnorm(s->xb, s->x, L->rms_ffn, T, dim, c->norm_eps, nth);
+        if (lead) l2c_input_set(m, &s->in, s->xb, T, q_dim, o, 1, nth);
+        linear(m, &s->xb2, &s->in, o, 1, nth, tm);
+        if (lead) {
+            k->add(s->x, s->xb2, T * dim, nth);
+            // xb = ffn_norm(x)
+            k->rmsnorm(s->xb, s->x, L->rms_ffn, T, dim, c->norm_eps, nth);
+            l2c_input_set(m, &s->in, s->xb, T, dim, up, 2, nth);
+        }
         // x = x + w2(F.silu(w1(xb)) * w3(xb))
-        const l2c_matrix *up[2] = {&L->w1, &L->w3}, *down[1] = {&L->w2};
-        l2c_input_set(m, &s->in, s->xb, T, dim, up, 2, nth);
-        float *up_out[2] = {s->hb, s->hb2};
-        l2c_linear(m, up_out, &s->in, up, 2, nth);
-        k->swiglu(s->hb, s->hb2, T, hidden, nth);
-        l2c_input_set(m, &s->in, s->hb, T, hidden, down, 1, nth);
-        l2c_linear(m, &s->xb2, &s->in, down, 1, nth);
-        k->add(s->x, s->xb2, T * dim, nth);
+        linear(m, up_out, &s->in, up, 2, nth, tm);
+        if (lead) {
+            k->swiglu(s->hb, s->hb2, T, hidden, nth);
+            l2c_input_set(m, &s->in, s->hb, T, hidden, down, 1, nth);
+        }
+        linear(m, &s->xb2, &s->in, down, 1, nth, tm);
+        if (lead) k->add(s->x, s->xb2, T * dim, nth);
     }
 
     // logits = output(norm(x)), only for the rows whose logits are wanted
     if (n_wanted == 0) return;
-    for (int64_t j = 0; j < n_wanted; j++)
-        k->rmsnorm(s->xb + j * dim, s->x + s->wanted[j] * dim, m->rms_final, 1, dim, c->norm_eps, nth);
     const l2c_matrix *cls[1] = {&m->wcls};
-    l2c_input_set(m, &s->in, s->xb, n_wanted, dim, cls, 1, nth);
-    l2c_linear(m, &logits, &s->in, cls, 1, nth);
+    if (lead) {
+        for (int64_t j = 0; j < n_wanted; j++)
+            k->rmsnorm(s->xb + j * dim, s->x + s->wanted[j] * dim, m->rms_final, 1, dim, c->norm_eps, nth);
+        l2c_input_set(m, &s->in, s->xb, n_wanted, dim, cls, 1, nth);
+    }
+    linear(m, &logits, &s->in, cls, 1, nth, tm);
+}
+
+// a step on its own, or as a team of the state's threads
+static void run_step(const l2c_model *m, l2c_state *s, const l2c_kvpool *pool, int64_t T,
+                     int64_t n_spans, int64_t n_wanted, float *logits) {
+#ifdef _OPENMP
+    if (team_step(s, T, n_spans)) {
+        memset(s->team, 0, sizeof(*s->team));
+#pragma omp parallel num_threads(s->n_threads)
+        {
+            const l2c_team tm = {omp_get_thread_num(), omp_get_num_threads(), s->team};
+            forward_step(m, s, pool, T, n_spans, n_wanted, logits, &tm);
+        }
+        return;
+    }
+#endif
+    forward_step(m, s, pool, T, n_spans, n_wanted, logits, NULL);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -225,8 +315,7 @@ int l2c_forward(const l2c_model *m, l2c_state *s, l2c_kvpool *pool, const l2c_ru
             give_back(runs, n_runs);
             return L2C_ERR_NOMEM;
         }
-        forward_step(m, s, pool, T, n_spans, n_wanted,
-                     n_wanted ? logits + logit_row * c->vocab_size : NULL);
+        run_step(m, s, pool, T, n_spans, n_wanted, n_wanted ? logits + logit_row * c->vocab_size : NULL);
         logit_row += n_wanted;
         // the rows of this step are in their sequences now
         for (int64_t i = 0; i < n_spans; i++) s->span_seq[i]->n_pos += s->spans[i].n;

@@ -21,6 +21,9 @@ int l2c_input_set(const l2c_model *m, l2c_input *in, const float *x, int64_t T, 
 #define L2C_LINEAR_MAX 3
 void l2c_linear(const l2c_model *m, float *const *outs, const l2c_input *in,
                 const l2c_matrix *const *ws, int nw, int n_threads);
+// the same, called by every thread of a team once the input is set (l2c_team in llama2c.h)
+void l2c_linear_team(const l2c_model *m, float *const *outs, const l2c_input *in,
+                     const l2c_matrix *const *ws, int nw, const l2c_team *tm);
 // x (dim,) = row `token` of the embedding table (dequantized if int8)
 void l2c_embed(float *restrict x, const l2c_matrix *E, int64_t token);
 

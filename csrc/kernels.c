@@ -80,38 +80,64 @@ static int64_t claim_blocks(const l2c_mm *jobs, int n_jobs, int64_t T, int64_t b
     return c > 1 ? c : 1;
 }
 
-static void matmul(const l2c_mm *jobs, int n_jobs, int64_t T, int n_threads) {
-    if (T <= 0 || n_jobs <= 0) return;
-    int64_t cost = 0, work = 0, blocks = 0;
+// the sizes of a call: cost (block_cost summed), multiply-adds, blocks
+static void matmul_sizes(const l2c_mm *jobs, int n_jobs, int64_t T, int64_t *cost, int64_t *work,
+                         int64_t *blocks) {
+    *cost = *work = *blocks = 0;
     for (int i = 0; i < n_jobs; i++) {
         const int64_t nb = n_blocks(jobs[i].W);
-        cost += nb * block_cost(jobs[i].W, T);
-        work += T * jobs[i].W->rows * jobs[i].W->cols;
-        blocks += nb;
+        *cost += nb * block_cost(jobs[i].W, T);
+        *work += T * jobs[i].W->rows * jobs[i].W->cols;
+        *blocks += nb;
     }
+}
+
+// part p of nth starts with the blocks whose start cost falls in [cost * p / nth, cost * (p + 1) / nth)
+static void part_set(l2c_share *sh, const l2c_mm *jobs, int n_jobs, int64_t T, int64_t cost,
+                     int64_t p, int64_t nth) {
+    int64_t g[2] = {0, 0}, base = 0;  // its first and end block, end to end over the jobs
+    for (int i = 0; i < n_jobs; i++) {
+        const int64_t nb = n_blocks(jobs[i].W), c = block_cost(jobs[i].W, T);
+        for (int e = 0; e < 2; e++) g[e] += first_block(cost * (p + e) - base * nth, c * nth, nb);
+        base += nb * c;
+    }
+    share_set(sh, g[0], g[1]);
+}
+
+// thread `part`'s work: its own share, then what is left of the others' in turn
+static void take_blocks(l2c_share *sh, int64_t nth, int64_t part, const l2c_mm *jobs, int n_jobs,
+                        int64_t T, int64_t want) {
+    int64_t g0, g1;
+    for (int64_t k = 0; k < nth; k++)
+        while (take(&sh[(part + k) % nth], k == 0, want, &g0, &g1)) run_blocks(jobs, n_jobs, T, g0, g1);
+}
+
+static void matmul(const l2c_mm *jobs, int n_jobs, int64_t T, int n_threads) {
+    if (T <= 0 || n_jobs <= 0) return;
+    int64_t cost, work, blocks;
+    matmul_sizes(jobs, n_jobs, T, &cost, &work, &blocks);
     const int64_t nth = min64(threads_for(work, n_threads), blocks);
     if (nth <= 1) {
         run_blocks(jobs, n_jobs, T, 0, blocks);
         return;
     }
-    // part p starts with the blocks whose start cost falls in [cost * p / nth, cost * (p + 1) / nth)
     const int64_t want = claim_blocks(jobs, n_jobs, T, blocks);
     l2c_share sh[nth];
-    for (int64_t p = 0; p < nth; p++) {
-        int64_t g[2] = {0, 0}, base = 0;  // its first and end block, end to end over the jobs
-        for (int i = 0; i < n_jobs; i++) {
-            const int64_t nb = n_blocks(jobs[i].W), c = block_cost(jobs[i].W, T);
-            for (int e = 0; e < 2; e++) g[e] += first_block(cost * (p + e) - base * nth, c * nth, nb);
-            base += nb * c;
-        }
-        share_set(&sh[p], g[0], g[1]);
-    }
+    for (int64_t p = 0; p < nth; p++) part_set(&sh[p], jobs, n_jobs, T, cost, p, nth);
     L2C_PRAGMA(omp parallel for num_threads(nth) schedule(static))
-    for (int64_t part = 0; part < nth; part++) {
-        int64_t g0, g1;
-        for (int64_t k = 0; k < nth; k++)  // its own share, then the others' in turn
-            while (take(&sh[(part + k) % nth], k == 0, want, &g0, &g1)) run_blocks(jobs, n_jobs, T, g0, g1);
-    }
+    for (int64_t part = 0; part < nth; part++) take_blocks(sh, nth, part, jobs, n_jobs, T, want);
+}
+
+// A team's matmul: each thread sets its own share, then takes as above. A thread may look at
+// another's share before its owner has set it for this call: it then sees the last call's,
+// which every thread left empty, and takes nothing from it (so results stay per block).
+static void matmul_team(const l2c_mm *jobs, int n_jobs, int64_t T, const l2c_team *tm) {
+    if (T <= 0 || n_jobs <= 0) return;
+    int64_t cost, work, blocks;
+    matmul_sizes(jobs, n_jobs, T, &cost, &work, &blocks);
+    (void)work;
+    part_set(&tm->st->sh[tm->id], jobs, n_jobs, T, cost, tm->id, tm->n);
+    take_blocks(tm->st->sh, tm->n, tm->id, jobs, n_jobs, T, claim_blocks(jobs, n_jobs, T, blocks));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -129,6 +155,7 @@ const l2c_kernels L2C_KERNELS_NAME = {
     .isa = L2C_KERNELS_ISA,
     .quantize = quantize,
     .matmul = matmul,
+    .matmul_team = matmul_team,
     .rmsnorm = rmsnorm,
     .softmax = softmax,
     .rope = rope,
@@ -136,6 +163,7 @@ const l2c_kernels L2C_KERNELS_NAME = {
     .add = add,
     .kv_store = kv_store,
     .attention = attention,
+    .attention_team = attention_team,
     .read_sum = read_sum,
     .peak = peak,
     .vocab_max = vocab_max,

@@ -109,12 +109,9 @@ static inline void prefetch_head(const void *p, int64_t bytes) {
 // time from the back of another's, so a thread slowed by the machine (a noisy neighbour, an
 // interrupt) no longer holds the other at the join. An item runs on one thread whichever it
 // is, so results do not depend on who took what.
-typedef struct {
-    _Alignas(64) uint64_t fb;  // front | back << 32
-} l2c_share;
 
 static inline void share_set(l2c_share *sh, int64_t front, int64_t back) {
-    sh->fb = (uint64_t)front | ((uint64_t)back << 32);
+    __atomic_store_n(&sh->fb, (uint64_t)front | ((uint64_t)back << 32), __ATOMIC_RELAXED);
 }
 
 static inline int take(l2c_share *sh, int owner, int64_t want_min, int64_t *g0, int64_t *g1) {

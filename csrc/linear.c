@@ -93,9 +93,9 @@ int l2c_input_set(const l2c_model *m, l2c_input *in, const float *x, int64_t T, 
     return L2C_OK;
 }
 
-void l2c_linear(const l2c_model *m, float *const *outs, const l2c_input *in,
-                const l2c_matrix *const *ws, int nw, int n_threads) {
-    l2c_mm jobs[L2C_LINEAR_MAX];
+// the jobs of the matrices ws[0..nw) on an input set for them; returns their count
+static int linear_jobs(l2c_mm *jobs, float *const *outs, const l2c_input *in,
+                       const l2c_matrix *const *ws, int nw) {
     int n = 0;
     for (int i = 0; i < nw && n < L2C_LINEAR_MAX; i++) {
         const l2c_qact *a = NULL;  // fp32 reads x; the quantized types their group size's variant
@@ -106,7 +106,21 @@ void l2c_linear(const l2c_model *m, float *const *outs, const l2c_input *in,
         }
         jobs[n++] = (l2c_mm){.out = outs[i], .x = in->x, .a = a, .W = ws[i]};
     }
+    return n;
+}
+
+void l2c_linear(const l2c_model *m, float *const *outs, const l2c_input *in,
+                const l2c_matrix *const *ws, int nw, int n_threads) {
+    l2c_mm jobs[L2C_LINEAR_MAX];
+    const int n = linear_jobs(jobs, outs, in, ws, nw);
     m->k->matmul(jobs, n, in->T, n_threads);
+}
+
+void l2c_linear_team(const l2c_model *m, float *const *outs, const l2c_input *in,
+                     const l2c_matrix *const *ws, int nw, const l2c_team *tm) {
+    l2c_mm jobs[L2C_LINEAR_MAX];
+    const int n = linear_jobs(jobs, outs, in, ws, nw);
+    m->k->matmul_team(jobs, n, in->T, tm);
 }
 
 // x (dim,) = row `token` of the embedding table (dequantized if quantized)

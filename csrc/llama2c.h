@@ -151,6 +151,28 @@ typedef struct l2c_mm {
     const l2c_matrix *W;
 } l2c_mm;
 
+// ---- a team: the threads of one parallel region running a decode step together ----------------
+// l2c_forward runs a step of decode rows (a few rows, no prefill chunk) inside one parallel
+// region: thread 0 runs the row-wise steps, and every thread calls the table's matmul_team and
+// attention_team with the same arguments, which split the work among the team; the threads
+// meet at the team's spinning barrier (l2c_team_barrier), where a fork and join of a libgomp
+// region per matrix costs about 1.5 us and wakes threads with futex calls.
+#define L2C_TEAM_MAX 64
+typedef struct l2c_share {
+    _Alignas(64) uint64_t fb;  // the items [front, back) not taken yet: front | back << 32
+} l2c_share;
+typedef struct l2c_team_state {
+    _Alignas(64) int arrived;  // threads at the barrier
+    _Alignas(64) int gen;      // barriers passed
+    l2c_share sh[L2C_TEAM_MAX];  // each thread's share of the current matmul or attention
+} l2c_team_state;
+typedef struct l2c_team {
+    int id, n;  // this thread, the team's size
+    l2c_team_state *st;
+} l2c_team;
+// every thread of the team waits here until all have come (spinning, then yielding the core)
+void l2c_team_barrier(const l2c_team *tm);
+
 typedef struct l2c_kernels {
     const char *name;
     int isa;
@@ -163,6 +185,10 @@ typedef struct l2c_kernels {
     // them as one stream per thread) or by multiply-adds. T == 1 is the decode
     // matrix-vector product.                                    [parallel over rows of all]
     void (*matmul)(const l2c_mm *jobs, int n_jobs, int64_t T, int n_threads);
+    // the same, called by every thread of a team (the same arguments; the inputs ready, e.g.
+    // after a barrier): each takes its share and then the others' leftovers; the outputs are
+    // complete once all have returned (the caller's next barrier)
+    void (*matmul_team)(const l2c_mm *jobs, int n_jobs, int64_t T, const l2c_team *tm);
     // o (T, n) = x * w / sqrt(mean(x^2) + eps), row-wise                [parallel over rows]
     void (*rmsnorm)(float *restrict o, const float *restrict x, const float *restrict w,
                     int64_t T, int64_t n, float eps, int n_threads);
@@ -193,6 +219,13 @@ typedef struct l2c_kernels {
     void (*attention)(float *restrict out, const float *restrict q, const struct l2c_kvpool *pool,
                       int64_t layer, const struct l2c_span *spans, int64_t n_spans,
                       int64_t n_heads, void *ws, int n_threads);
+    // the same for a team of decode rows (spans of at most L2C_ATT_SPLIT_ROWS rows): every
+    // thread calls it; thread 0 lays out the work, the team meets at a barrier inside, then
+    // splits it; the output is complete once all have returned (the caller's next barrier)
+    void (*attention_team)(float *restrict out, const float *restrict q,
+                           const struct l2c_kvpool *pool, int64_t layer,
+                           const struct l2c_span *spans, int64_t n_spans, int64_t n_heads,
+                           void *ws, const l2c_team *tm);
     // sum of x (n,) read in 64 KB chunks shared by the threads (the bandwidth probe)
     float (*read_sum)(const float *restrict x, int64_t n, int n_threads);
     // the peak probe: `reps` rounds of independent dependency chains of the table's fp32 FMA
@@ -420,6 +453,7 @@ typedef struct {
     l2c_seq **span_seq;  // (max_batch,) the sequence of each span
     void *ws;            // attention workspace (grows as needed)
     int64_t ws_bytes;
+    l2c_team_state *team;  // the barrier and shares of a decode step's team (64-byte aligned)
 } l2c_state;
 
 int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int n_threads);

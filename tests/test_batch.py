@@ -72,6 +72,21 @@ def test_chunked_prefill_equals_token_by_token(weights, simd, kv):
     assert chunked.export_kv() == steps.export_kv() == odd.export_kv()
 
 
+@pytest.mark.parametrize("simd", SIMD)
+def test_decode_steps_as_a_team_equal_one_thread(weights, simd):
+    """Decode steps run as one team (one parallel region per step, meeting at the engine's own
+    barrier; three threads on two cores take each other's blocks and attention tasks): the same
+    bits as one thread."""
+    eng = engine(weights, simd)
+    toks = ids(140, 5)
+    runs = {}
+    for nth in (1, 2, 3):
+        s = E.Session(eng, max_batch=64, n_threads=nth, kv_dtype="f16")
+        runs[nth] = np.stack([s.eval(toks[i:i + 1]) for i in range(len(toks))])
+    np.testing.assert_array_equal(runs[2], runs[1])
+    np.testing.assert_array_equal(runs[3], runs[1])
+
+
 # ---- a batch == each sequence alone ---------------------------------------------------------
 
 @pytest.mark.parametrize("kv", ["f16", "q8"])
