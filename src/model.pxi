@@ -5,6 +5,7 @@ cdef class Engine:
     cdef l2c_model m
     cdef l2c_layer *layers
     cdef list _keep
+    cdef object _arena
     cdef object _rope
     cdef readonly object config
     # name -> bytes the engine holds for the tensor (packed arrays; an in-place embedding's
@@ -32,6 +33,7 @@ cdef class Engine:
         if not 0 < max_positions <= config.max_context:
             raise ValueError(f"max_positions must be in [1, {config.max_context}], got {max_positions}")
         self._keep = []
+        self._arena = _WeightArena()
         c = config
         self.m.cfg.dim = c.dim
         self.m.cfg.hidden_dim = c.hidden_dim
@@ -78,6 +80,8 @@ cdef class Engine:
             self._matrix(&self.m.wcls, weights, "output", (c.vocab_size, d))
             self._matrix(&self.m.tok_embeddings, weights, "tok_embeddings", (c.vocab_size, d),
                          packed=False)
+        self._arena.seal()
+        self._arena = None
         self.mapped_tensors = frozenset(self._mapped)
         self._mapped = None
         self.held_bytes = sum(self.tensor_bytes.values())
@@ -104,7 +108,8 @@ cdef class Engine:
             t = weights[name]
         except KeyError:
             raise ValueError(f"missing tensor {name!r}") from None
-        self.tensor_bytes[name], in_map = _fill_matrix(m, t, shape, name, self._keep, packed)
+        self.tensor_bytes[name], in_map = _fill_matrix(m, t, shape, name, self._keep, packed,
+                                                       self._arena)
         if in_map:
             self._mapped.add(name)
 

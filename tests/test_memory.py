@@ -282,6 +282,48 @@ def _kv_grow(a, b):
     return b["RssAnon"] - a["RssAnon"]
 
 
+def _mapping_of(address):
+    """(start, end) of the /proc/self/maps line holding address."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= address < hi:
+                return lo, hi
+    return None
+
+
+def test_packed_weights_are_carved_from_one_trimmed_mapping():
+    """An Engine's packed arrays follow each other in one mapping from a 2 MB boundary (huge
+    pages: see _WeightArena), writable, 64-byte aligned; seal() gives back the mapping past the
+    last array, and the arrays keep their memory after the arena is gone."""
+    import gc
+    from llama2c import _engine as E
+    arena = E._WeightArena()
+    a = arena.alloc(1000, np.float32)
+    b = arena.alloc(10, np.int8)
+    c = arena.alloc(5000, np.uint16)
+    for x in (a, b, c):
+        assert x.ctypes.data % 64 == 0 and x.flags.writeable
+    a[:] = 1.5
+    b[:] = -3
+    c[:] = 7
+    if not sys.platform.startswith("linux"):
+        return
+    assert a.ctypes.data % (2 << 20) == 0
+    assert b.ctypes.data == a.ctypes.data + 4032 and c.ctypes.data == b.ctypes.data + 64
+    assert a.base.base is b.base.base is c.base.base          # one chunk behind all three
+    lo, hi = _mapping_of(a.ctypes.data)
+    assert hi - a.ctypes.data >= E.ARENA_CHUNK_BYTES           # reserved: address space only
+    arena.seal()
+    lo, hi = _mapping_of(a.ctypes.data)
+    assert hi - a.ctypes.data == 2 << 20                       # trimmed to the huge page in use
+    d = arena.alloc(100, np.float32)                           # a new chunk after sealing
+    assert _mapping_of(d.ctypes.data) != (lo, hi)
+    del arena
+    gc.collect()
+    assert float(a.sum()) == 1500.0 and int(b.sum()) == -30 and int(c[-1]) == 7
+
+
 def test_kv_cache_is_touched_as_positions_fill():
     """A session of any context costs nothing up front; after 100 tokens it holds about 100
     tokens of KV (two 64-position blocks) plus its 64-row activation scratch (< 4 MB here),
