@@ -9,7 +9,7 @@
 #include "llama2c.h"
 
 int l2c_model_check(const l2c_model *m) {
-    if (!m || !m->k || !m->layers || !m->rms_final || !m->rope_cos || !m->rope_sin) return L2C_ERR_ARG;
+    if (!m || !m->k || !m->layers || !m->rms_final || !m->rope_freq) return L2C_ERR_ARG;
     const l2c_config *c = &m->cfg;
     if (c->dim <= 0 || c->hidden_dim <= 0 || c->n_layers <= 0 || c->n_heads <= 0 ||
         c->n_kv_heads <= 0 || c->head_size <= 0 || c->vocab_size <= 0 || c->seq_len <= 0)

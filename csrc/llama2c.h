@@ -299,8 +299,10 @@ typedef struct {
     const l2c_layer *layers;    // (n_layers,) owned by the caller
     const float *rms_final;     // (dim,)
     l2c_matrix wcls;            // (vocab_size, dim): the classifier, packed
-    const float *rope_cos;      // (seq_len, head_size/2): cos(p * freq[i]); the caller computes
-    const float *rope_sin;      // (seq_len, head_size/2)   the frequencies (theta, scaling)
+    const double *rope_freq;    // (head_size/2,): pair i turns by p * rope_freq[i] at position p
+                                //   (the caller computes them: theta, scaling); cos and sin
+                                //   of each row's angles are computed in double per step, so
+                                //   no table of the whole context is held
     const l2c_kernels *k;       // kernel table
 } l2c_model;
 
@@ -447,6 +449,9 @@ typedef struct {
     float *v;            // (max_batch, kv_dim)
     l2c_input in;        // the current matrix input, quantized (see l2c_input)
     int64_t *pos;        // (max_batch,) position of each row
+    int64_t *row_idx;    // (max_batch,) 0, 1, 2, ...: row t's RoPE angles are row t of:
+    float *rope_cos;     // (max_batch, head_size/2) cos(pos[t] * rope_freq[i]), this step's rows
+    float *rope_sin;     // (max_batch, head_size/2)
     int32_t *tok;        // (max_batch,) token of each row
     int64_t *wanted;     // (max_batch,) rows whose logits are computed
     l2c_span *spans;     // (max_batch,) the step's rows, one span per run

@@ -155,8 +155,7 @@ cdef extern from "llama2c.h" nogil:
         const l2c_layer *layers
         const float *rms_final
         l2c_matrix wcls
-        const float *rope_cos
-        const float *rope_sin
+        const double *rope_freq
         const l2c_kernels *k
 
     int l2c_model_check(const l2c_model *m)

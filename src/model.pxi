@@ -85,12 +85,11 @@ cdef class Engine:
         self.mapped_tensors = frozenset(self._mapped)
         self._mapped = None
         self.held_bytes = sum(self.tensor_bytes.values())
-        cos_t, sin_t = rope_tables(max_positions, c.head_size,
-                                   freqs=c.rope_frequencies(max_positions))
-        self._rope = (cos_t, sin_t)
-        cdef float[:, ::1] cv = cos_t, sv = sin_t
-        self.m.rope_cos = &cv[0, 0]
-        self.m.rope_sin = &sv[0, 0]
+        self._rope = np.ascontiguousarray(c.rope_frequencies(max_positions), dtype=np.float64)
+        if self._rope.shape != (c.head_size // 2,) or not np.isfinite(self._rope).all():
+            raise ValueError(f"rope frequencies: expected {c.head_size // 2} finite numbers")
+        cdef const double[::1] fr = self._rope
+        self.m.rope_freq = &fr[0]
         self.m.k = _table(simd)
         _check(l2c_model_check(&self.m), "model")
 

@@ -20,8 +20,8 @@ the interpreter after `import llama2c`, measured right after Model.load, is at m
   + TOKENIZER_ALLOWANCE           (10 MB: a 49,152-token vocabulary as Python strings and a
                                    token->id dict costs ~8 MB, a fixed cost of the vocabulary
                                    that no allowance proportional to the weights should hide)
-Everything else a load leaves (the engine's RoPE tables for the full context, OpenMP's
-threads, the manifest, allocator slack) must fit in the 15%.
+Everything else a load leaves (OpenMP's threads, the manifest, allocator slack) must fit in
+the 15%; the engine keeps no RoPE table of the context (cos and sin are computed per step).
 
 Run by hand for a longer soak:  python tests/test_memory.py 10000
 """
@@ -325,9 +325,10 @@ def test_packed_weights_are_carved_from_one_trimmed_mapping():
 
 
 def test_kv_cache_is_touched_as_positions_fill():
-    """A session of any context costs nothing up front; after 100 tokens it holds about 100
-    tokens of KV (two 64-position blocks) plus its 64-row activation scratch (< 4 MB here),
-    after 1,000 about 1,000: never the full context (134 MB at 8,192 here)."""
+    """A session of any context costs at most its 64-row activation scratch up front (< 4 MB
+    here; whether calloc's pages are new or reused depends on the heap); after 100 tokens it
+    holds about 100 tokens of KV (two 64-position blocks) plus that scratch, after 1,000 about
+    1,000: never the full context (134 MB at 8,192 here)."""
     r = run_python(_KV, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads(r.stdout.strip().splitlines()[-1])
@@ -337,7 +338,7 @@ def test_kv_cache_is_touched_as_positions_fill():
               f"{after_100 / MB:.2f} MB (KV {d['kv_100'] / MB:.2f}), after 1000 "
               f"{after_1000 / MB:.2f} MB (KV {d['kv_1000'] / MB:.2f}); full context KV "
               f"{int(ctx) * d['kv_full'] / 8192 / MB:.0f} MB")
-        assert created < 1 * MB
+        assert created < 4 * MB
         assert d["kv_100"] - 1 * MB < after_100 < d["kv_100"] + 4 * MB
         if int(ctx) > 1000:
             assert 0.9 * d["kv_1000"] < after_1000 < d["kv_1000"] + 4 * MB
