@@ -601,24 +601,40 @@ static void att_items(l2c_att_item *items, l2c_att_merge *merges, const l2c_span
     *work = wk;
 }
 
+// the work of one call in workspace ws (laid out as lay): queries scaled and the items
+// written by the caller that `writes` (the others only count them); sh: the shares to use
+static att_work att_setup(float *restrict out, const float *restrict q, const l2c_kvpool *pool,
+                          int64_t layer, const l2c_span *spans, int64_t n_spans, int64_t n_heads,
+                          void *ws, const l2c_att_layout *lay, int writes, l2c_share *sh,
+                          int64_t *work) {
+    uint8_t *base = ws;
+    att_work w = {out, pool, layer, spans, n_heads, (const l2c_att_item *)(base + lay->items_off),
+                  (l2c_att_merge *)(base + lay->merges_off), (float *)(base + lay->partials_off),
+                  (const float *)(base + lay->queries_off), base, lay, sh, 1, 0, 0};
+    if (writes)
+        scale_queries((float *)(base + lay->queries_off), q, lay->n_rows, n_heads,
+                      pool->n_kv_heads, pool->head_size);
+    att_items((l2c_att_item *)(base + lay->items_off), w.merges, spans, n_spans, pool, n_heads,
+              writes, &w.n_tiles, &w.ni, work);
+    return w;
+}
+
+// part p of nth of the block tasks [n_tiles, ni)
+static void att_share_set(l2c_share *sh, const att_work *w, int64_t p, int64_t nth) {
+    share_set(sh, w->n_tiles + (w->ni - w->n_tiles) * p / nth,
+              w->n_tiles + (w->ni - w->n_tiles) * (p + 1) / nth);
+}
+
 static void attention(float *restrict out, const float *restrict q, const l2c_kvpool *pool,
                       int64_t layer, const l2c_span *spans, int64_t n_spans, int64_t n_heads,
                       void *ws, int n_threads) {
-    const int64_t hs = pool->head_size, nkv = pool->n_kv_heads;
     const l2c_att_layout lay = l2c_att_plan(pool, spans, n_spans, n_heads, n_threads);
-    uint8_t *base = ws;
-    l2c_att_item *items = (l2c_att_item *)(base + lay.items_off);
-    l2c_att_merge *merges = (l2c_att_merge *)(base + lay.merges_off);
-    float *Qs = (float *)(base + lay.queries_off);
-    scale_queries(Qs, q, lay.n_rows, n_heads, nkv, hs);
-    int64_t n_tiles, ni, work;
-    att_items(items, merges, spans, n_spans, pool, n_heads, 1, &n_tiles, &ni, &work);
-    const int nth = threads_for(work * n_heads * hs * 2, n_threads);
-    l2c_share sh[nth];  // the block tasks [n_tiles, ni) in nth runs
-    for (int p = 0; p < nth; p++)
-        share_set(&sh[p], n_tiles + (ni - n_tiles) * p / nth, n_tiles + (ni - n_tiles) * (p + 1) / nth);
-    const att_work w = {out, pool, layer, spans, n_heads, items, merges,
-                        (float *)(base + lay.partials_off), Qs, base, &lay, sh, nth, n_tiles, ni};
+    l2c_share sh[n_threads > 0 ? n_threads : 1];  // the block tasks in nth runs
+    int64_t work;
+    att_work w = att_setup(out, q, pool, layer, spans, n_spans, n_heads, ws, &lay, 1, sh, &work);
+    const int nth = threads_for(work * n_heads * pool->head_size * 2, n_threads);
+    w.nth = nth;
+    for (int p = 0; p < nth; p++) att_share_set(&sh[p], &w, p, nth);
     if (nth > 1) {
         L2C_PRAGMA(omp parallel num_threads(nth))
         attention_work(&w, 1);
@@ -634,18 +650,11 @@ static void attention_team(float *restrict out, const float *restrict q, const l
                            int64_t layer, const l2c_span *spans, int64_t n_spans, int64_t n_heads,
                            void *ws, const l2c_team *tm) {
     const l2c_att_layout lay = l2c_att_plan(pool, spans, n_spans, n_heads, tm->n);
-    uint8_t *base = ws;
-    l2c_att_item *items = (l2c_att_item *)(base + lay.items_off);
-    l2c_att_merge *merges = (l2c_att_merge *)(base + lay.merges_off);
-    float *Qs = (float *)(base + lay.queries_off);
-    int64_t n_tiles, ni, work;
-    if (tm->id == 0) scale_queries(Qs, q, lay.n_rows, n_heads, pool->n_kv_heads, pool->head_size);
-    att_items(items, merges, spans, n_spans, pool, n_heads, tm->id == 0, &n_tiles, &ni, &work);
+    int64_t work;
+    att_work w = att_setup(out, q, pool, layer, spans, n_spans, n_heads, ws, &lay, tm->id == 0,
+                           tm->st->sh, &work);
+    w.nth = tm->n;
     l2c_team_barrier(tm);
-    const int64_t id = tm->id, n = tm->n;
-    share_set(&tm->st->sh[id], n_tiles + (ni - n_tiles) * id / n, n_tiles + (ni - n_tiles) * (id + 1) / n);
-    const att_work w = {out, pool, layer, spans, n_heads, items, merges,
-                        (float *)(base + lay.partials_off), Qs, base, &lay, tm->st->sh, tm->n,
-                        n_tiles, ni};
+    att_share_set(&tm->st->sh[tm->id], &w, tm->id, tm->n);
     attention_work(&w, 1);
 }
