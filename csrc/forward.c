@@ -73,7 +73,8 @@ int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int n_th
 void l2c_state_free(l2c_state *s) {
     if (!s) return;
     free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2); free(s->q); free(s->k);
-    free(s->v); free(s->pos); free(s->row_idx); free(s->rope_cos); free(s->rope_sin); free(s->tok); free(s->wanted); free(s->spans); free(s->span_seq);
+    free(s->v); free(s->pos); free(s->row_idx); free(s->rope_cos); free(s->rope_sin);
+    free(s->tok); free(s->wanted); free(s->spans); free(s->span_seq);
     free(s->ws);
     free(s->team);
     l2c_input_free(&s->in);

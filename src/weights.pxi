@@ -87,6 +87,11 @@ cdef class _ArenaChunk:
         self.size = size if self.data != NULL else 0
         self.used = 0
 
+    @property
+    def capacity(self):
+        """Bytes that can be carved (0: the system refused the mapping)."""
+        return self.size
+
     def trim(self):
         """Give back the pages past `used` (no more is carved from this chunk)."""
         if self.data != NULL:
@@ -129,16 +134,20 @@ class _WeightArena:
 
     def __init__(self):
         self.chunk = None
+        self.refused = False
 
     def alloc(self, int64_t count, dtype):
         dtype = np.dtype(dtype)
         nbytes = count * dtype.itemsize
+        if self.refused:
+            return _aligned(count, dtype)
         c = self.chunk
         start = 0 if c is None else (c.used + 63) // 64 * 64
-        if c is None or start + nbytes > len(memoryview(c)):
+        if c is None or start + nbytes > c.capacity:
             self.seal()
             c = _ArenaChunk(max(ARENA_CHUNK_BYTES, nbytes))
-            if len(memoryview(c)) == 0:
+            if c.capacity == 0:
+                self.refused = True
                 return _aligned(count, dtype)
             self.chunk, start = c, 0
         c.used = start + nbytes
