@@ -30,6 +30,7 @@ from pathlib import Path
 
 import regex
 
+from ._engine import TokenIndex
 from .bpe import WordEncoder, merge_rank_cost, score_cost
 from .errors import TokenizerError
 from .pretokenize import (BYTE_DECODER, LLAMA3_FAMILY, gguf_pre_tokenizer, hf_normalizer,
@@ -87,7 +88,7 @@ class Tokenizer:
         self._space_symbol = space_symbol
         self._strip_leading_space = strip_leading_space
         self._utf8_errors = "llama2c.replace_each_byte" if kind == "spm" else "replace"
-        self._piece_bytes = [None] * len(tokens)  # filled lazily by _token_bytes
+        self._piece_bytes = {}                 # id -> bytes, filled as tokens are decoded
 
     # --------------------------------------------------------------------------------------
     # construction
@@ -277,7 +278,7 @@ class Tokenizer:
         return data
 
     def _token_bytes(self, token_id: int) -> bytes:
-        data = self._piece_bytes[token_id]
+        data = self._piece_bytes.get(token_id)
         if data is None:
             data = self._compute_token_bytes(token_id)
             self._piece_bytes[token_id] = data
@@ -323,8 +324,10 @@ class StreamDecoder:
         self._utf8.reset()
         return text
 
-def _ids_of(tokens) -> dict:
-    return {t: i for i, t in enumerate(tokens) if t is not None}
+def _ids_of(tokens) -> TokenIndex:
+    """token string -> id (the last id of a repeated string), as the dict
+    {t: i for i, t in enumerate(tokens) if t is not None} answers, in a fraction of its memory."""
+    return TokenIndex(tokens if type(tokens) is list else list(tokens))
 
 # ------------------------------------------------------------------------------------------
 # llama2.c tokenizer.bin
@@ -354,7 +357,7 @@ def _from_llama2c_bin(path: Path, vocab_size) -> Tokenizer:
     # Merges may only produce normal pieces (sentencepiece never merges into unk, BOS, EOS
     # or byte tokens); llama2.c stores real spaces where sentencepiece has '▁'.
     excluded = {LLAMA2C_UNK_ID, LLAMA2C_BOS_ID, LLAMA2C_EOS_ID} | {i for i in byte_ids if i}
-    pieces = {t: i for i, t in enumerate(tokens) if i not in excluded}
+    pieces = TokenIndex(tokens, [i not in excluded for i in range(len(tokens))])
 
     def pre_tokenize(fragment, at_start, after_special):
         # sentencepiece's dummy prefix (also after a BOS/EOS a chat template wrote, as
@@ -481,8 +484,7 @@ def _gguf_spm(md, types, unk_id, common, source) -> Tokenizer:
     tokens = common["tokens"]
     scores = _md_list(md, "tokenizer.ggml.scores", (numbers.Real,), source,
                       length=len(tokens), required=True)
-    pieces = {t: i for i, t in enumerate(tokens)
-              if types[i] not in (TOKEN_CONTROL, TOKEN_UNUSED, TOKEN_BYTE)}
+    pieces = TokenIndex(tokens, [t not in (TOKEN_CONTROL, TOKEN_UNUSED, TOKEN_BYTE) for t in types])
     add_prefix = _md_value(md, "tokenizer.ggml.add_space_prefix", (bool,), source, True)
 
     def pre_tokenize(fragment, at_start, after_special):
@@ -504,7 +506,7 @@ def _gguf_bpe(md, unk_id, common, source) -> Tokenizer:
     pre_name = _md_value(md, "tokenizer.ggml.pre", (str,), source)
     pre = gguf_pre_tokenizer(pre_name)
     llama3 = pre_name in LLAMA3_FAMILY
-    pieces = {t: i for i, t in enumerate(tokens)}     # = the Tokenizer's token -> id
+    pieces = _ids_of(tokens)                          # = the Tokenizer's token -> id
     cost = merge_rank_cost(_merge_pairs(merges, "tokenizer.ggml.merges", source), pieces)
     return Tokenizer(kind="bpe", word_encoder=WordEncoder(pieces, cost,
                                                           unk_id=unk_id, ignore_merges=llama3),

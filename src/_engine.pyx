@@ -153,5 +153,6 @@ include "ops.pxi"
 # model, session, sampler
 
 include "weights.pxi"
+include "vocab.pxi"
 include "sampler.pxi"
 include "model.pxi"

@@ -671,3 +671,36 @@ def test_decode_stream_continuation_keeps_the_space(llama2_bin):
     cont = llama2_bin.decode_stream(continuation=True)
     assert "".join(cont.push(t) for t in ids) == " Once upon a time"
     assert llama2_bin.token_bytes(ids[1]) == b" upon" and llama2_bin.token_bytes(1) == b""
+
+
+def test_token_index_answers_as_the_dict_it_replaces():
+    """TokenIndex (the tokenizers' token -> id lookup, llama2c/_engine) gives what
+    {t: i for i, t in enumerate(tokens) if t is not None and mask[i]} gives: the last id of a
+    repeated string, None/default/KeyError/False for strings it lacks and for non-strings, the
+    same distinct strings and ids; and it survives pickling."""
+    import pickle
+    from llama2c._engine import TokenIndex
+    rng = random.Random(7)
+    alphabet = ["a", "b", "\u0120", "\u2581", "\u00e9", "\U0001f600", "<", ">"]
+    tokens = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(3000)]
+    for i in rng.sample(range(3000), 40):
+        tokens[i] = None
+    for mask in (None, [rng.random() < 0.8 for _ in tokens]):
+        index = TokenIndex(tokens, mask)
+        want = {t: i for i, t in enumerate(tokens) if t is not None and (mask is None or mask[i])}
+        assert len(index) == len(want) and len(want) < 3000 - 40    # repeats were folded
+        assert sorted(index.items()) == sorted(want.items())
+        assert sorted(index.values()) == sorted(want.values()) and set(index) == set(want)
+        for t in set(tokens) - {None}:
+            assert index.get(t) == want.get(t) and (t in index) == (t in want)
+            assert index[t] == want[t] if t in want else index.get(t, -1) == -1
+        for absent in ("zz", "", 3, None, b"a"):
+            assert index.get(absent) is None and absent not in index
+        with pytest.raises(KeyError):
+            index["zz"]
+        again = pickle.loads(pickle.dumps(index))
+        assert sorted(again.items()) == sorted(want.items())
+    with pytest.raises(TypeError):
+        TokenIndex(["a", 3])
+    with pytest.raises(ValueError):
+        TokenIndex(["a", "b"], [True])
