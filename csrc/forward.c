@@ -51,10 +51,8 @@ int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int n_th
     s->k = calloc((size_t)(B * s->kv_dim), sizeof(float));
     s->v = calloc((size_t)(B * s->kv_dim), sizeof(float));
     s->pos = malloc((size_t)B * sizeof(int64_t));
-    s->row_idx = malloc((size_t)B * sizeof(int64_t));
     s->rope_cos = malloc((size_t)(B * (c->head_size / 2)) * sizeof(float));
     s->rope_sin = malloc((size_t)(B * (c->head_size / 2)) * sizeof(float));
-    for (int64_t t = 0; s->row_idx && t < B; t++) s->row_idx[t] = t;
     s->tok = malloc((size_t)B * sizeof(int32_t));
     s->wanted = malloc((size_t)B * sizeof(int64_t));
     s->spans = malloc((size_t)B * sizeof(l2c_span));
@@ -62,7 +60,7 @@ int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int n_th
     s->team = aligned_alloc(64, sizeof(l2c_team_state));
     if (s->team) memset(s->team, 0, sizeof(l2c_team_state));
     if (!s->team || !s->span_seq || !s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->k || !s->v || !s->pos ||
-        !s->row_idx || !s->rope_cos || !s->rope_sin ||
+        !s->rope_cos || !s->rope_sin ||
         !s->tok || !s->wanted || !s->spans || l2c_input_init(&s->in, m, B) != L2C_OK) {
         l2c_state_free(s);
         return L2C_ERR_NOMEM;
@@ -73,7 +71,7 @@ int l2c_state_init(l2c_state *s, const l2c_model *m, int64_t max_batch, int n_th
 void l2c_state_free(l2c_state *s) {
     if (!s) return;
     free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2); free(s->q); free(s->k);
-    free(s->v); free(s->pos); free(s->row_idx); free(s->rope_cos); free(s->rope_sin);
+    free(s->v); free(s->pos); free(s->rope_cos); free(s->rope_sin);
     free(s->tok); free(s->wanted); free(s->spans); free(s->span_seq);
     free(s->ws);
     free(s->team);
@@ -200,8 +198,8 @@ static void forward_step(const l2c_model *m, l2c_state *s, const l2c_kvpool *poo
             if (L->bk) add_bias(s->k, L->bk, T, kv_dim);
             if (L->bv) add_bias(s->v, L->bv, T, kv_dim);
             // xq, xk = apply_rotary_emb(xq, xk, freqs_cis), each row at its own position
-            k->rope(s->q, s->row_idx, s->rope_cos, s->rope_sin, T, c->n_heads, hs, nth);
-            k->rope(s->k, s->row_idx, s->rope_cos, s->rope_sin, T, c->n_kv_heads, hs, nth);
+            k->rope(s->q, NULL, s->rope_cos, s->rope_sin, T, c->n_heads, hs, nth);
+            k->rope(s->k, NULL, s->rope_cos, s->rope_sin, T, c->n_kv_heads, hs, nth);
             // cache_k[seq, pos] = xk; cache_v[seq, pos] = xv   (each row into its own sequence)
             k->kv_store(pool, l, s->spans, n_spans, s->k, s->v, nth);
         }

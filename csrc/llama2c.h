@@ -196,7 +196,8 @@ typedef struct l2c_kernels {
     void (*softmax)(float *x, int64_t n);
     // in-place rotary embedding of x (T, n_heads*head_size) at positions pos[T], using the
     // interleaved-pair convention: pairs (x[2i], x[2i+1]) of each head rotated by
-    // angle pos * freq[i]; cos/sin come from tables (max_pos, head_size/2).
+    // angle pos * freq[i]; cos/sin come from tables (positions, head_size/2), row pos[t] for
+    // row t, or row t itself when pos is NULL (tables of just these rows' angles).
     void (*rope)(float *restrict x, const int64_t *restrict pos, const float *restrict cos_t,
                  const float *restrict sin_t, int64_t T, int64_t n_heads, int64_t head_size,
                  int n_threads);
@@ -449,7 +450,6 @@ typedef struct {
     float *v;            // (max_batch, kv_dim)
     l2c_input in;        // the current matrix input, quantized (see l2c_input)
     int64_t *pos;        // (max_batch,) position of each row
-    int64_t *row_idx;    // (max_batch,) 0, 1, 2, ...: row t's RoPE angles are row t of:
     float *rope_cos;     // (max_batch, head_size/2) cos(pos[t] * rope_freq[i]), this step's rows
     float *rope_sin;     // (max_batch, head_size/2)
     int32_t *tok;        // (max_batch,) token of each row

@@ -104,8 +104,8 @@ static void rope(float *restrict x, const int64_t *restrict pos, const float *re
                  int n_threads) {
     const int64_t half = head_size / 2, width = n_heads * head_size;
     const int nth = threads_for(T * width * 16, n_threads);
-    L2C_PFOR(nth, t, T, rope_row(x + t * width, cos_t + pos[t] * half, sin_t + pos[t] * half,
-                                 n_heads, head_size));
+    L2C_PFOR(nth, t, T, rope_row(x + t * width, cos_t + (pos ? pos[t] : t) * half,
+                                 sin_t + (pos ? pos[t] : t) * half, n_heads, head_size));
 }
 
 // ---------------------------------------------------------------------------------------------
