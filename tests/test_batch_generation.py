@@ -216,8 +216,10 @@ def test_cancel_frees_blocks_within_a_step(model):
 def test_cancel_token_and_max_time_options(model):
     token = CancelToken()
     s = Scheduler(model, 4096)
-    a = s.submit("the cat", {"max_new_tokens": 400, "cancel": token, "temperature": 0.5})
-    b = s.submit("the dog", {"max_new_tokens": 400, "max_time": 0.2, "temperature": 0.5})
+    # no stop ids and fixed seeds: neither may end on its own before the cancellation is seen
+    common = {"max_new_tokens": 400, "temperature": 0.5, "stop_token_ids": []}
+    a = s.submit("the cat", {**common, "cancel": token, "seed": 1})
+    b = s.submit("the dog", {**common, "max_time": 0.2, "seed": 2})
     for _ in range(5):
         s.step()
     token.cancel()
