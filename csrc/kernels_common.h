@@ -267,16 +267,26 @@ L2C_INLINE __m512 group_finish_512(__m512 acc, __m512i isum, const l2c_matrix *W
     return acc;
 }
 #elif defined(L2C_X256)
+// the scales and offsets of 8 rows (half h of the block's 16) in one group, loaded once for
+// every token of a tile
+typedef struct { __m256 s, m; int has_m; } l2c_gscales;
+L2C_INLINE l2c_gscales group_scales_256(const l2c_matrix *W, int64_t si) {
+    l2c_gscales g;
+    g.s = load8_scales(W->s, si, W->scales_f16);
+    g.has_m = W->m != NULL;
+    g.m = g.has_m ? load8_scales(W->m, si, W->scales_f16) : _mm256_setzero_ps();
+    return g;
+}
+L2C_INLINE __m256 group_finish_256s(__m256 acc, __m256i isum, l2c_gscales g, float xs,
+                                    int32_t vsum) {
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(g.s, _mm256_set1_ps(xs)), acc);
+    if (g.has_m) acc = _mm256_fmadd_ps(g.m, _mm256_set1_ps(xs * (float)vsum), acc);
+    return acc;
+}
 // 8 rows (half h of the block's 16)
 L2C_INLINE __m256 group_finish_256(__m256 acc, __m256i isum, const l2c_matrix *W, int64_t si,
                                    float xs, int32_t vsum) {
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum),
-                          _mm256_mul_ps(load8_scales(W->s, si, W->scales_f16), _mm256_set1_ps(xs)),
-                          acc);
-    if (W->m)
-        acc = _mm256_fmadd_ps(load8_scales(W->m, si, W->scales_f16),
-                              _mm256_set1_ps(xs * (float)vsum), acc);
-    return acc;
+    return group_finish_256s(acc, isum, group_scales_256(W, si), xs, vsum);
 }
 #endif
 

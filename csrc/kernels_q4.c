@@ -178,22 +178,20 @@ L2C_INLINE void q4_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
                                              : _mm256_madd_epi16(sh[b][t][h], ones));
         }
 #endif
-        for (int t = 0; t < NT; t++) {
-            const int64_t gi = (t0 + t) * ng + g;
-            const float xs = a->s[gi];
-            const int32_t vs = qact_vsum(a, gi);
-            for (int b = 0; b < RB; b++)
-                for (int h = 0; h < 2; h++) {
+        for (int b = 0; b < RB; b++)
+            for (int h = 0; h < 2; h++) {
+                const l2c_gscales gsc = group_scales_256(W, ((b0 + b) * ng + g) * Q4B + 8 * h);
+                for (int t = 0; t < NT; t++) {
+                    const int64_t gi = (t0 + t) * ng + g;
 #if defined(L2C_XVNNI)
                     const __m256i isum = TWO ? _mm256_add_epi32(_mm256_slli_epi32(ih[b][t][h], 7), il[b][t][h])
                                              : ih[b][t][h];
 #else
                     const __m256i isum = ih[b][t][h];
 #endif
-                    acc[b][t][h] = group_finish_256(acc[b][t][h], isum, W, ((b0 + b) * ng + g) * Q4B + 8 * h,
-                                                    xs, vs);
+                    acc[b][t][h] = group_finish_256s(acc[b][t][h], isum, gsc, a->s[gi], qact_vsum(a, gi));
                 }
-        }
+            }
     }
     for (int b = 0; b < RB; b++) {
         const int64_t r0 = (b0 + b) * Q4B, valid = min64(Q4B, d - r0);

@@ -271,11 +271,14 @@ L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
 }
 
 #elif defined(L2C_X256)
+#ifndef Q8_AVX2_NT
+#define Q8_AVX2_NT 2
+#endif
 #define Q8_RB 1
-#define Q8_NT1 2    // 8 int + 4 float accumulators
-#define Q8_NT2 2
+#define Q8_NT1 Q8_AVX2_NT
+#define Q8_NT2 Q8_AVX2_NT
 #define Q8_RBX 1
-#define Q8_NTX 2
+#define Q8_NTX Q8_AVX2_NT
 
 // 8 int32 row sums (rows 4q..4q+7 of two (row, pair) accumulators) in row order
 L2C_INLINE __m256i pairs_to_rows(__m256i a0, __m256i a1) {
@@ -292,10 +295,14 @@ L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
     for (int b = 0; b < RB; b++)
         for (int t = 0; t < NT; t++) acc[b][t][0] = acc[b][t][1] = _mm256_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
-        __m256i ia[Q8_RBX][Q8_NTX][4];  // rows 0-3, 4-7, 8-11, 12-15: lanes (row, pair of inputs)
-        for (int b = 0; b < RB; b++)
-            for (int t = 0; t < NT; t++)
-                for (int q = 0; q < 4; q++) ia[b][t][q] = _mm256_setzero_si256();
+        // lanes (row, pair of inputs) of rows 0-3, 4-7, 8-11, 12-15; each starts at -64 * the
+        // group's code sum, so a row's two lanes take off the weights' +128 offset
+        __m256i ia[Q8_RBX][Q8_NTX][4];
+        for (int t = 0; t < NT; t++) {
+            const __m256i off = _mm256_set1_epi32(-64 * qact_vsum(a, (t0 + t) * ng + g));
+            for (int b = 0; b < RB; b++)
+                for (int q = 0; q < 4; q++) ia[b][t][q] = off;
+        }
         const uint8_t *wg = wq + g * gs * Q8B;
         const int16_t *xv = a->v16 + t0 * n + g * gs;
         for (int64_t j = 0; j < steps; j++) {
@@ -316,18 +323,15 @@ L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
                         ia[b][t][q] = madd_acc256(ia[b][t][q], w16, xb[t]);
                 }
         }
-        for (int t = 0; t < NT; t++) {
-            const int64_t gi = (t0 + t) * ng + g;
-            const float xs = a->s[gi];
-            const int32_t vs = qact_vsum(a, gi);
-            const __m256i off = _mm256_set1_epi32(128 * vs);
-            for (int b = 0; b < RB; b++)
-                for (int h = 0; h < 2; h++) {
-                    const __m256i isum = _mm256_sub_epi32(pairs_to_rows(ia[b][t][2 * h], ia[b][t][2 * h + 1]), off);
-                    acc[b][t][h] = group_finish_256(acc[b][t][h], isum, W, ((b0 + b) * ng + g) * Q8B + 8 * h,
-                                                    xs, vs);
+        for (int b = 0; b < RB; b++)
+            for (int h = 0; h < 2; h++) {
+                const l2c_gscales gsc = group_scales_256(W, ((b0 + b) * ng + g) * Q8B + 8 * h);
+                for (int t = 0; t < NT; t++) {
+                    const int64_t gi = (t0 + t) * ng + g;
+                    acc[b][t][h] = group_finish_256s(acc[b][t][h], pairs_to_rows(ia[b][t][2 * h], ia[b][t][2 * h + 1]),
+                                                     gsc, a->s[gi], qact_vsum(a, gi));
                 }
-        }
+            }
     }
     for (int b = 0; b < RB; b++) {
         const int64_t r0 = (b0 + b) * Q8B, valid = min64(Q8B, d - r0);
