@@ -250,7 +250,8 @@ L2C_INLINE __m512i bcast4_512(const void *p) {
 // acc (16 rows of one token) += isum * (s * xs)   [+ m * (xs * vsum) with offsets]
 // with s, m the 16 rows' scale and offset of the group (index si into W's packed scales), xs
 // the token's activation scale and vsum its integer group sum. Every path of a table adds
-// its groups through this one helper, in group order: the invariant of llama2c.h.
+// its groups through this one helper (avx2: group_finish_256s, with the group's scales loaded
+// once for a tile's tokens), in group order: the invariant of llama2c.h.
 static inline int32_t qact_vsum(const l2c_qact *a, int64_t gi) {
     return a->lo ? 128 * a->sum_hi[gi] + a->sum_lo[gi] : a->sum_hi[gi];
 }

@@ -271,14 +271,11 @@ L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
 }
 
 #elif defined(L2C_X256)
-#ifndef Q8_AVX2_NT
-#define Q8_AVX2_NT 2
-#endif
 #define Q8_RB 1
-#define Q8_NT1 Q8_AVX2_NT
-#define Q8_NT2 Q8_AVX2_NT
+#define Q8_NT1 2    // 8 int + 4 float accumulators (3 tokens spill: slower on Zen 3)
+#define Q8_NT2 2
 #define Q8_RBX 1
-#define Q8_NTX Q8_AVX2_NT
+#define Q8_NTX 2
 
 // 8 int32 row sums (rows 4q..4q+7 of two (row, pair) accumulators) in row order
 L2C_INLINE __m256i pairs_to_rows(__m256i a0, __m256i a1) {
@@ -328,8 +325,8 @@ L2C_INLINE void q8_tile(float *restrict out, int64_t d, const l2c_matrix *W, con
                 const l2c_gscales gsc = group_scales_256(W, ((b0 + b) * ng + g) * Q8B + 8 * h);
                 for (int t = 0; t < NT; t++) {
                     const int64_t gi = (t0 + t) * ng + g;
-                    acc[b][t][h] = group_finish_256s(acc[b][t][h], pairs_to_rows(ia[b][t][2 * h], ia[b][t][2 * h + 1]),
-                                                     gsc, a->s[gi], qact_vsum(a, gi));
+                    const __m256i isum = pairs_to_rows(ia[b][t][2 * h], ia[b][t][2 * h + 1]);
+                    acc[b][t][h] = group_finish_256s(acc[b][t][h], isum, gsc, a->s[gi], qact_vsum(a, gi));
                 }
             }
     }
