@@ -3,8 +3,9 @@
 //
 // The pool's layout and the canonical result of a query row (block partials merged in block
 // order) are described in llama2c.h. Here:
-//   - a block is first brought to float scratch: K^T (hs, P) and V (P, hsp) (hsp = hs rounded up
-//     to 16, zero-padded) - or used in place when the pool holds floats in that shape;
+//   - a block is first brought to float scratch: K^T (panels, as in the pool) and V (P, hsp)
+//     (hsp = hs rounded up to 16, zero-padded) - or used in place when the pool holds floats
+//     in that shape;
 //   - scores: every query vector of one kv head against the block's positions, a register tile
 //     of SG queries x SC vectors of positions, the query broadcast per dimension d: each key
 //     vector loaded feeds SG FMAs (all query heads of a kv head share one read of K);
@@ -47,13 +48,14 @@
 static void store_row(const l2c_kvpool *pool, int64_t layer, const int32_t *blocks, int64_t pos,
                       const float *restrict k, const float *restrict v) {
     const int64_t P = pool->block_size, hs = pool->head_size, r = pos % P;
+    const int64_t k0 = l2c_kv_kidx(hs, r, 0);   // K^T element of dimension d: k0 + d*16
     for (int64_t h = 0; h < pool->n_kv_heads; h++) {
         uint8_t *slab = l2c_kv_slab(pool, blocks[pos / P], layer, h);
         uint8_t *vrow = slab + l2c_kv_v_offset(pool);
         const float *kh = k + h * hs, *vh = v + h * hs;
         if (pool->dtype == L2C_KV_F32) {
             float *kt = (float *)slab;
-            for (int64_t d = 0; d < hs; d++) kt[d * P + r] = kh[d];
+            for (int64_t d = 0; d < hs; d++) kt[k0 + d * 16] = kh[d];
             memcpy((float *)vrow + r * hs, vh, (size_t)hs * sizeof(float));
         } else if (pool->dtype == L2C_KV_F16) {
             uint16_t *kt = (uint16_t *)slab, *vr = (uint16_t *)vrow + r * hs;
@@ -62,12 +64,12 @@ static void store_row(const l2c_kvpool *pool, int64_t layer, const int32_t *bloc
             uint16_t kbuf[16];
             for (; d + VL <= hs; d += VL) {
                 vf_store_f16(kbuf, vf_load(kh + d));
-                for (int j = 0; j < VL; j++) kt[(d + j) * P + r] = kbuf[j];
+                for (int j = 0; j < VL; j++) kt[k0 + (d + j) * 16] = kbuf[j];
                 vf_store_f16(vr + d, vf_load(vh + d));
             }
 #endif
             for (; d < hs; d++) {
-                kt[d * P + r] = l2c_f32_to_f16(kh[d]);
+                kt[k0 + d * 16] = l2c_f32_to_f16(kh[d]);
                 vr[d] = l2c_f32_to_f16(vh[d]);
             }
         } else {  // int8, one scale per (position, kv head): s = max|x| / 127, q = rint(x / s)
@@ -82,7 +84,7 @@ static void store_row(const l2c_kvpool *pool, int64_t layer, const int32_t *bloc
             ks[r] = ksc;
             vs[r] = vsc;
             for (int64_t d = 0; d < hs; d++) {
-                kt[d * P + r] = (int8_t)(ksc > 0.0f ? rintf(kh[d] / ksc) : 0.0f);
+                kt[k0 + d * 16] = (int8_t)(ksc > 0.0f ? rintf(kh[d] / ksc) : 0.0f);
                 vr[d] = (int8_t)(vsc > 0.0f ? rintf(vh[d] / vsc) : 0.0f);
             }
         }
@@ -119,19 +121,24 @@ static void kv_store(const l2c_kvpool *pool, int64_t layer, const l2c_span *span
     if (pf)                                                                                       \
         for (int64_t o_ = 0; o_ < (bytes); o_ += 64) __builtin_prefetch((pf) + (off) + o_, 0, 3);
 
-// S[i][p] = sum_d Q[i][d] * K[d][p] (d in order, one fused chain per lane)
+// S[i][c*VL + j] = sum_d Q[i][d] * k_{p0 + c*VL + j}[d] over K^T panels (l2c_kv_kidx): each
+// vector c is read down its panel, 16 elements per d (d in order, one fused chain per lane)
 #define DEF_SCORES(TAG, ET, LOAD, NQ, NC)                                                         \
     static void scores_##TAG##_##NQ##_##NC(float *restrict S, int64_t sst, const float *restrict Q, \
-                                           int64_t qst, const void *restrict Kv, int64_t P, int64_t hs, \
+                                           int64_t qst, const void *restrict Kv, int64_t p0, int64_t hs, \
                                            const char *pf) {                                      \
         const ET *restrict K = (const ET *)Kv;                                                    \
+        int64_t off[NC];                                                                          \
+        for (int c = 0; c < NC; c++) off[c] = l2c_kv_kidx(hs, p0 + c * VL, 0);                    \
         vf acc[NQ][NC];                                                                           \
         for (int i = 0; i < NQ; i++)                                                              \
             for (int c = 0; c < NC; c++) acc[i][c] = vf_zero();                                   \
         for (int64_t d = 0; d < hs; d++) {                                                        \
             vf kv[NC];                                                                            \
-            PF_LINES(pf, d * P * (int64_t)sizeof(ET), NC * VL * (int64_t)sizeof(ET))               \
-            for (int c = 0; c < NC; c++) kv[c] = LOAD(K + d * P + c * VL);                        \
+            if (pf && ((d * 16 * (int64_t)sizeof(ET)) & 63) == 0)                                 \
+                for (int c = 0; c < NC; c++)                                                      \
+                    __builtin_prefetch(pf + (off[c] + d * 16) * (int64_t)sizeof(ET), 0, 3);      \
+            for (int c = 0; c < NC; c++) kv[c] = LOAD(K + off[c] + d * 16);                       \
             for (int i = 0; i < NQ; i++) {                                                        \
                 const vf qb = vf_set1(Q[i * qst + d]);                                            \
                 for (int c = 0; c < NC; c++) acc[i][c] = vf_fma(qb, kv[c], acc[i][c]);            \
@@ -191,18 +198,15 @@ static const scores_fn SCORES[3][4][4] = {TILE_TABLE(scores, f32), TILE_TABLE(sc
 static const pv_fn PV[3][4][4] = {TILE_TABLE(pv, f32), TILE_TABLE(pv, f16), TILE_TABLE(pv, i8)};
 
 // nq queries (rows of Q, stride qst) against the first np positions (a multiple of 16) of
-// K^T (element type et, row stride P); pf: prefetch the same bytes of the next slab, or NULL
+// K^T panels (element type et); pf: prefetch the same bytes of the next slab, or NULL
 static void scores(float *restrict S, int64_t sst, const float *restrict Q, int64_t qst,
-                   int64_t nq, int et, const void *K, int64_t P, int64_t hs, int64_t np,
-                   const char *pf) {
-    const int64_t es = et == L2C_KV_F32 ? 4 : et == L2C_KV_F16 ? 2 : 1;
+                   int64_t nq, int et, const void *K, int64_t hs, int64_t np, const char *pf) {
     for (int64_t i = 0; i < nq; i += SG) {
         const int64_t gq = nq - i < SG ? nq - i : SG;
         for (int64_t p = 0; p < np; p += SC * VL) {
             const int64_t nc = (np - p) / VL < SC ? (np - p) / VL : SC;
-            SCORES[et][gq - 1][nc - 1](S + i * sst + p, sst, Q + i * qst, qst,
-                                       (const uint8_t *)K + p * es, P, hs,
-                                       pf && i == 0 ? pf + p * es : NULL);
+            SCORES[et][gq - 1][nc - 1](S + i * sst + p, sst, Q + i * qst, qst, K, p, hs,
+                                       pf && i == 0 ? pf : NULL);
         }
     }
 }
@@ -260,7 +264,7 @@ static inline void block_softmax(float *restrict s, int64_t nv, const float *res
 
 typedef struct {
     int et;                  // element type of K and V as read
-    const void *K;           // K^T (hs, P), row stride P
+    const void *K;           // K^T in panels (l2c_kv_kidx)
     const void *V;           // V (nv, hsp columns readable), row stride vst
     int64_t vst;
     const float *ks, *vs;    // int8 scales (P,) or NULL
@@ -281,15 +285,14 @@ static att_block get_block(const l2c_kvpool *pool, const uint8_t *slab, int64_t 
     }
     if (hs != hsp) to_float = 1;                        // the values need padding
     if (!to_float || (pool->dtype == L2C_KV_F32 && hs == hsp)) return blk;
+    // the panels of positions [0, np) are the first np*hs elements of K^T
     if (pool->dtype == L2C_KV_F16) {                    // float keys are read in place
         const uint16_t *kt = (const uint16_t *)slab;
-        for (int64_t d = 0; d < hs; d++)
-            for (int64_t p = 0; p < np; p += VL) vf_store(kf + d * P + p, vf_load_f16(kt + d * P + p));
+        for (int64_t i = 0; i < np * hs; i += VL) vf_store(kf + i, vf_load_f16(kt + i));
         blk.K = kf;
     } else if (pool->dtype == L2C_KV_Q8) {
         const int8_t *kt = (const int8_t *)slab;
-        for (int64_t d = 0; d < hs; d++)
-            for (int64_t p = 0; p < np; p += VL) vf_store(kf + d * P + p, vf_load_i8(kt + d * P + p));
+        for (int64_t i = 0; i < np * hs; i += VL) vf_store(kf + i, vf_load_i8(kt + i));
         blk.K = kf;
     }
     const uint8_t *vb = slab + l2c_kv_v_offset(pool);
@@ -400,7 +403,7 @@ static void block_task(float *restrict part, const float *restrict Q, const l2c_
     const int in_place = blk.K == (const void *)slab;  // (a block converted is in the cache)
     const char *pk = next && in_place ? (const char *)next : NULL;
     const char *pv = next && in_place ? (const char *)next + l2c_kv_v_offset(pool) : NULL;
-    scores(a->S, P, Q, hsp, g, blk.et, blk.K, P, hs, np, pk);
+    scores(a->S, P, Q, hsp, g, blk.et, blk.K, hs, np, pk);
     float *m = part, *l = part + g, *o = part + 2 * g;
     for (int64_t j = 0; j < g; j++) block_softmax(a->S + j * P, nv, blk.ks, blk.vs, &m[j], &l[j]);
     weighted_values(o, a->S, P, g, blk.et, blk.V, blk.vst, hsp, nv, pv);
@@ -438,8 +441,8 @@ static void tile_task(float *restrict out, const float *restrict Q, const l2c_kv
         // many queries: convert the block once; a few: read it in place
         const att_block blk = get_block(pool, slab, l2c_pad16(nv_max), nv_max,
                                         (nr - i0) * g > 2 * SG, a->kf, a->vf);
-        scores(a->S + i0 * g * P, P, Q + i0 * g * hsp, hsp, (nr - i0) * g, blk.et, blk.K, P,
-               hs, l2c_pad16(nv_max), NULL);
+        scores(a->S + i0 * g * P, P, Q + i0 * g * hsp, hsp, (nr - i0) * g, blk.et, blk.K, hs,
+               l2c_pad16(nv_max), NULL);
         // rows with the same count of visible positions share a values tile
         for (int64_t i = i0; i < nr;) {
             const int64_t nv = first + i - start + 1 < P ? first + i - start + 1 : P;

@@ -15,10 +15,15 @@ static inline int64_t l2c_kv_esize(int32_t dtype) {
     return dtype == L2C_KV_F32 ? 4 : dtype == L2C_KV_F16 ? 2 : 1;
 }
 
-// the (layer, kv head) slab of a block: K^T [hs][P], V [P][hs], then (Q8) ks [P], vs [P]
+// the (layer, kv head) slab of a block: K^T in panels [P/16][hs][16], V [P][hs], then (Q8)
+// ks [P], vs [P]
 static inline uint8_t *l2c_kv_slab(const l2c_kvpool *p, int32_t block, int64_t layer,
                                    int64_t head) {
     return p->data + (int64_t)block * p->block_bytes + (layer * p->n_kv_heads + head) * p->slab_bytes;
+}
+// element index of dimension d of the key at row r in a slab's K^T panels (llama2c.h)
+static inline int64_t l2c_kv_kidx(int64_t hs, int64_t r, int64_t d) {
+    return (r / 16) * 16 * hs + d * 16 + r % 16;
 }
 static inline int64_t l2c_kv_v_offset(const l2c_kvpool *p) {
     return p->head_size * p->block_size * l2c_kv_esize(p->dtype);
@@ -103,7 +108,7 @@ static inline int64_t l2c_att_partial_floats(int64_t g, int64_t hs) {
     return g * (2 + l2c_pad16(hs));
 }
 
-// per-thread scratch floats: K^T (hs, P), V (P, hsp), scores (R*g, P), block partials o
+// per-thread scratch floats: K^T (hs*P, panels), V (P, hsp), scores (R*g, P), block partials o
 // (R*g, hsp) and state O (R*g, hsp), and m, l, M, L (R*g each)
 static inline int64_t l2c_att_thread_floats(int64_t g, int64_t hs, int64_t P) {
     const int64_t hsp = l2c_pad16(hs), rq = L2C_ATT_ROWS * g;

@@ -165,7 +165,7 @@ static void copy_positions(const l2c_seq *s, int64_t n, uint8_t *buf, int to_poo
                 uint8_t *kt = slab, *v = slab + l2c_kv_v_offset(p) + r * hs * es;
                 float *ks = (float *)(slab + l2c_kv_scale_offset(p)), *vs = ks + P;
                 for (int64_t d = 0; d < hs; d++) {   // K^T column r <-> K row pos
-                    uint8_t *a = kt + (d * P + r) * es, *b = kbuf + (pos * hs + d) * es;
+                    uint8_t *a = kt + l2c_kv_kidx(hs, r, d) * es, *b = kbuf + (pos * hs + d) * es;
                     if (to_pool) memcpy(a, b, (size_t)es);
                     else memcpy(b, a, (size_t)es);
                 }
@@ -215,7 +215,7 @@ int l2c_seq_read(const l2c_seq *s, int64_t layer, int64_t head, int64_t pos, flo
     const uint8_t *vrow = slab + l2c_kv_v_offset(p);
     const float *ks = (const float *)(slab + l2c_kv_scale_offset(p)), *vs = ks + P;
     for (int64_t d = 0; d < hs; d++) {
-        const int64_t ki = d * P + r, vi = r * hs + d;
+        const int64_t ki = l2c_kv_kidx(hs, r, d), vi = r * hs + d;
         switch (p->dtype) {
         case L2C_KV_F32:
             k[d] = ((const float *)slab)[ki];

@@ -334,8 +334,10 @@ typedef struct {
 // aligned to absolute positions 0, P, 2P, ... (the attention's canonical partials, below).
 // Inside a block, one "slab" per (layer l, kv head h), at byte offset
 // (l * n_kv_heads + h) * slab_bytes, holds (hs = head_size, E = the element type):
-//     K^T [hs][P]  E   keys transposed: element d*P + r = dimension d of the key at row r, so
-//                      the scores of 16 positions are sums of (broadcast q[d]) x (one vector)
+//     K^T [P/16][hs][16]  E   keys transposed in panels of 16 rows: dimension d of the key at
+//                      row r is element (r/16)*16*hs + d*16 + r%16, so the scores of 16
+//                      positions are sums of (broadcast q[d]) x (one vector), and a panel
+//                      is read front to back
 //     V   [P][hs]  E   values row-major: element r*hs + d
 //     L2C_KV_Q8 only: ks [P], vs [P] float: key/value scales, x = q * scale
 // slab_bytes = 2*hs*P*sizeof(E) (+ 8*P for Q8), rounded up to 64; block_bytes = n_layers *
