@@ -657,8 +657,11 @@ def interleaved(engines: list, cases: list, rounds: int = 3, warmup: bool = True
 def long_context(engines: list, contexts: list, n_decode: int, threads: int, rounds: int = 1,
                  progress=None) -> dict:
     """Per engine and context: prefill of the context's prompt, decode of n_decode tokens after
-    it and resident memory; context 0 means decode after a 1-token prompt. Returns
-    {(engine label, context): dict(prefill=s, decode=s, rss=...)} with the best of rounds."""
+    it and resident memory; context 0 means decode after a 1-token prompt. Each context's
+    decode is followed at once by a decode after a 1-token prompt ("short"), so the ratio of
+    the two compares rounds run at the same moment (a shared machine's speed drifts by 20-30%
+    over minutes). Returns {(engine label, context): dict(prefill=s, decode=s, short=s,
+    rss=...)} with the best prefill of the rounds and the round of the best decode."""
     out: dict = {}
     for r in range(rounds):
         for n in contexts:
@@ -667,6 +670,7 @@ def long_context(engines: list, contexts: list, n_decode: int, threads: int, rou
                     m = {"prefill": None, "decode": e.time_decode(n_decode, threads)[1], "rss": None}
                 else:
                     m = e.time_context(n, n_decode, threads)
+                    m["short"] = e.time_decode(n_decode, threads)[1]
                 if progress:
                     pre = f"prefill {n / m['prefill']:.1f} tok/s, " if m["prefill"] else ""
                     progress(f"round {r + 1}/{rounds}: {e.label}, context {n}: {pre}"
@@ -675,7 +679,10 @@ def long_context(engines: list, contexts: list, n_decode: int, threads: int, rou
                 if old is not None:
                     # the best times of the rounds, the first round's memory (later rounds
                     # find the largest context's cache still in use)
-                    m["decode"] = min(m["decode"], old["decode"])
+                    if old["decode"] < m["decode"]:
+                        m["decode"] = old["decode"]
+                        if n:
+                            m["short"] = old["short"]
                     if m["prefill"] is not None:
                         m["prefill"] = min(m["prefill"], old["prefill"])
                     m["rss"] = old["rss"]
@@ -835,20 +842,19 @@ def scaling_table(engines: list, results: dict) -> str | None:
 
 
 def context_table(engines: list, results: dict, n_decode: int) -> str:
-    """The long-context table: prefill, decode after it (and against decode after a 1-token
-    prompt), resident memory."""
+    """The long-context table: prefill, decode after it (and against the decode after a
+    1-token prompt timed right after it, in the same round), resident memory."""
     mb = _mb
     rows = []
     for e in engines:
         rows.append([e.label, "after load", "-", "-", "-", mb(e.rss_after_load.get("anon", 0)),
                      mb(e.rss_after_load.get("file", 0))])
-        short = results.get((e.label, 0))
         for (label, n), m in sorted(results.items(), key=lambda kv: kv[0][1]):
             if label != e.label:
                 continue
             dec = n_decode / m["decode"]
             pre = f"{m['prefill']:.3g} s ({n / m['prefill']:.0f} tok/s)" if m["prefill"] else "-"
-            vs = f"{100 * dec / (n_decode / short['decode']):.0f}%" if short and n else "-"
+            vs = f"{100 * m['short'] / m['decode']:.0f}%" if n and m.get("short") else "-"
             rss = m["rss"] or {}
             rows.append([e.label, f"{n:,}" if n else "1-token prompt", pre, f"{dec:.1f}", vs,
                          mb(rss["anon"]) if rss else "-", mb(rss["file"]) if rss else "-"])
@@ -1040,7 +1046,8 @@ def run_command(args, out=None) -> int:
                                    progress)
             print(machine.header(engines), file=out)
             print(f"\nlong context, {threads} threads: prefill of an N-token prompt, then "
-                  f"{args.tokens} greedy tokens after it; best of {rounds} rounds; resident memory "
+                  f"{args.tokens} greedy tokens after it; best of {rounds} rounds; vs 1-token prompt: "
+                  "against a decode after a 1-token prompt timed right after it; resident memory "
                   "of the process (llama2c engines share this one, so theirs add up; llama.cpp "
                   "runs in its own)\n", file=out)
             print(context_table(engines, results, args.tokens), file=out)

@@ -126,6 +126,11 @@ def test_long_context_table(engines):
     assert set(results) == {(e.label, n) for e in ours for n in (0, 64, 200)}
     table = bench.context_table(ours, results, 4)
     assert table.count("| after load |") == 2 and table.count("| 1-token prompt |") == 2
+    for (label, n), m in results.items():     # each context's ratio: its own round's short decode
+        assert (m.get("short") or 0) > 0 if n else "short" not in m
+        if n:
+            dec = 4 / m["decode"]
+            assert f"| {label} | {n} | " in table and f"| {dec:.1f} | {100 * m['short'] / m['decode']:.0f}% |" in table
     assert re.search(r"\| 200 \| [0-9.e-]+ s \([0-9]+ tok/s\) \| [0-9.]+ \| [0-9]+% \| [0-9.]+ \| [0-9.]+ \|",
                      table), table
 
