@@ -677,8 +677,9 @@ def long_context(engines: list, contexts: list, n_decode: int, threads: int, rou
                              f"decode {n_decode / m['decode']:.1f} tok/s")
                 old = out.get((e.label, n))
                 if old is not None:
-                    # the best times of the rounds, the first round's memory (later rounds
-                    # find the largest context's cache still in use)
+                    # the best prefill of the rounds, the round of the best decode (with its
+                    # paired short decode), the first round's memory (later rounds find the
+                    # largest context's cache still in use)
                     if old["decode"] < m["decode"]:
                         m["decode"] = old["decode"]
                         if n:

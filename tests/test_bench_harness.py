@@ -130,7 +130,8 @@ def test_long_context_table(engines):
         assert (m.get("short") or 0) > 0 if n else "short" not in m
         if n:
             dec = 4 / m["decode"]
-            assert f"| {label} | {n} | " in table and f"| {dec:.1f} | {100 * m['short'] / m['decode']:.0f}% |" in table
+            ratio = 100 * m["short"] / m["decode"]
+            assert f"| {label} | {n} | " in table and f"| {dec:.1f} | {ratio:.0f}% |" in table
     assert re.search(r"\| 200 \| [0-9.e-]+ s \([0-9]+ tok/s\) \| [0-9.]+ \| [0-9]+% \| [0-9.]+ \| [0-9.]+ \|",
                      table), table
 
