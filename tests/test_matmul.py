@@ -167,13 +167,11 @@ def test_simd_tables_agree_with_the_scalar_twin(simd, rng):
 # ---- the invariant: bitwise identical rows whatever T, tile or threads ----------------------------
 
 @pytest.mark.parametrize("simd", SIMD)
-@pytest.mark.parametrize("kind", TYPES)
-@pytest.mark.parametrize("act_bits", ACT_BITS)
+@pytest.mark.parametrize("kind,act_bits", [(k, a) for k in TYPES for a in ACT_BITS
+                                           if not (k == "f32" and a == 8)])  # fp32: no quantization
 def test_rows_are_bitwise_independent_of_batch_and_threads(simd, kind, act_bits, rng):
     """out[t] of a (T, rows) matmul equals, bitwise, the same row computed alone (T = 1, the
     decode path), inside other batches (other tile positions) and with other thread counts."""
-    if kind == "f32" and act_bits == 8:
-        pytest.skip("fp32 has no activation quantization")
     T, rows, cols = 23, 301, 256        # rows: 19 blocks, the last one partial
     P = E.PackedMatrix(make_weight(rng, kind, rows, cols, 32, offsets=True))
     x = rand(rng, T, cols)
@@ -222,13 +220,11 @@ def test_one_call_on_several_matrices_equals_separate_calls(simd, kinds, rows, T
 
 # ---- packing, lookups, IEEE-half scales -----------------------------------------------------------
 
-@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("kind,offsets,f16", [  # fp32 has no scales: neither offsets nor f16 scales
+    (k, o, h) for k in TYPES for o in (False, True) for h in (False, True)
+    if not (k == "f32" and (o or h))])
 @pytest.mark.parametrize("rows", [1, 16, 33])
-@pytest.mark.parametrize("offsets", [False, True])
-@pytest.mark.parametrize("f16", [False, True])
 def test_lookup_rows_equal_dequantized_rows(kind, rows, offsets, f16, rng):
-    if kind == "f32" and (offsets or f16):
-        pytest.skip("fp32 has no scales")
     w = make_weight(rng, kind, rows, 64, 16, offsets, f16)
     P = E.PackedMatrix(w)
     assert P.kind == kind + "p" and P.shape == (rows, 64)
