@@ -2,12 +2,13 @@
 
     python benchmarks/kv_accuracy.py [MODEL.gguf] [--tokens 3000] [--greedy 64] [--threads 2]
 
-For each kv dtype (f16, q8) against f32, over one long prompt (benchmarks/data/alice.txt,
-repeated until it is long enough): the logits at every position (teacher-forced, one prefill),
-their error relative to the fp32 cache's (max |diff| / max |logit| per position: the worst and
-the mean over positions), top-1 agreement, and the KL divergence of the softmax; then greedy
-decoding of --greedy tokens after the whole prompt: how many leading tokens equal the fp32
-cache's. Weights are the file's own (int8 for quantized files), the same for every cache.
+For each kv dtype (f16, q8, and the mixed f16/q8 and q8/f16: keys/values) against f32, over
+one long prompt (benchmarks/data/alice.txt, repeated until it is long enough): the logits at
+every position (teacher-forced, one prefill), their error relative to the fp32 cache's
+(max |diff| / max |logit| per position: the worst and the mean over positions), top-1
+agreement, and the KL divergence of the softmax; then greedy decoding of --greedy tokens after
+the whole prompt: how many leading tokens equal the fp32 cache's. Weights are the file's own,
+as stored (4-bit for the shared Q4_1 file), the same for every cache.
 """
 import argparse
 import os
@@ -22,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import llama2c  # noqa: E402
 
+KV_TYPES = ("f32", "f16", "q8", "f16/q8", "q8/f16")
 DEFAULT_MODEL = Path(os.environ.get("LLAMA2C_TEST_DATA", ROOT.parent / "shared")) / "models" / \
     "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -41,7 +43,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     text = (ROOT / "benchmarks" / "data" / "alice.txt").read_text()
     models = {kv: llama2c.Model.load(args.model, n_threads=args.threads, kv_dtype=kv)
-              for kv in ("f32", "f16", "q8")}
+              for kv in KV_TYPES}
     tok = models["f32"].tokenizer
     ids = []
     while len(ids) < args.tokens:
@@ -61,7 +63,7 @@ def main(argv=None):
     print("| kv dtype | bytes/token | max logit err (worst pos) | mean logit err | top-1 agree | "
           "mean KL | greedy tokens equal to f32 |")
     print("|---|---|---|---|---|---|---|")
-    for kv in ("f32", "f16", "q8"):
+    for kv in KV_TYPES:
         L = logits[kv]
         err = np.abs(L - ref).max(axis=1) / np.abs(ref).max(axis=1)
         top1 = (L.argmax(axis=1) == ref.argmax(axis=1)).mean()

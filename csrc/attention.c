@@ -45,49 +45,45 @@
 // ---------------------------------------------------------------------------------------------
 // storing one layer's keys and values (rows of the spans) at their positions
 
+// one key or value row x (hs) of element type t: at dst + idx(d) (idx(d) = d * step), with
+// its int8 scale in *scale
+static void store_vec(uint8_t *dst, int64_t step, int32_t t, const float *restrict x, int64_t hs,
+                      float *scale) {
+    if (t == L2C_KV_F32) {
+        float *o = (float *)dst;
+        for (int64_t d = 0; d < hs; d++) o[d * step] = x[d];
+    } else if (t == L2C_KV_F16) {
+        uint16_t *o = (uint16_t *)dst;
+        int64_t d = 0;
+#if VL > 1
+        uint16_t buf[16];
+        for (; d + VL <= hs; d += VL) {
+            vf_store_f16(buf, vf_load(x + d));
+            for (int j = 0; j < VL; j++) o[(d + j) * step] = buf[j];
+        }
+#endif
+        for (; d < hs; d++) o[d * step] = l2c_f32_to_f16(x[d]);
+    } else {  // int8, one scale per row: s = max|x| / 127, q = rint(x / s)
+        int8_t *o = (int8_t *)dst;
+        float a = 0.0f;
+        for (int64_t d = 0; d < hs; d++) a = fmaxf(a, fabsf(x[d]));
+        const float sc = a / 127.0f;
+        *scale = sc;
+        for (int64_t d = 0; d < hs; d++) o[d * step] = (int8_t)(sc > 0.0f ? rintf(x[d] / sc) : 0.0f);
+    }
+}
+
 static void store_row(const l2c_kvpool *pool, int64_t layer, const int32_t *blocks, int64_t pos,
                       const float *restrict k, const float *restrict v) {
     const int64_t P = pool->block_size, hs = pool->head_size, r = pos % P;
     const int64_t k0 = l2c_kv_kidx(hs, r, 0);   // K^T element of dimension d: k0 + d*16
+    const int64_t ek = l2c_kv_esize(pool->kdtype), ev = l2c_kv_esize(pool->vdtype);
     for (int64_t h = 0; h < pool->n_kv_heads; h++) {
         uint8_t *slab = l2c_kv_slab(pool, blocks[pos / P], layer, h);
-        uint8_t *vrow = slab + l2c_kv_v_offset(pool);
-        const float *kh = k + h * hs, *vh = v + h * hs;
-        if (pool->dtype == L2C_KV_F32) {
-            float *kt = (float *)slab;
-            for (int64_t d = 0; d < hs; d++) kt[k0 + d * 16] = kh[d];
-            memcpy((float *)vrow + r * hs, vh, (size_t)hs * sizeof(float));
-        } else if (pool->dtype == L2C_KV_F16) {
-            uint16_t *kt = (uint16_t *)slab, *vr = (uint16_t *)vrow + r * hs;
-            int64_t d = 0;
-#if VL > 1
-            uint16_t kbuf[16];
-            for (; d + VL <= hs; d += VL) {
-                vf_store_f16(kbuf, vf_load(kh + d));
-                for (int j = 0; j < VL; j++) kt[k0 + (d + j) * 16] = kbuf[j];
-                vf_store_f16(vr + d, vf_load(vh + d));
-            }
-#endif
-            for (; d < hs; d++) {
-                kt[k0 + d * 16] = l2c_f32_to_f16(kh[d]);
-                vr[d] = l2c_f32_to_f16(vh[d]);
-            }
-        } else {  // int8, one scale per (position, kv head): s = max|x| / 127, q = rint(x / s)
-            int8_t *kt = (int8_t *)slab, *vr = (int8_t *)vrow + r * hs;
-            float *ks = (float *)(slab + l2c_kv_scale_offset(pool)), *vs = ks + P;
-            float ka = 0.0f, va = 0.0f;
-            for (int64_t d = 0; d < hs; d++) {
-                ka = fmaxf(ka, fabsf(kh[d]));
-                va = fmaxf(va, fabsf(vh[d]));
-            }
-            const float ksc = ka / 127.0f, vsc = va / 127.0f;
-            ks[r] = ksc;
-            vs[r] = vsc;
-            for (int64_t d = 0; d < hs; d++) {
-                kt[k0 + d * 16] = (int8_t)(ksc > 0.0f ? rintf(kh[d] / ksc) : 0.0f);
-                vr[d] = (int8_t)(vsc > 0.0f ? rintf(vh[d] / vsc) : 0.0f);
-            }
-        }
+        float *ks = l2c_kv_kscales(pool, slab), *vs = l2c_kv_vscales(pool, slab);
+        store_vec(slab + k0 * ek, 16, pool->kdtype, k + h * hs, hs, ks ? ks + r : NULL);
+        store_vec(slab + l2c_kv_v_offset(pool) + r * hs * ev, 1, pool->vdtype, v + h * hs, hs,
+                  vs ? vs + r : NULL);
     }
 }
 
@@ -263,7 +259,7 @@ static inline void block_softmax(float *restrict s, int64_t nv, const float *res
 // padding to 16
 
 typedef struct {
-    int et;                  // element type of K and V as read
+    int ket, vet;            // element types of K and of V as read
     const void *K;           // K^T in panels (l2c_kv_kidx)
     const void *V;           // V (nv, hsp columns readable), row stride vst
     int64_t vst;
@@ -272,37 +268,35 @@ typedef struct {
 
 static att_block get_block(const l2c_kvpool *pool, const uint8_t *slab, int64_t np, int64_t nv,
                            int to_float, float *restrict kf, float *restrict vfl) {
-    const int64_t P = pool->block_size, hs = pool->head_size, hsp = l2c_pad16(hs);
+    const int64_t hs = pool->head_size, hsp = l2c_pad16(hs);
     att_block blk;
-    blk.et = pool->dtype;
+    blk.ket = pool->kdtype;
+    blk.vet = pool->vdtype;
     blk.K = slab;
     blk.V = slab + l2c_kv_v_offset(pool);
     blk.vst = hs;
-    blk.ks = blk.vs = NULL;
-    if (pool->dtype == L2C_KV_Q8) {
-        blk.ks = (const float *)(slab + l2c_kv_scale_offset(pool));
-        blk.vs = blk.ks + P;
-    }
+    blk.ks = l2c_kv_kscales(pool, slab);
+    blk.vs = l2c_kv_vscales(pool, slab);
     if (hs != hsp) to_float = 1;                        // the values need padding
-    if (!to_float || (pool->dtype == L2C_KV_F32 && hs == hsp)) return blk;
+    if (!to_float || (blk.ket == L2C_KV_F32 && blk.vet == L2C_KV_F32 && hs == hsp)) return blk;
     // the panels of positions [0, np) are the first np*hs elements of K^T
-    if (pool->dtype == L2C_KV_F16) {                    // float keys are read in place
+    if (blk.ket == L2C_KV_F16) {                        // float keys are read in place
         const uint16_t *kt = (const uint16_t *)slab;
         for (int64_t i = 0; i < np * hs; i += VL) vf_store(kf + i, vf_load_f16(kt + i));
         blk.K = kf;
-    } else if (pool->dtype == L2C_KV_Q8) {
+    } else if (blk.ket == L2C_KV_Q8) {
         const int8_t *kt = (const int8_t *)slab;
         for (int64_t i = 0; i < np * hs; i += VL) vf_store(kf + i, vf_load_i8(kt + i));
         blk.K = kf;
     }
-    const uint8_t *vb = slab + l2c_kv_v_offset(pool);
+    const uint8_t *vb = blk.V;
     for (int64_t r = 0; r < nv; r++) {
         float *o = vfl + r * hsp;
         int64_t d = 0;
-        if (pool->dtype == L2C_KV_F32) {
+        if (blk.vet == L2C_KV_F32) {
             memcpy(o, (const float *)vb + r * hs, (size_t)hs * sizeof(float));
             d = hs;
-        } else if (pool->dtype == L2C_KV_F16) {
+        } else if (blk.vet == L2C_KV_F16) {
             const uint16_t *src = (const uint16_t *)vb + r * hs;
             for (; d + VL <= hs; d += VL) vf_store(o + d, vf_load_f16(src + d));
             for (; d < hs; d++) o[d] = l2c_f16_to_f32(src[d]);
@@ -315,7 +309,7 @@ static att_block get_block(const l2c_kvpool *pool, const uint8_t *slab, int64_t 
     }
     blk.V = vfl;
     blk.vst = hsp;
-    blk.et = L2C_KV_F32;   // the keys too: float in place, or converted
+    blk.ket = blk.vet = L2C_KV_F32;   // the keys too: float in place, or converted
     return blk;
 }
 
@@ -403,10 +397,10 @@ static void block_task(float *restrict part, const float *restrict Q, const l2c_
     const int in_place = blk.K == (const void *)slab;  // (a block converted is in the cache)
     const char *pk = next && in_place ? (const char *)next : NULL;
     const char *pv = next && in_place ? (const char *)next + l2c_kv_v_offset(pool) : NULL;
-    scores(a->S, P, Q, hsp, g, blk.et, blk.K, hs, np, pk);
+    scores(a->S, P, Q, hsp, g, blk.ket, blk.K, hs, np, pk);
     float *m = part, *l = part + g, *o = part + 2 * g;
     for (int64_t j = 0; j < g; j++) block_softmax(a->S + j * P, nv, blk.ks, blk.vs, &m[j], &l[j]);
-    weighted_values(o, a->S, P, g, blk.et, blk.V, blk.vst, hsp, nv, pv);
+    weighted_values(o, a->S, P, g, blk.vet, blk.V, blk.vst, hsp, nv, pv);
 }
 
 // the merge of a split row: partials of blocks 0..nb-1 in order, then out
@@ -441,7 +435,7 @@ static void tile_task(float *restrict out, const float *restrict Q, const l2c_kv
         // many queries: convert the block once; a few: read it in place
         const att_block blk = get_block(pool, slab, l2c_pad16(nv_max), nv_max,
                                         (nr - i0) * g > 2 * SG, a->kf, a->vf);
-        scores(a->S + i0 * g * P, P, Q + i0 * g * hsp, hsp, (nr - i0) * g, blk.et, blk.K, hs,
+        scores(a->S + i0 * g * P, P, Q + i0 * g * hsp, hsp, (nr - i0) * g, blk.ket, blk.K, hs,
                l2c_pad16(nv_max), NULL);
         // rows with the same count of visible positions share a values tile
         for (int64_t i = i0; i < nr;) {
@@ -450,7 +444,7 @@ static void tile_task(float *restrict out, const float *restrict Q, const l2c_kv
             while (i1 < nr && (first + i1 - start + 1 < P ? first + i1 - start + 1 : P) == nv) i1++;
             for (int64_t qi = i * g; qi < i1 * g; qi++)
                 block_softmax(a->S + qi * P, nv, blk.ks, blk.vs, &a->mb[qi], &a->lb[qi]);
-            weighted_values(a->ob + i * g * hsp, a->S + i * g * P, P, (i1 - i) * g, blk.et, blk.V,
+            weighted_values(a->ob + i * g * hsp, a->S + i * g * P, P, (i1 - i) * g, blk.vet, blk.V,
                             blk.vst, hsp, nv, NULL);
             i = i1;
         }

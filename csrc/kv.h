@@ -15,8 +15,8 @@ static inline int64_t l2c_kv_esize(int32_t dtype) {
     return dtype == L2C_KV_F32 ? 4 : dtype == L2C_KV_F16 ? 2 : 1;
 }
 
-// the (layer, kv head) slab of a block: K^T in panels [P/16][hs][16], V [P][hs], then (Q8)
-// ks [P], vs [P]
+// the (layer, kv head) slab of a block: K^T in panels [P/16][hs][16], V [P][hs], then ks [P]
+// (int8 keys), vs [P] (int8 values)
 static inline uint8_t *l2c_kv_slab(const l2c_kvpool *p, int32_t block, int64_t layer,
                                    int64_t head) {
     return p->data + (int64_t)block * p->block_bytes + (layer * p->n_kv_heads + head) * p->slab_bytes;
@@ -26,10 +26,17 @@ static inline int64_t l2c_kv_kidx(int64_t hs, int64_t r, int64_t d) {
     return (r / 16) * 16 * hs + d * 16 + r % 16;
 }
 static inline int64_t l2c_kv_v_offset(const l2c_kvpool *p) {
-    return p->head_size * p->block_size * l2c_kv_esize(p->dtype);
+    return p->head_size * p->block_size * l2c_kv_esize(p->kdtype);
 }
-static inline int64_t l2c_kv_scale_offset(const l2c_kvpool *p) {  // ks; vs follows (P floats)
-    return 2 * p->head_size * p->block_size;
+// the scales of int8 keys (ks) and of int8 values (vs) in a slab, or NULL
+static inline float *l2c_kv_kscales(const l2c_kvpool *p, const uint8_t *slab) {
+    if (p->kdtype != L2C_KV_Q8) return NULL;
+    return (float *)(slab + l2c_kv_v_offset(p) + p->head_size * p->block_size * l2c_kv_esize(p->vdtype));
+}
+static inline float *l2c_kv_vscales(const l2c_kvpool *p, const uint8_t *slab) {
+    if (p->vdtype != L2C_KV_Q8) return NULL;
+    return (float *)(slab + l2c_kv_v_offset(p) + p->head_size * p->block_size * l2c_kv_esize(p->vdtype)) +
+           (p->kdtype == L2C_KV_Q8 ? p->block_size : 0);
 }
 
 // ---- IEEE binary16 <-> binary32 in software, round to nearest even (as F16C's vcvtps2ph with

@@ -47,22 +47,29 @@ static void pool_release(l2c_kvpool *p) {
     free(p->mem);
 }
 
+static int kv_type_ok(int32_t t) { return t == L2C_KV_F32 || t == L2C_KV_F16 || t == L2C_KV_Q8; }
+
+// bytes of one position of one (layer, kv head): keys and values, with their scales if int8
+static int64_t kv_position_bytes(int64_t head_size, int32_t kdtype, int32_t vdtype) {
+    return head_size * (l2c_kv_esize(kdtype) + l2c_kv_esize(vdtype)) +
+           (kdtype == L2C_KV_Q8 ? 4 : 0) + (vdtype == L2C_KV_Q8 ? 4 : 0);
+}
+
 int64_t l2c_kv_block_bytes(int64_t n_layers, int64_t n_kv_heads, int64_t head_size,
-                           int32_t dtype, int64_t block_size) {
+                           int32_t kdtype, int32_t vdtype, int64_t block_size) {
     if (n_layers <= 0 || n_kv_heads <= 0 || head_size <= 0 || block_size <= 0 ||
-        block_size % 16 != 0 || (dtype != L2C_KV_F32 && dtype != L2C_KV_F16 && dtype != L2C_KV_Q8))
+        block_size % 16 != 0 || !kv_type_ok(kdtype) || !kv_type_ok(vdtype))
         return 0;
-    int64_t slab = 2 * head_size * block_size * l2c_kv_esize(dtype);
-    if (dtype == L2C_KV_Q8) slab += 2 * block_size * (int64_t)sizeof(float);
-    return n_layers * n_kv_heads * l2c_round64(slab);
+    return n_layers * n_kv_heads * l2c_round64(block_size * kv_position_bytes(head_size, kdtype, vdtype));
 }
 
 int l2c_kvpool_init(l2c_kvpool *p, int64_t n_layers, int64_t n_kv_heads, int64_t head_size,
-                    int32_t dtype, int64_t block_size, int64_t n_blocks) {
+                    int32_t kdtype, int32_t vdtype, int64_t block_size, int64_t n_blocks) {
     memset(p, 0, sizeof(*p));
-    const int64_t bb = l2c_kv_block_bytes(n_layers, n_kv_heads, head_size, dtype, block_size);
+    const int64_t bb = l2c_kv_block_bytes(n_layers, n_kv_heads, head_size, kdtype, vdtype, block_size);
     if (bb <= 0 || n_blocks <= 0 || n_blocks > INT32_MAX) return L2C_ERR_ARG;
-    p->dtype = dtype;
+    p->kdtype = kdtype;
+    p->vdtype = vdtype;
     p->block_size = block_size;
     p->n_layers = n_layers;
     p->n_kv_heads = n_kv_heads;
@@ -141,44 +148,43 @@ int l2c_seq_truncate(l2c_seq *s, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// save / load: positions as bytes, per (layer, kv head): K (n, hs), V (n, hs) [, ks (n,), vs (n,)]
+// save / load: positions as bytes, per (layer, kv head): K (n, hs), V (n, hs) [, ks (n,)]
+// [, vs (n,)] (the scales of int8 keys, of int8 values)
 
 int64_t l2c_seq_state_bytes(const l2c_kvpool *p, int64_t n) {
-    int64_t per = 2 * p->head_size * l2c_kv_esize(p->dtype);
-    if (p->dtype == L2C_KV_Q8) per += 2 * (int64_t)sizeof(float);
-    return p->n_layers * p->n_kv_heads * n * per;
+    return p->n_layers * p->n_kv_heads * n * kv_position_bytes(p->head_size, p->kdtype, p->vdtype);
 }
 
 // copy positions [0, n) between the blocks and a packed buffer (to_pool: buffer -> blocks)
 static void copy_positions(const l2c_seq *s, int64_t n, uint8_t *buf, int to_pool) {
     const l2c_kvpool *p = s->pool;
-    const int64_t P = p->block_size, hs = p->head_size, es = l2c_kv_esize(p->dtype);
-    const int q8 = p->dtype == L2C_KV_Q8;
+    const int64_t P = p->block_size, hs = p->head_size;
+    const int64_t ek = l2c_kv_esize(p->kdtype), ev = l2c_kv_esize(p->vdtype);
+    const int kq8 = p->kdtype == L2C_KV_Q8, vq8 = p->vdtype == L2C_KV_Q8;
     for (int64_t l = 0; l < p->n_layers; l++)
         for (int64_t h = 0; h < p->n_kv_heads; h++) {
-            uint8_t *kbuf = buf, *vbuf = buf + n * hs * es;
-            uint8_t *ksbuf = vbuf + n * hs * es, *vsbuf = ksbuf + n * 4;
-            buf += n * (2 * hs * es + (q8 ? 8 : 0));
+            uint8_t *kbuf = buf, *vbuf = buf + n * hs * ek;
+            uint8_t *ksbuf = vbuf + n * hs * ev, *vsbuf = ksbuf + (kq8 ? n * 4 : 0);
+            buf += n * kv_position_bytes(hs, p->kdtype, p->vdtype);
             for (int64_t pos = 0; pos < n; pos++) {
                 uint8_t *slab = l2c_kv_slab(p, s->blocks[pos / P], l, h);
                 const int64_t r = pos % P;
-                uint8_t *kt = slab, *v = slab + l2c_kv_v_offset(p) + r * hs * es;
-                float *ks = (float *)(slab + l2c_kv_scale_offset(p)), *vs = ks + P;
+                uint8_t *kt = slab, *v = slab + l2c_kv_v_offset(p) + r * hs * ev;
+                float *ks = l2c_kv_kscales(p, slab), *vs = l2c_kv_vscales(p, slab);
                 for (int64_t d = 0; d < hs; d++) {   // K^T column r <-> K row pos
-                    uint8_t *a = kt + l2c_kv_kidx(hs, r, d) * es, *b = kbuf + (pos * hs + d) * es;
-                    if (to_pool) memcpy(a, b, (size_t)es);
-                    else memcpy(b, a, (size_t)es);
+                    uint8_t *a = kt + l2c_kv_kidx(hs, r, d) * ek, *b = kbuf + (pos * hs + d) * ek;
+                    if (to_pool) memcpy(a, b, (size_t)ek);
+                    else memcpy(b, a, (size_t)ek);
                 }
-                if (to_pool) memcpy(v, vbuf + pos * hs * es, (size_t)(hs * es));
-                else memcpy(vbuf + pos * hs * es, v, (size_t)(hs * es));
-                if (q8) {
-                    if (to_pool) {
-                        memcpy(&ks[r], ksbuf + pos * 4, 4);
-                        memcpy(&vs[r], vsbuf + pos * 4, 4);
-                    } else {
-                        memcpy(ksbuf + pos * 4, &ks[r], 4);
-                        memcpy(vsbuf + pos * 4, &vs[r], 4);
-                    }
+                if (to_pool) memcpy(v, vbuf + pos * hs * ev, (size_t)(hs * ev));
+                else memcpy(vbuf + pos * hs * ev, v, (size_t)(hs * ev));
+                if (kq8) {
+                    if (to_pool) memcpy(&ks[r], ksbuf + pos * 4, 4);
+                    else memcpy(ksbuf + pos * 4, &ks[r], 4);
+                }
+                if (vq8) {
+                    if (to_pool) memcpy(&vs[r], vsbuf + pos * 4, 4);
+                    else memcpy(vsbuf + pos * 4, &vs[r], 4);
                 }
             }
         }
@@ -205,6 +211,13 @@ int l2c_seq_import(l2c_seq *s, int64_t n, const void *src) {
     return L2C_OK;
 }
 
+// element i of an array of element type t (int8: times its scale)
+static float kv_element(const uint8_t *a, int32_t t, int64_t i, float scale) {
+    if (t == L2C_KV_F32) return ((const float *)a)[i];
+    if (t == L2C_KV_F16) return l2c_f16_to_f32(((const uint16_t *)a)[i]);
+    return (float)((const int8_t *)a)[i] * scale;
+}
+
 int l2c_seq_read(const l2c_seq *s, int64_t layer, int64_t head, int64_t pos, float *k, float *v) {
     if (!s || !s->pool || pos < 0 || pos >= s->n_pos || layer < 0 || head < 0 ||
         layer >= s->pool->n_layers || head >= s->pool->n_kv_heads)
@@ -213,22 +226,10 @@ int l2c_seq_read(const l2c_seq *s, int64_t layer, int64_t head, int64_t pos, flo
     const int64_t P = p->block_size, hs = p->head_size, r = pos % P;
     const uint8_t *slab = l2c_kv_slab(p, s->blocks[pos / P], layer, head);
     const uint8_t *vrow = slab + l2c_kv_v_offset(p);
-    const float *ks = (const float *)(slab + l2c_kv_scale_offset(p)), *vs = ks + P;
+    const float *ks = l2c_kv_kscales(p, slab), *vs = l2c_kv_vscales(p, slab);
     for (int64_t d = 0; d < hs; d++) {
-        const int64_t ki = l2c_kv_kidx(hs, r, d), vi = r * hs + d;
-        switch (p->dtype) {
-        case L2C_KV_F32:
-            k[d] = ((const float *)slab)[ki];
-            v[d] = ((const float *)vrow)[vi];
-            break;
-        case L2C_KV_F16:
-            k[d] = l2c_f16_to_f32(((const uint16_t *)slab)[ki]);
-            v[d] = l2c_f16_to_f32(((const uint16_t *)vrow)[vi]);
-            break;
-        default:
-            k[d] = (float)((const int8_t *)slab)[ki] * ks[r];
-            v[d] = (float)((const int8_t *)vrow)[vi] * vs[r];
-        }
+        k[d] = kv_element(slab, p->kdtype, l2c_kv_kidx(hs, r, d), ks ? ks[r] : 1.0f);
+        v[d] = kv_element(vrow, p->vdtype, r * hs + d, vs ? vs[r] : 1.0f);
     }
     return L2C_OK;
 }

@@ -333,15 +333,17 @@ typedef struct {
 // kv head. Position p of a sequence lives in block blocks[p / P], row r = p % P; blocks are
 // aligned to absolute positions 0, P, 2P, ... (the attention's canonical partials, below).
 // Inside a block, one "slab" per (layer l, kv head h), at byte offset
-// (l * n_kv_heads + h) * slab_bytes, holds (hs = head_size, E = the element type):
-//     K^T [P/16][hs][16]  E   keys transposed in panels of 16 rows: dimension d of the key at
+// (l * n_kv_heads + h) * slab_bytes, holds (hs = head_size; EK, EV = the element types of the
+// keys and of the values, which may differ):
+//     K^T [P/16][hs][16]  EK  keys transposed in panels of 16 rows: dimension d of the key at
 //                      row r is element (r/16)*16*hs + d*16 + r%16, so the scores of 16
 //                      positions are sums of (broadcast q[d]) x (one vector), and a panel
 //                      is read front to back
-//     V   [P][hs]  E   values row-major: element r*hs + d
-//     L2C_KV_Q8 only: ks [P], vs [P] float: key/value scales, x = q * scale
-// slab_bytes = 2*hs*P*sizeof(E) (+ 8*P for Q8), rounded up to 64; block_bytes = n_layers *
-// n_kv_heads * slab_bytes. Element types:
+//     V   [P][hs]  EV  values row-major: element r*hs + d
+//     ks [P] float     key scales, x = q * scale (EK = L2C_KV_Q8 only)
+//     vs [P] float     value scales (EV = L2C_KV_Q8 only)
+// slab_bytes = hs*P*(sizeof(EK) + sizeof(EV)) (+ 4*P per Q8 half), rounded up to 64;
+// block_bytes = n_layers * n_kv_heads * slab_bytes. Element types:
 //   L2C_KV_F32   float
 //   L2C_KV_F16   IEEE binary16, rounded to nearest even (F16C / AVX-512 conversions; the generic
 //                table converts in software, bit for bit the same)
@@ -358,7 +360,7 @@ typedef struct {
                                  // 32 was ~15% slower, 128 no faster and wastes more per sequence)
 
 typedef struct l2c_kvpool {
-    int32_t dtype;               // L2C_KV_F32, L2C_KV_F16 or L2C_KV_Q8
+    int32_t kdtype, vdtype;      // keys', values' element type: L2C_KV_F32, L2C_KV_F16 or L2C_KV_Q8
     int64_t block_size;          // P, positions per block
     int64_t n_layers, n_kv_heads, head_size;
     int64_t slab_bytes;          // one (layer, kv head) of a block
@@ -381,10 +383,10 @@ typedef struct {
 
 // Bytes of one block of a pool with these dimensions (0 for bad arguments).
 int64_t l2c_kv_block_bytes(int64_t n_layers, int64_t n_kv_heads, int64_t head_size,
-                           int32_t dtype, int64_t block_size);
+                           int32_t kdtype, int32_t vdtype, int64_t block_size);
 // A pool of n_blocks blocks. L2C_OK, L2C_ERR_ARG or L2C_ERR_NOMEM.
 int l2c_kvpool_init(l2c_kvpool *p, int64_t n_layers, int64_t n_kv_heads, int64_t head_size,
-                    int32_t dtype, int64_t block_size, int64_t n_blocks);
+                    int32_t kdtype, int32_t vdtype, int64_t block_size, int64_t n_blocks);
 void l2c_kvpool_free(l2c_kvpool *p);
 // An empty sequence of pool p that may grow to max_pos positions.
 int l2c_seq_init(l2c_seq *s, l2c_kvpool *p, int64_t max_pos);

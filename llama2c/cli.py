@@ -78,6 +78,15 @@ POSITIVE = _ranged(int, "an integer", 1)
 SEED = _ranged(int, "an integer", 0, 2**64 - 1)
 
 
+def KV_DTYPE(text: str) -> str:
+    """A KV cache type for --kv-dtype: f16, f32, q8, or keys/values as f16/q8."""
+    from ._engine import kv_dtype_name
+    try:
+        return kv_dtype_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 # ---- parser ------------------------------------------------------------------------------------
 
 def _add_model(p, optional: bool) -> None:
@@ -107,8 +116,9 @@ def _add_load_options(p, tokenizer: bool = True) -> None:
     p.add_argument("--act-bits", type=int, choices=(8, 16), default=16,
                    help="activations of int8 matmuls: 16 (two int8 planes, default) or 8 "
                         "(llama2.c runq.c's: faster prefill, coarser)")
-    p.add_argument("--kv-dtype", choices=("f16", "f32", "q8"), default="f16",
-                   help="KV cache element type: f16 (default), f32 (as run.c), q8 (int8)")
+    p.add_argument("--kv-dtype", type=KV_DTYPE, default="f16", metavar="T",
+                   help="KV cache element type: f16 (default), f32 (as run.c), q8 (int8), or "
+                        "keys/values as f16/q8")
 
 
 def _add_generation(p) -> None:
@@ -323,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default temperature of rows that do not set it (default 1.0)")
     p.add_argument("--dtype", choices=("fp32", "int8", "q4"),
                    help="weight type (default: as stored)")
-    p.add_argument("--kv-dtype", choices=("f16", "f32", "q8"), default="f16",
-                   help="KV cache element type (default f16)")
+    p.add_argument("--kv-dtype", type=KV_DTYPE, default="f16", metavar="T",
+                   help="KV cache element type (default f16; keys/values as f16/q8)")
     p.add_argument("--context", type=POSITIVE, dest="context_length", metavar="N",
                    help="positions per sequence (default: the model's context length)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

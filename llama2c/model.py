@@ -167,7 +167,8 @@ class Model:
         simd: kernel table ("auto", "generic", "avx2", "avx512"); default LLAMA2C_SIMD or auto.
         act_bits: activations of the int8 matmuls: 16 (two int8 planes, the default) or 8.
         kv_dtype: the KV cache's element type: "f16" (default), "f32" or "q8" (int8 with a
-            scale per position and head).
+            scale per position and head), or one for the keys and one for the values as
+            "f16/q8" (fp16 keys, int8 values: the keys are the sensitive half).
         prompt_cache_bytes: budget of the prompt cache (keys/values of recent prompts reused by
             generate and chat); 0 turns it off. Also settable as model.prompt_cache.max_bytes.
         """
@@ -264,8 +265,9 @@ class Model:
         """Bytes of keys and values one position holds in this model's KV cache type."""
         c = self.config
         per_head = {"f32": 4 * c.head_size, "f16": 2 * c.head_size,
-                    "q8": c.head_size + 4}[self.kv_dtype]     # q8: int8 values + an f32 scale
-        return 2 * c.n_layers * c.n_kv_heads * per_head
+                    "q8": c.head_size + 4}                    # q8: int8 values + an f32 scale
+        k, _, v = self.kv_dtype.partition("/")
+        return c.n_layers * c.n_kv_heads * (per_head[k] + per_head[v or k])
 
     def _engine_session(self, context: int):
         """A C session (KV cache of `context` positions) of this model's engine."""

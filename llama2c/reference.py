@@ -224,9 +224,13 @@ class ReferenceModel:
     def __init__(self, config: Config, weights: dict, act_bits: int = 8, kv_dtype: str = "f32"):
         if act_bits not in ACT_BITS:
             raise ValueError(f"act_bits must be 8 or 16, got {act_bits!r}")
-        if kv_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
-        self.kv_dtype = kv_dtype          # the KV cache's element type (see kv_round)
+        k_dtype, _, v_dtype = kv_dtype.partition("/")   # "K/V": keys and values of two types
+        v_dtype = v_dtype or k_dtype
+        if k_dtype not in KV_DTYPES or v_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {KV_DTYPES} or keys/values as 'f16/q8', "
+                             f"got {kv_dtype!r}")
+        self.kv_dtype = kv_dtype          # the KV cache's element types (see kv_round)
+        self.k_dtype, self.v_dtype = k_dtype, v_dtype
         validate_weights(config, weights, "ReferenceModel")
         self.act_bits = act_bits          # activation quantization of every QTensor matmul
         self.config = config
@@ -285,8 +289,8 @@ class ReferenceModel:
             q = rope(xq, positions, c.rope_theta, c.head_size, freqs=self.freqs)
             k = rope(xk, positions, c.rope_theta, c.head_size, freqs=self.freqs)
             # save key, value at these time steps to the kv cache (in its element type)
-            key_cache[l, pos0:pos0 + T] = kv_round(k, self.kv_dtype, c.head_size)
-            value_cache[l, pos0:pos0 + T] = kv_round(xv, self.kv_dtype, c.head_size)
+            key_cache[l, pos0:pos0 + T] = kv_round(k, self.k_dtype, c.head_size)
+            value_cache[l, pos0:pos0 + T] = kv_round(xv, self.v_dtype, c.head_size)
             att = attention(q, key_cache[l], value_cache[l], pos0, c.n_heads, c.n_kv_heads)
             # residual connection: x = x + self.attention.forward(self.attention_norm(x), ...)
             x = x + matmul(att, w[p + "wo"], bits)

@@ -63,7 +63,7 @@ cdef extern from "llama2c.h" nogil:
         const l2c_matrix *W
 
     ctypedef struct l2c_kvpool:
-        int32_t dtype
+        int32_t kdtype, vdtype
         int64_t block_size
         int64_t n_layers
         int64_t n_kv_heads
@@ -161,9 +161,9 @@ cdef extern from "llama2c.h" nogil:
     int l2c_model_check(const l2c_model *m)
 
     int64_t l2c_kv_block_bytes(int64_t n_layers, int64_t n_kv_heads, int64_t head_size,
-                               int32_t dtype, int64_t block_size)
+                               int32_t kdtype, int32_t vdtype, int64_t block_size)
     int l2c_kvpool_init(l2c_kvpool *p, int64_t n_layers, int64_t n_kv_heads, int64_t head_size,
-                        int32_t dtype, int64_t block_size, int64_t n_blocks)
+                        int32_t kdtype, int32_t vdtype, int64_t block_size, int64_t n_blocks)
     void l2c_kvpool_free(l2c_kvpool *p)
     int l2c_seq_init(l2c_seq *s, l2c_kvpool *p, int64_t max_pos)
     void l2c_seq_free(l2c_seq *s)

@@ -127,9 +127,11 @@ cdef class Engine:
 
     def kv_block_bytes(self, kv_dtype="f16", int64_t block_size=L2C_KV_BLOCK):
         """Bytes of one KV pool block of block_size positions (every layer and kv head) in
-        kv_dtype "f16", "f32" or "q8": what a session's cache grows by per block it fills."""
+        kv_dtype (kv_dtype_name: "f16", "f32", "q8", "f16/q8", ...): what a session's cache grows
+        by per block it fills."""
+        kt, vt = kv_types(kv_dtype)
         cdef int64_t bb = l2c_kv_block_bytes(self.m.cfg.n_layers, self.m.cfg.n_kv_heads,
-                                             self.m.cfg.head_size, _kv_dtype(kv_dtype), block_size)
+                                             self.m.cfg.head_size, kt, vt, block_size)
         if bb <= 0:
             raise ValueError(f"block_size must be a positive multiple of 16, got {block_size}")
         return bb
@@ -159,7 +161,8 @@ cdef int _logits_mode(object logits) except -1:
 cdef class KVPool:
     """A pool of KV cache blocks of one Engine: block_size positions of every layer and kv head
     per block, a fixed capacity (n_blocks, or as many blocks as budget_bytes holds; default: one
-    full context of the engine), kv_dtype "f16" (default), "f32" or "q8". Sessions created with
+    full context of the engine), kv_dtype "f16" (default), "f32", "q8", or keys and values of two
+    types as "f16/q8" (kv_dtype_name). Sessions created with
     pool=this share it: each holds only the blocks its positions fill. The memory is reserved
     at creation and touched only as blocks fill. Thread-safe: calls that change the pool
     (eval, forward_batch, truncate, import_kv, closing a session) take its lock."""
@@ -178,7 +181,8 @@ cdef class KVPool:
 
     def __init__(self, Engine engine, n_blocks=None, budget_bytes=None, kv_dtype="f16",
                  int64_t block_size=L2C_KV_BLOCK, int64_t max_batch=64):
-        cdef int32_t dtype = _kv_dtype(kv_dtype)
+        cdef int32_t kdt, vdt
+        kdt, vdt = kv_types(kv_dtype)
         cdef l2c_config c = engine.m.cfg
         if self.p.n_blocks:
             raise RuntimeError("KVPool.__init__ called twice")
@@ -186,7 +190,7 @@ cdef class KVPool:
             raise ValueError(f"block_size must be a positive multiple of 16, got {block_size}")
         if max_batch <= 0:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        cdef int64_t bb = l2c_kv_block_bytes(c.n_layers, c.n_kv_heads, c.head_size, dtype, block_size)
+        cdef int64_t bb = l2c_kv_block_bytes(c.n_layers, c.n_kv_heads, c.head_size, kdt, vdt, block_size)
         if n_blocks is not None and budget_bytes is not None:
             raise ValueError("KVPool: give n_blocks or budget_bytes, not both")
         if budget_bytes is not None:
@@ -200,8 +204,8 @@ cdef class KVPool:
             raise ValueError(f"n_blocks must be in [1, 2**31), got {n_blocks}")
         self.engine = engine
         self.max_batch = max_batch
-        _check(l2c_kvpool_init(&self.p, c.n_layers, c.n_kv_heads, c.head_size, dtype, block_size,
-                               n_blocks), "KVPool")
+        _check(l2c_kvpool_init(&self.p, c.n_layers, c.n_kv_heads, c.head_size, kdt, vdt,
+                               block_size, n_blocks), "KVPool")
 
     def __dealloc__(self):
         if self.has_bs:
@@ -212,8 +216,8 @@ cdef class KVPool:
 
     @property
     def kv_dtype(self):
-        """'f16', 'f32' or 'q8'."""
-        return KV_DTYPE_NAMES[self.p.dtype]
+        """'f16', 'f32', 'q8', or keys/values of two types as 'f16/q8'."""
+        return _kv_name(self.p.kdtype, self.p.vdtype)
 
     @property
     def block_size(self):
@@ -274,8 +278,8 @@ cdef class Session:
     def __init__(self, Engine engine, int64_t context=0, int64_t max_batch=64, int n_threads=1,
                  kv_dtype=None, KVPool pool=None):
         """context: the most positions this session holds (default: the engine's); max_batch:
-        rows per forward step (prefill chunk); kv_dtype: 'f16' (default), 'f32' or 'q8' for a
-        session with its own pool; pool: a KVPool of this engine to take blocks from."""
+        rows per forward step (prefill chunk); kv_dtype: 'f16' (default), 'f32', 'q8' or
+        'f16/q8' (keys/values) for a session with its own pool; pool: a KVPool of this engine to take blocks from."""
         self.engine = engine
         if context <= 0:
             context = engine.m.cfg.seq_len
@@ -289,7 +293,7 @@ cdef class Session:
         else:
             if pool.engine is not engine:
                 raise ValueError("pool belongs to another Engine")
-            if kv_dtype is not None and _kv_dtype(kv_dtype) != pool.p.dtype:
+            if kv_dtype is not None and kv_types(kv_dtype) != (pool.p.kdtype, pool.p.vdtype):
                 raise ValueError(f"kv_dtype={kv_dtype!r} differs from the pool's {pool.kv_dtype!r}")
         self.context = context
         self.pool = pool
@@ -432,7 +436,7 @@ cdef class Session:
         into a session of the same model and kv dtype."""
         cdef int64_t n = self.seq.n_pos
         cdef int64_t nbytes = l2c_seq_state_bytes(&self.pool.p, n)
-        header = _KV_HEADER.pack(_KV_MAGIC, self.pool.p.dtype, self.pool.p.n_layers,
+        header = _KV_HEADER.pack(_KV_MAGIC, _kv_code(self.pool.p.kdtype, self.pool.p.vdtype), self.pool.p.n_layers,
                                  self.pool.p.n_kv_heads, self.pool.p.head_size, n)
         buf = bytearray(len(header) + nbytes)
         buf[:len(header)] = header
@@ -453,8 +457,9 @@ cdef class Session:
             raise ValueError("import_kv: not a saved KV state of this build")
         _, dtype, n_layers, n_kv, hs, n = _KV_HEADER.unpack(bytes(data[:hl]))
         p = &self.pool.p
-        if dtype != p.dtype:
-            raise ValueError(f"import_kv: the state holds {KV_DTYPE_NAMES.get(dtype, dtype)!r} "
+        if dtype != _kv_code(p.kdtype, p.vdtype):
+            held = {_kv_code(a, b): _kv_name(a, b) for a in KV_DTYPE_NAMES for b in KV_DTYPE_NAMES}
+            raise ValueError(f"import_kv: the state holds {held.get(dtype, dtype)!r} "
                              f"keys/values, this session's cache is {self.kv_dtype!r}")
         if (n_layers, n_kv, hs) != (p.n_layers, p.n_kv_heads, p.head_size):
             raise ValueError(f"import_kv: the state is of another model (layers, kv heads, head "

@@ -9,17 +9,32 @@ _KV_ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16",
 
 
 def kv_dtype_name(name):
-    """'f16', 'f32' or 'q8' for a KV cache element type name (aliases fp16, float16, fp32,
-    float32, int8); ValueError otherwise."""
-    key = str(name).strip().lower() if isinstance(name, str) else name
-    key = _KV_ALIASES.get(key, key)
-    if key not in KV_DTYPES:
-        raise ValueError(f"kv_dtype must be 'f16', 'f32' or 'q8', got {name!r}")
-    return key
+    """The canonical name of a KV cache type: 'f16', 'f32' or 'q8' for keys and values of one
+    element type (aliases fp16, float16, fp32, float32, int8), or 'K/V' for keys of type K and
+    values of type V (as 'f16/q8'; 'f16/f16' is 'f16'); ValueError otherwise."""
+    keys = [_KV_ALIASES.get(p.strip(), p.strip()) for p in name.lower().split("/")] \
+        if isinstance(name, str) else [None]
+    if len(keys) > 2 or any(k not in KV_DTYPES for k in keys):
+        raise ValueError(f"kv_dtype must be 'f16', 'f32', 'q8' or keys/values as 'f16/q8', got {name!r}")
+    return keys[0] if len(keys) == 1 or keys[0] == keys[1] else f"{keys[0]}/{keys[1]}"
 
 
-cdef int32_t _kv_dtype(name) except -1:
-    return KV_DTYPES[kv_dtype_name(name)]
+def kv_types(name):
+    """(keys, values) element type codes of a KV cache type name (kv_dtype_name)."""
+    key = kv_dtype_name(name)
+    k, _, v = key.partition("/")
+    return KV_DTYPES[k], KV_DTYPES[v or k]
+
+
+def _kv_name(int32_t kt, int32_t vt):
+    return KV_DTYPE_NAMES[kt] if kt == vt else f"{KV_DTYPE_NAMES[kt]}/{KV_DTYPE_NAMES[vt]}"
+
+
+# a cache type in a saved state's header: the element type when keys and values share it (as
+# before mixed types existed), else 16 + 4 * keys + values
+def _kv_code(int32_t kt, int32_t vt):
+    return kt if kt == vt else 16 + 4 * kt + vt
+
 
 def rmsnorm(float[:, ::1] out, const float[:, ::1] x, const float[::1] w, float eps, simd=None,
             int n_threads=1):
@@ -199,7 +214,7 @@ def attention_seqs(list qs, list ks, list vs, pos0s, int64_t n_heads, int64_t n_
 
     Sequence i has queries qs[i] (T_i, n_heads*hs) at positions pos0s[i].. and keys/values
     ks[i], vs[i] (pos0s[i] + T_i, n_kv_heads*hs) already roped; they are stored into the pool
-    (kv_dtype: "f32", "f16", "q8"; blocks of block_size positions, the sequences' blocks
+    (kv_dtype: "f32", "f16", "q8" or keys/values as "f16/q8"; blocks of block_size positions, the sequences' blocks
     interleaved in the pool when `interleave`), then one attention call runs every query row.
     splits[i] (a list of lengths summing to T_i; default [T_i]) cuts sequence i's rows into
     spans: spans of <= 4 rows take the decode path (split over blocks), longer ones the
@@ -207,7 +222,8 @@ def attention_seqs(list qs, list ks, list vs, pos0s, int64_t n_heads, int64_t n_
     (k, v) as the pool holds them, read back as float32 (None unless readback), and the best
     time of `repeat` runs of the attention call (a benchmark)."""
     cdef const l2c_kernels *kt = _table(simd)
-    cdef int32_t dtype = _kv_dtype(kv_dtype)
+    cdef int32_t kdt, vdt
+    kdt, vdt = kv_types(kv_dtype)
     cdef int64_t n = len(qs), i, j, hs, kvd, total = 0, n_blocks = 0, n_spans = 0, row, pos, h
     cdef l2c_kvpool pool
     cdef l2c_seq *seqs = NULL
@@ -253,7 +269,7 @@ def attention_seqs(list qs, list ks, list vs, pos0s, int64_t n_heads, int64_t n_
         splits = [[t] for t in Ts]
     if len(splits) != n or any(sum(sp) != t or min(sp, default=1) <= 0 for sp, t in zip(splits, Ts)):
         raise ValueError("splits[i] must be positive lengths summing to the rows of qs[i]")
-    _check(l2c_kvpool_init(&pool, 1, n_kv_heads, hs, dtype, block_size, max(n_blocks, 1)), "attention_seqs")
+    _check(l2c_kvpool_init(&pool, 1, n_kv_heads, hs, kdt, vdt, block_size, max(n_blocks, 1)), "attention_seqs")
     seqs = <l2c_seq *>calloc(n, sizeof(l2c_seq))
     spans = <l2c_span *>calloc(sum(len(sp) for sp in splits) + 1, sizeof(l2c_span))
     try:

@@ -2,9 +2,10 @@
 
 * Against the NumPy reference (llama2c.reference.attention on the keys/values the pool holds)
   at positions up to several thousand, GQA ratios 1, 3, 4 and 8 (and 12), head sizes 64, 48
-  (an odd multiple of 16) and small odd ones, for fp32, fp16 and int8 caches.
+  (an odd multiple of 16) and small odd ones, for fp32, fp16 and int8 caches, and caches whose
+  keys and values have different types ("f16/q8", ...).
 * The stored keys/values: fp16 bit for bit as NumPy rounds to half (every table, edge values
-  included), int8 as llama2c.reference.kv_round.
+  included), int8 as llama2c.reference.kv_round, each half of a mixed cache in its own type.
 * The row invariant (PLAN.md): a query row gives the same bits whether it is decoded alone
   (split over blocks), sits anywhere in a prefill tile, shares the call with other sequences,
   or runs with another thread count.
@@ -16,7 +17,7 @@ from llama2c import _engine as E
 from llama2c import reference as ref
 
 SIMD = E.available_simd()
-KV = ["f32", "f16", "q8"]
+KV = ["f32", "f16", "q8", "f16/q8", "q8/f16", "f32/f16"]   # "K/V": keys, values of two types
 
 
 def rand(rng, *shape):
@@ -75,7 +76,7 @@ def test_cache_types_within_budget_of_fp32(kv):
     q, k, v = case(7, 8, 1500, 9, 3, 64)
     (out,), _, _ = E.attention_seqs([q], [k], [v], [1500], 9, 3, kv_dtype=kv)
     want = ref.attention(q, k, v, 1500, 9, 3)
-    budget = {"f32": 2e-5, "f16": 2e-3, "q8": 3e-2}[kv]
+    budget = max({"f32": 2e-5, "f16": 2e-3, "q8": 3e-2}[t] for t in kv.split("/"))
     assert np.abs(out - want).max() <= budget * np.abs(want).max()
 
 
@@ -117,6 +118,16 @@ def test_q8_store_matches_reference_rounding(simd):
     assert not stored[0][5, :64].any()
 
 
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("kv", ["f16/q8", "q8/f16", "f32/q8"])
+def test_mixed_cache_stores_each_half_in_its_type(simd, kv):
+    kt, vt = kv.split("/")
+    q, k, v = case(4, 3, 150, 8, 2, 48)
+    _, (stored,), _ = E.attention_seqs([q], [k], [v], [150], 8, 2, simd=simd, kv_dtype=kv)
+    np.testing.assert_array_equal(stored[0], ref.kv_round(k, kt, 48))
+    np.testing.assert_array_equal(stored[1], ref.kv_round(v, vt, 48))
+
+
 # ---- the row invariant ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("block_size", [16, 64])
@@ -156,7 +167,8 @@ def test_row_result_independent_of_span_batch_and_threads(simd, kv, shape, block
 
 
 def ref_kv(k, v, kv, hs):
-    return ref.kv_round(k, kv, hs), ref.kv_round(v, kv, hs)
+    kt, _, vt = kv.partition("/")
+    return ref.kv_round(k, kt, hs), ref.kv_round(v, vt or kt, hs)
 
 
 def test_prefill_scratch_does_not_grow_with_the_context():
@@ -169,8 +181,9 @@ def test_prefill_scratch_does_not_grow_with_the_context():
 
 def test_attention_argument_errors():
     q, k, v = case(0, 2, 3, 4, 2, 16)
-    with pytest.raises(ValueError, match="kv_dtype"):
-        E.attention_seqs([q], [k], [v], [3], 4, 2, kv_dtype="bf16")
+    for bad in ("bf16", "f16/bf16", "f16/q8/f32", "f16/"):
+        with pytest.raises(ValueError, match="kv_dtype"):
+            E.attention_seqs([q], [k], [v], [3], 4, 2, kv_dtype=bad)
     with pytest.raises(ValueError, match="block_size"):
         E.attention_seqs([q], [k], [v], [3], 4, 2, block_size=24)
     with pytest.raises(ValueError, match="ks\\[0\\]/vs\\[0\\]"):

@@ -22,7 +22,7 @@ from llama2c.testing import make_random_model
 from llama2c.weights import quantize_weights
 
 SIMD = E.available_simd()
-KV = ["f32", "f16", "q8"]
+KV = ["f32", "f16", "q8", "f16/q8"]
 CFG = Config(dim=96, hidden_dim=160, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=120,
              seq_len=512, shared_classifier=False)
 

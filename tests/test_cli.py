@@ -374,6 +374,13 @@ def test_info(capsys, small):
     assert "format: llama2c-v1" in out and "dtype: fp32" in out
     assert f"tensors: {2 * 9 + 2}" in out and f"dim: {cfg.dim}" in out
     assert "tokenizer: none" in out and "kernel_info:" in out
+    assert "kv cache (f16)" in out
+    code, out, err = _run_cli(capsys, "info", path, "--kv-dtype", "fp16/int8")
+    assert code == 0, err
+    kv = 1000 * cfg.n_layers * cfg.n_kv_heads * (2 * cfg.head_size + cfg.head_size + 4)
+    assert f"kv cache (f16/q8): {kv} bytes per 1,000 tokens" in out
+    code, _, err = _run_cli(capsys, "info", path, "--kv-dtype", "f16/bf16")
+    assert code == 2 and "keys/values as 'f16/q8'" in err
 
 
 # ---- run: prompt files, stop strings, registry names, Ctrl-C, --help vs README ------------

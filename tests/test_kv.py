@@ -15,7 +15,7 @@ from llama2c.weights import quantize_weights
 
 CFG = Config(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100,
              seq_len=256)
-KV = ["f32", "f16", "q8"]
+KV = ["f32", "f16", "q8", "f16/q8"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,9 @@ def ids(n, seed=0):
 
 def test_pool_sizes(model):
     eng = model._engine
-    per_pos = {"f32": 2 * 2 * 2 * 16 * 4, "f16": 2 * 2 * 2 * 16 * 2, "q8": 2 * 2 * (2 * 16 + 8)}
+    # (layers x kv heads) x (keys + values [+ an f32 scale per int8 row])
+    per_pos = {"f32": 2 * 2 * 2 * 16 * 4, "f16": 2 * 2 * 2 * 16 * 2, "q8": 2 * 2 * (2 * 16 + 8),
+               "f16/q8": 2 * 2 * (16 * 2 + 16 + 4), "q8/f32": 2 * 2 * (16 + 4 + 16 * 4)}
     for kv, b in per_pos.items():
         pool = E.KVPool(eng, n_blocks=3, kv_dtype=kv, block_size=32)
         assert (pool.kv_dtype, pool.block_size, pool.n_blocks) == (kv, 32, 3)
@@ -57,8 +59,10 @@ def test_pool_argument_errors(model):
     with pytest.raises(ValueError, match="n_blocks"):
         E.KVPool(eng, n_blocks=0)
     pool = E.KVPool(eng, kv_dtype="q8")
-    with pytest.raises(ValueError, match="differs from the pool"):
-        E.Session(eng, pool=pool, kv_dtype="f16")
+    for other_type in ("f16", "q8/f16"):
+        with pytest.raises(ValueError, match="differs from the pool"):
+            E.Session(eng, pool=pool, kv_dtype=other_type)
+    assert E.Session(eng, pool=pool, kv_dtype="int8/q8").kv_dtype == "q8"
     other = llama2c.Model(CFG, make_random_model(CFG, 1))
     with pytest.raises(ValueError, match="another Engine"):
         E.Session(other._engine, pool=pool)
@@ -155,6 +159,12 @@ def test_import_refuses_other_types_and_models(model):
     state = a.export_kv()
     with pytest.raises(ValueError, match="'f16' keys/values, this session's cache is 'q8'"):
         E.Session(eng, kv_dtype="q8").import_kv(state, 10)
+    mixed = E.Session(eng, kv_dtype="f16/q8")
+    mixed.eval(ids(10))
+    with pytest.raises(ValueError, match="'f16/q8' keys/values, this session's cache is 'f16'"):
+        E.Session(eng).import_kv(mixed.export_kv(), 10)
+    with pytest.raises(ValueError, match="'f16' keys/values, this session's cache is 'f16/q8'"):
+        E.Session(eng, kv_dtype="f16/q8").import_kv(state, 10)
     cfg2 = Config(dim=64, hidden_dim=128, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=100,
                   seq_len=256)
     other = llama2c.Model(cfg2, make_random_model(cfg2, 0))
@@ -236,7 +246,7 @@ def test_smollm2_cache_types_within_budget(shared_dir):
         toks = m.tokenizer.encode(text, bos=False)[:400]
         logits[kv] = m.logits(toks)
     ref = logits["f32"]
-    for kv, worst, top1 in (("f16", 1e-2, 0.995), ("q8", 2.5e-1, 0.97)):
+    for kv, worst, top1 in (("f16", 1e-2, 0.995), ("q8", 2.5e-1, 0.97), ("f16/q8", 5e-2, 0.99)):
         err = np.abs(logits[kv] - ref).max(axis=1) / np.abs(ref).max(axis=1)
         agree = (logits[kv].argmax(axis=1) == ref.argmax(axis=1)).mean()
         assert err.max() <= worst and agree >= top1, (kv, err.max(), agree)
