@@ -304,7 +304,8 @@ static inline void group_finish_scalar(float *restrict acc, const int32_t *restr
 
 // store 16 floats of one block's rows (only `valid` of them: the last block of W)
 static inline void store_rows(float *restrict out, const float *restrict v16, int64_t valid) {
-    memcpy(out, v16, (size_t)valid * sizeof(float));
+    if (valid == 16) memcpy(out, v16, 16 * sizeof(float));   // a constant size: inline stores
+    else memcpy(out, v16, (size_t)valid * sizeof(float));
 }
 
 #endif  // LLAMA2C_KERNELS_COMMON_H
