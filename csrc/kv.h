@@ -28,15 +28,16 @@ static inline int64_t l2c_kv_kidx(int64_t hs, int64_t r, int64_t d) {
 static inline int64_t l2c_kv_v_offset(const l2c_kvpool *p) {
     return p->head_size * p->block_size * l2c_kv_esize(p->kdtype);
 }
-// the scales of int8 keys (ks) and of int8 values (vs) in a slab, or NULL
-static inline float *l2c_kv_kscales(const l2c_kvpool *p, const uint8_t *slab) {
-    if (p->kdtype != L2C_KV_Q8) return NULL;
+// the scales of int8 keys (ks) and of int8 values (vs) in a slab (after V), or NULL
+static inline float *l2c_kv_scales(const l2c_kvpool *p, const uint8_t *slab) {
     return (float *)(slab + l2c_kv_v_offset(p) + p->head_size * p->block_size * l2c_kv_esize(p->vdtype));
+}
+static inline float *l2c_kv_kscales(const l2c_kvpool *p, const uint8_t *slab) {
+    return p->kdtype == L2C_KV_Q8 ? l2c_kv_scales(p, slab) : NULL;
 }
 static inline float *l2c_kv_vscales(const l2c_kvpool *p, const uint8_t *slab) {
     if (p->vdtype != L2C_KV_Q8) return NULL;
-    return (float *)(slab + l2c_kv_v_offset(p) + p->head_size * p->block_size * l2c_kv_esize(p->vdtype)) +
-           (p->kdtype == L2C_KV_Q8 ? p->block_size : 0);
+    return l2c_kv_scales(p, slab) + (p->kdtype == L2C_KV_Q8 ? p->block_size : 0);
 }
 
 // ---- IEEE binary16 <-> binary32 in software, round to nearest even (as F16C's vcvtps2ph with

@@ -958,7 +958,8 @@ def add_arguments(p) -> None:
                    help="activations of the int8 matmuls, 16 and/or 8, e.g. 16,8 (default: the "
                         "engine's)")
     p.add_argument("--kv-dtype", metavar="TYPE",
-                   help="KV cache element type, where the engine has a choice (f16, fp32, int8, or keys/values as f16/q8)")
+                   help="KV cache element type, where the engine has a choice (f16, fp32, int8, "
+                        "or keys/values as f16/q8)")
     p.add_argument("--long-context", type=_int_list, nargs="?", const=DEFAULT_CONTEXTS,
                    metavar="LIST",
                    help=f"long-context mode: prefill of prompts of these lengths (default "

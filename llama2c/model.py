@@ -262,12 +262,9 @@ class Model:
     # ---- sessions ----------------------------------------------------------------------------
 
     def _kv_bytes_per_token(self) -> int:
-        """Bytes of keys and values one position holds in this model's KV cache type."""
-        c = self.config
-        per_head = {"f32": 4 * c.head_size, "f16": 2 * c.head_size,
-                    "q8": c.head_size + 4}                    # q8: int8 values + an f32 scale
-        k, _, v = self.kv_dtype.partition("/")
-        return c.n_layers * c.n_kv_heads * (per_head[k] + per_head[v or k])
+        """Bytes of keys and values one position holds in this model's KV cache type (the
+        engine's block of 64 positions, over 64)."""
+        return self._engine.kv_block_bytes(self.kv_dtype, 64) // 64
 
     def _engine_session(self, context: int):
         """A C session (KV cache of `context` positions) of this model's engine."""

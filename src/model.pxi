@@ -279,7 +279,8 @@ cdef class Session:
                  kv_dtype=None, KVPool pool=None):
         """context: the most positions this session holds (default: the engine's); max_batch:
         rows per forward step (prefill chunk); kv_dtype: 'f16' (default), 'f32', 'q8' or
-        'f16/q8' (keys/values) for a session with its own pool; pool: a KVPool of this engine to take blocks from."""
+        'f16/q8' (keys/values) for a session with its own pool; pool: a KVPool of this engine
+        to take blocks from."""
         self.engine = engine
         if context <= 0:
             context = engine.m.cfg.seq_len
@@ -436,8 +437,9 @@ cdef class Session:
         into a session of the same model and kv dtype."""
         cdef int64_t n = self.seq.n_pos
         cdef int64_t nbytes = l2c_seq_state_bytes(&self.pool.p, n)
-        header = _KV_HEADER.pack(_KV_MAGIC, _kv_code(self.pool.p.kdtype, self.pool.p.vdtype), self.pool.p.n_layers,
-                                 self.pool.p.n_kv_heads, self.pool.p.head_size, n)
+        header = _KV_HEADER.pack(_KV_MAGIC, _kv_code(self.pool.p.kdtype, self.pool.p.vdtype),
+                                 self.pool.p.n_layers, self.pool.p.n_kv_heads,
+                                 self.pool.p.head_size, n)
         buf = bytearray(len(header) + nbytes)
         buf[:len(header)] = header
         cdef unsigned char[::1] bv = buf

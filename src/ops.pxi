@@ -15,7 +15,8 @@ def kv_dtype_name(name):
     keys = [_KV_ALIASES.get(p.strip(), p.strip()) for p in name.lower().split("/")] \
         if isinstance(name, str) else [None]
     if len(keys) > 2 or any(k not in KV_DTYPES for k in keys):
-        raise ValueError(f"kv_dtype must be 'f16', 'f32', 'q8' or keys/values as 'f16/q8', got {name!r}")
+        raise ValueError(f"kv_dtype must be 'f16', 'f32', 'q8' or keys/values as 'f16/q8', "
+                         f"got {name!r}")
     return keys[0] if len(keys) == 1 or keys[0] == keys[1] else f"{keys[0]}/{keys[1]}"
 
 
@@ -214,8 +215,9 @@ def attention_seqs(list qs, list ks, list vs, pos0s, int64_t n_heads, int64_t n_
 
     Sequence i has queries qs[i] (T_i, n_heads*hs) at positions pos0s[i].. and keys/values
     ks[i], vs[i] (pos0s[i] + T_i, n_kv_heads*hs) already roped; they are stored into the pool
-    (kv_dtype: "f32", "f16", "q8" or keys/values as "f16/q8"; blocks of block_size positions, the sequences' blocks
-    interleaved in the pool when `interleave`), then one attention call runs every query row.
+    (kv_dtype: "f32", "f16", "q8" or keys/values as "f16/q8"; blocks of block_size positions,
+    the sequences' blocks interleaved in the pool when `interleave`), then one attention call
+    runs every query row.
     splits[i] (a list of lengths summing to T_i; default [T_i]) cuts sequence i's rows into
     spans: spans of <= 4 rows take the decode path (split over blocks), longer ones the
     prefill tiles. Returns (outs, stored, seconds): outs[i] (T_i, n_heads*hs), stored[i] =
