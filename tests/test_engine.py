@@ -27,6 +27,10 @@ CONFIGS = {
 
 
 KV_DTYPES = ["f32", "f16", "q8", "f16/q8"]     # "K/V": keys and values of two types
+# logits against the reference with the cache rounded to each type: a last-bit difference of a
+# key before rounding can move it by one step of its type (a half's 2^-11, an int8 code's 1/127
+# of the row's max); a "K/V" cache: the looser of its two types
+LOGIT_BUDGET = {"f32": 1e-4, "f16": 1e-3, "q8": 5e-3}
 
 
 def model_pair(name, seed=0, kv_dtype="f16", **kw):
@@ -49,9 +53,7 @@ def test_logits_match_reference(name, simd, kv):
     model, ref = model_pair(name, simd=simd, kv_dtype=kv)
     rng = np.random.default_rng(3)
     ids = rng.integers(0, model.vocab_size, 40).tolist()
-    # rounded keys/values: a last-bit difference of a key before rounding can move it by one
-    # step of its type (a half's 2^-11, an int8 code's 1/127 of the row's max): looser budgets
-    rel = max({"f32": 1e-4, "f16": 1e-3, "q8": 5e-3}[t] for t in kv.split("/"))
+    rel = max(LOGIT_BUDGET[t] for t in kv.split("/"))
     assert_logits_close(model.logits(ids), ref.logits(ids), rel=rel)
 
 

@@ -16,6 +16,9 @@ from llama2c.weights import quantize_weights
 CFG = Config(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100,
              seq_len=256)
 KV = ["f32", "f16", "q8", "f16/q8"]
+# SmolLM2 over 400 tokens of real text against the fp32 cache: (worst logit error of the logit
+# range, top-1 agreement), from benchmarks/kv_accuracy.py's measurements over 3,000 tokens
+SMOLLM2_BUDGET = {"f16": (1e-2, 0.995), "q8": (2.5e-1, 0.97), "f16/q8": (5e-2, 0.99)}
 
 
 @pytest.fixture(scope="module")
@@ -231,10 +234,10 @@ def test_pool_memory_is_touched_only_as_blocks_fill():
 # ---- the cache types on a real model --------------------------------------------------------
 
 def test_smollm2_cache_types_within_budget(shared_dir):
-    """The shared SmolLM2 file over 400 tokens of real text: every position's logits with the
-    fp16 and int8 caches against the fp32 cache (budgets from benchmarks/kv_accuracy.py's
-    measurements over 3,000 tokens: f16 max 3.5e-3, q8 max 1.3e-1 of the logit range; top-1
-    agreement 99.97% and 99.2%)."""
+    """The shared SmolLM2 file over 400 tokens of real text: every position's logits with each
+    rounded cache against the fp32 cache, within SMOLLM2_BUDGET (kv_accuracy.py over 3,000
+    tokens: worst error 3.2e-3 / 1.3e-1 / 2.4e-2 of the logit range for f16 / q8 / f16/q8, top-1
+    99.97% / 98.9% / 99.73%)."""
     from pathlib import Path
     path = Path(shared_dir) / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
@@ -246,7 +249,7 @@ def test_smollm2_cache_types_within_budget(shared_dir):
         toks = m.tokenizer.encode(text, bos=False)[:400]
         logits[kv] = m.logits(toks)
     ref = logits["f32"]
-    for kv, worst, top1 in (("f16", 1e-2, 0.995), ("q8", 2.5e-1, 0.97), ("f16/q8", 5e-2, 0.99)):
+    for kv, (worst, top1) in SMOLLM2_BUDGET.items():
         err = np.abs(logits[kv] - ref).max(axis=1) / np.abs(ref).max(axis=1)
         agree = (logits[kv].argmax(axis=1) == ref.argmax(axis=1)).mean()
         assert err.max() <= worst and agree >= top1, (kv, err.max(), agree)
