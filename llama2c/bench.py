@@ -265,6 +265,7 @@ class Engine:
     act_bits = 16
     config: Config = None          # the model's shape (parameters per token)
     weight_bytes = 0               # weight bytes read per decoded token
+    kv_bytes_per_token = 0         # KV cache bytes a decode step reads per position (0: unknown)
     threads_fixed = False          # True: the engine ignores the thread count (NumPy/BLAS)
     rss_after_load: dict = {}
 
@@ -298,6 +299,7 @@ class Llama2c(Engine):
         self.kv_dtype = kv_dtype
         self.max_batch = max_batch or getattr(model_module, "PREFILL_CHUNK", 64)
         self.label = label or self.default_label()
+        self.kv_bytes_per_token = model._engine.kv_block_bytes(kv_dtype or model.kv_dtype, 64) // 64
         self.rss_after_load = rss_bytes()
         self._session = None
         self._greedy = None      # the greedy sampler of decode_steps
@@ -523,6 +525,8 @@ class LlamaCpp(Engine):
             "avx2" if "AVX2 = 1" in self.system_info else "generic")
         self.rss_after_load = info["rss"]
         self.label = label or f"llama.cpp {self.wtype} ({self.build} build)"
+        # its default cache: fp16 keys and values of every layer
+        self.kv_bytes_per_token = 2 * self.config.n_layers * self.config.kv_dim * 2
 
     def call(self, cmd: str, **args) -> dict:
         """Send one command to the runner; return its reply or raise RuntimeError."""
@@ -657,11 +661,13 @@ def interleaved(engines: list, cases: list, rounds: int = 3, warmup: bool = True
 def long_context(engines: list, contexts: list, n_decode: int, threads: int, rounds: int = 1,
                  progress=None) -> dict:
     """Per engine and context: prefill of the context's prompt, decode of n_decode tokens after
-    it and resident memory; context 0 means decode after a 1-token prompt. Each context's
-    decode is followed at once by a decode after a 1-token prompt ("short"), so the ratio of
-    the two compares rounds run at the same moment (a shared machine's speed drifts by 20-30%
-    over minutes). Returns {(engine label, context): dict(prefill=s, decode=s, short=s,
-    rss=...)} with the best prefill of the rounds and the round of the best decode."""
+    it and resident memory; context 0 means decode after a 1-token prompt. Each context is
+    bracketed by two decodes after a 1-token prompt, one right before its prompt and one right
+    after its decode, and the faster of the two is its "short": the ratio of decode after the
+    context to it compares rounds run at the same moment (a shared machine's speed drifts by
+    20-30% over minutes), and a short decode slowed by a passing load cannot inflate it.
+    Returns {(engine label, context): dict(prefill=s, decode=s, short=s, rss=...)} with the
+    best prefill of the rounds and the round of the best decode."""
     out: dict = {}
     for r in range(rounds):
         for n in contexts:
@@ -669,8 +675,9 @@ def long_context(engines: list, contexts: list, n_decode: int, threads: int, rou
                 if n == 0:
                     m = {"prefill": None, "decode": e.time_decode(n_decode, threads)[1], "rss": None}
                 else:
+                    before = e.time_decode(n_decode, threads)[1]
                     m = e.time_context(n, n_decode, threads)
-                    m["short"] = e.time_decode(n_decode, threads)[1]
+                    m["short"] = min(before, e.time_decode(n_decode, threads)[1])
                 if progress:
                     pre = f"prefill {n / m['prefill']:.1f} tok/s, " if m["prefill"] else ""
                     progress(f"round {r + 1}/{rounds}: {e.label}, context {n}: {pre}"
@@ -689,6 +696,15 @@ def long_context(engines: list, contexts: list, n_decode: int, threads: int, rou
                     m["rss"] = old["rss"]
                 out[e.label, n] = m
     return out
+
+
+def bytes_bound(e: Engine, n: int) -> float | None:
+    """The most of its short-context decode rate a purely bandwidth-bound engine keeps after n
+    positions: weight bytes / (weight bytes + the keys and values of n positions), per step.
+    None when the engine's cache size per position is not known."""
+    if not e.weight_bytes or not e.kv_bytes_per_token:
+        return None
+    return e.weight_bytes / (e.weight_bytes + n * e.kv_bytes_per_token)
 
 
 # ---- tables ----------------------------------------------------------------------------------
@@ -844,11 +860,12 @@ def scaling_table(engines: list, results: dict) -> str | None:
 
 def context_table(engines: list, results: dict, n_decode: int) -> str:
     """The long-context table: prefill, decode after it (and against the decode after a
-    1-token prompt timed right after it, in the same round), resident memory."""
+    1-token prompt timed around it, in the same round; and the bound of that ratio set by the
+    bytes a step reads), resident memory."""
     mb = _mb
     rows = []
     for e in engines:
-        rows.append([e.label, "after load", "-", "-", "-", mb(e.rss_after_load.get("anon", 0)),
+        rows.append([e.label, "after load", "-", "-", "-", "-", mb(e.rss_after_load.get("anon", 0)),
                      mb(e.rss_after_load.get("file", 0))])
         for (label, n), m in sorted(results.items(), key=lambda kv: kv[0][1]):
             if label != e.label:
@@ -856,11 +873,13 @@ def context_table(engines: list, results: dict, n_decode: int) -> str:
             dec = n_decode / m["decode"]
             pre = f"{m['prefill']:.3g} s ({n / m['prefill']:.0f} tok/s)" if m["prefill"] else "-"
             vs = f"{100 * m['short'] / m['decode']:.0f}%" if n and m.get("short") else "-"
+            bound = bytes_bound(e, n) if n else None
             rss = m["rss"] or {}
             rows.append([e.label, f"{n:,}" if n else "1-token prompt", pre, f"{dec:.1f}", vs,
+                         f"{100 * bound:.0f}%" if bound else "-",
                          mb(rss["anon"]) if rss else "-", mb(rss["file"]) if rss else "-"])
     return markdown(["engine", "context", "prefill of the prompt", "decode tok/s after it",
-                     "decode vs 1-token prompt", "RssAnon MB", "RssFile MB"], rows)
+                     "decode vs 1-token prompt", "bytes bound", "RssAnon MB", "RssFile MB"], rows)
 
 
 def short_report(engines: list, results: dict, machine: Machine, rounds: int) -> str:
@@ -1049,8 +1068,10 @@ def run_command(args, out=None) -> int:
             print(machine.header(engines), file=out)
             print(f"\nlong context, {threads} threads: prefill of an N-token prompt, then "
                   f"{args.tokens} greedy tokens after it; best of {rounds} rounds; vs 1-token prompt: "
-                  "against a decode after a 1-token prompt timed right after it; resident memory "
-                  "of the process (llama2c engines share this one, so theirs add up; llama.cpp "
+                  "against the faster of two decodes after a 1-token prompt, timed right before the "
+                  "prompt and right after the decode; bytes bound: weight bytes / (weight bytes + "
+                  "KV cache bytes of the context), the most of that ratio a decode bound by its "
+                  "reads keeps; resident memory of the process (llama2c engines share this one, so theirs add up; llama.cpp "
                   "runs in its own)\n", file=out)
             print(context_table(engines, results, args.tokens), file=out)
         else:

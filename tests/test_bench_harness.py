@@ -126,14 +126,50 @@ def test_long_context_table(engines):
     assert set(results) == {(e.label, n) for e in ours for n in (0, 64, 200)}
     table = bench.context_table(ours, results, 4)
     assert table.count("| after load |") == 2 and table.count("| 1-token prompt |") == 2
+    assert "| bytes bound |" in table
     for (label, n), m in results.items():     # each context's ratio: its own round's short decode
         assert (m.get("short") or 0) > 0 if n else "short" not in m
         if n:
+            e = next(e for e in ours if e.label == label)
             dec = 4 / m["decode"]
             ratio = 100 * m["short"] / m["decode"]
-            assert f"| {label} | {n} | " in table and f"| {dec:.1f} | {ratio:.0f}% |" in table
-    assert re.search(r"\| 200 \| [0-9.e-]+ s \([0-9]+ tok/s\) \| [0-9.]+ \| [0-9]+% \| [0-9.]+ \| [0-9.]+ \|",
-                     table), table
+            # the bound from the model's own sizes: weight bytes / (those + n positions' KV)
+            kv = e.model.kv_cache_bytes(64 * n) / (64 * n)
+            bound = 100 * e.weight_bytes / (e.weight_bytes + n * kv)
+            assert 0 < bound < 100
+            assert f"| {label} | {n} | " in table
+            assert f"| {dec:.1f} | {ratio:.0f}% | {bound:.0f}% |" in table
+    assert re.search(r"\| 200 \| [0-9.e-]+ s \([0-9]+ tok/s\) \| [0-9.]+ \| [0-9]+% \| [0-9]+% \| "
+                     r"[0-9.]+ \| [0-9.]+ \|", table), table
+
+
+class _Timed(bench.Engine):
+    """An engine whose decodes take the given times in turn (no model behind it)."""
+    label = "timed"
+    weight_bytes = 1000
+    kv_bytes_per_token = 10
+
+    def __init__(self, decode_times):
+        self.times = list(decode_times)
+
+    def time_decode(self, n, threads):
+        return n, self.times.pop(0)
+
+    def time_context(self, n, n_decode, threads):
+        return {"prefill": 1.0, "decode": self.times.pop(0), "rss": {"anon": 0, "file": 0}}
+
+
+def test_long_context_short_is_the_faster_of_two():
+    # before the prompt, the context's decode, after it: a short decode slowed by a passing
+    # load (3.0 s) must not make the context look closer to the short-context rate
+    for times in ([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]):
+        e = _Timed(times)
+        m = bench.long_context([e], [100], 4, 2)["timed", 100]
+        assert m["short"] == 1.0 and m["decode"] == 2.0
+        table = bench.context_table([e], {("timed", 100): m}, 4)
+        assert "| 2.0 | 50% | 50% |" in table       # bound: 1000 / (1000 + 100 * 10)
+    assert bench.bytes_bound(_Timed([]), 0) == 1.0
+    assert bench.bytes_bound(bench.Engine(), 100) is None     # cache size not known: no bound
 
 
 def test_markdown():
