@@ -299,7 +299,7 @@ class Llama2c(Engine):
         self.kv_dtype = kv_dtype
         self.max_batch = max_batch or getattr(model_module, "PREFILL_CHUNK", 64)
         self.label = label or self.default_label()
-        self.kv_bytes_per_token = model._engine.kv_block_bytes(kv_dtype or model.kv_dtype, 64) // 64
+        self.kv_bytes_per_token = model._kv_bytes_per_token(kv_dtype)
         self.rss_after_load = rss_bytes()
         self._session = None
         self._greedy = None      # the greedy sampler of decode_steps
@@ -1071,8 +1071,8 @@ def run_command(args, out=None) -> int:
                   "against the faster of two decodes after a 1-token prompt, timed right before the "
                   "prompt and right after the decode; bytes bound: weight bytes / (weight bytes + "
                   "KV cache bytes of the context), the most of that ratio a decode bound by its "
-                  "reads keeps; resident memory of the process (llama2c engines share this one, so theirs add up; llama.cpp "
-                  "runs in its own)\n", file=out)
+                  "reads keeps; resident memory of the process (llama2c engines share this one, "
+                  "so theirs add up; llama.cpp runs in its own)\n", file=out)
             print(context_table(engines, results, args.tokens), file=out)
         else:
             rounds, results = args.repeat or 3, {}

@@ -261,10 +261,10 @@ class Model:
 
     # ---- sessions ----------------------------------------------------------------------------
 
-    def _kv_bytes_per_token(self) -> int:
-        """Bytes of keys and values one position holds in this model's KV cache type (the
-        engine's block of 64 positions, over 64)."""
-        return self._engine.kv_block_bytes(self.kv_dtype, 64) // 64
+    def _kv_bytes_per_token(self, kv_dtype: str | None = None) -> int:
+        """Bytes of keys and values one position holds in a KV cache of kv_dtype (default:
+        this model's; the engine's block of 64 positions, over 64)."""
+        return self._engine.kv_block_bytes(kv_dtype or self.kv_dtype, 64) // 64
 
     def _engine_session(self, context: int):
         """A C session (KV cache of `context` positions) of this model's engine."""
